@@ -1,0 +1,140 @@
+"""Argument validation shared by `ops` and `reference`.
+
+Every check here runs on static information (shapes, dtypes, Python numbers), so a bad call
+fails while JAX traces it, before any computation, with the offending value in the message.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Axes = int | Sequence[int]
+GRADIENTS = ("analytic", "autodiff")
+
+
+def floating_input(x: Any) -> jax.Array:
+  """Returns `x` as an array, refusing dtypes batch normalization cannot differentiate."""
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    raise TypeError(
+        f"x has complex dtype {x.dtype}; jaxbn's batch norm is real-valued. "
+        "flax.linen.BatchNorm normalizes complex inputs (|x|^2 variance) if you need that."
+    )
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"x must have a floating dtype, got {x.dtype} (shape {x.shape}).")
+  return x
+
+
+def feature_axes(x: jax.Array, axis: Axes) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Splits x's axes into (feature axes, reduction axes), both sorted and non-negative."""
+  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  for a in axes:
+    if not isinstance(a, (int, np.integer)) or isinstance(a, bool):
+      raise TypeError(f"axis must be an int or a sequence of ints, got {axis!r}.")
+    if not -x.ndim <= a < x.ndim:
+      raise ValueError(f"axis {a} is out of range for x of shape {x.shape} (ndim {x.ndim}).")
+  features = tuple(sorted(int(a) % x.ndim for a in axes))
+  if len(set(features)) != len(features):
+    raise ValueError(f"axis {axis!r} names the same axis twice (x has ndim {x.ndim}).")
+  reductions = tuple(a for a in range(x.ndim) if a not in features)
+  return features, reductions
+
+
+def feature_shape(x: jax.Array, features: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(x.shape[a] for a in features)
+
+
+def broadcast_shape(x: jax.Array, features: tuple[int, ...]) -> tuple[int, ...]:
+  """x's shape with every reduction axis set to 1: per-feature vectors in this shape broadcast
+  against x without rank promotion."""
+  return tuple(n if a in features else 1 for a, n in enumerate(x.shape))
+
+
+def per_feature(name: str, value: Any, expected: tuple[int, ...]) -> jax.Array:
+  """Checks a per-feature array (scale, bias, running mean/var) against the feature shape."""
+  value = jnp.asarray(value)
+  if value.shape != expected:
+    raise ValueError(
+        f"{name} has shape {value.shape} but the feature axes of x have shape {expected}; "
+        f"{name} must have exactly the feature shape."
+    )
+  if not jnp.issubdtype(value.dtype, jnp.floating):
+    raise TypeError(f"{name} must have a floating dtype, got {value.dtype}.")
+  return value
+
+
+def epsilon_value(epsilon: Any) -> float:
+  """epsilon must be a static, finite, positive number: it keeps eq. (2)'s σ² away from 0."""
+  if isinstance(epsilon, jax.core.Tracer):
+    raise TypeError("epsilon must be a static Python number, not a traced array.")
+  try:
+    value = float(epsilon)
+  except (TypeError, ValueError):
+    raise TypeError(f"epsilon must be a number, got {epsilon!r}.") from None
+  if not math.isfinite(value) or value <= 0:
+    raise ValueError(f"epsilon must be finite and > 0, got {epsilon!r}.")
+  return value
+
+
+def batch_mask(mask: Any, x: jax.Array) -> jax.Array | None:
+  """Broadcasts a boolean (or integer 0/1) mask to x's shape; True marks values in the batch."""
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  if not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)):
+    raise TypeError(f"mask must be boolean (True = part of the batch), got dtype {mask.dtype}.")
+  try:
+    return jnp.broadcast_to(mask.astype(jnp.bool_), x.shape)
+  except ValueError:
+    raise ValueError(
+        f"mask of shape {mask.shape} does not broadcast to x of shape {x.shape}."
+    ) from None
+
+
+def reduction_size(x: jax.Array, reductions: tuple[int, ...], axis_name: Any) -> int:
+  """m of eqs. (1)-(2) on this device. Training-mode BN of a single value is meaningless
+  (x̂ = 0 whatever x is), so it is refused as PyTorch does, unless devices pool their batches."""
+  m = math.prod(x.shape[a] for a in reductions)
+  if m == 0:
+    raise ValueError(f"x of shape {x.shape} has an empty batch over axes {reductions}.")
+  if m == 1 and axis_name is None:
+    raise ValueError(
+        f"Expected more than 1 value per feature when training, got x of shape {x.shape} "
+        f"with reduction axes {reductions}; use batch_norm_inference with running statistics."
+    )
+  return m
+
+
+def gradient_mode(gradient: Any) -> str:
+  if gradient not in GRADIENTS:
+    raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}.")
+  return gradient
+
+
+def index_groups(axis_name: Any, groups: Any) -> tuple[tuple[int, ...], ...] | None:
+  """axis_index_groups as a hashable tuple of tuples (it travels as a static argument)."""
+  if groups is None:
+    return None
+  if axis_name is None:
+    raise ValueError("axis_index_groups was given without axis_name.")
+  return tuple(tuple(int(i) for i in group) for group in groups)
+
+
+def compute_dtype(x: jax.Array) -> np.dtype:
+  """Statistics and arithmetic in float32 at least: bf16/f16 sums lose the batch (DESIGN.md)."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def output_dtype(x: jax.Array, dtype: Any) -> np.dtype:
+  if dtype is None:
+    return x.dtype
+  dtype = jnp.dtype(dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"dtype must be a floating dtype, got {dtype}.")
+  return dtype

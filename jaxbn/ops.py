@@ -1,0 +1,320 @@
+"""Batch normalization: the training-mode forward, eqs. (1)-(4), and its analytic backward.
+
+This module is jaxbn's one core. Every formula the Flax modules use lives here:
+
+    μ   = (1/m) Σ x_i                               (1)
+    σ²  = (1/m) Σ (x_i − μ)² + ε                    (2)
+    x̂_i = (x_i − μ) / σ                             (3)
+    y_i = γ x̂_i + β                                 (4)
+
+and, given dy = ∂L/∂y, the backward the seed derives term by term and leaves unfinished:
+
+    ∂L/∂β   = Σ dy_i                                (6)
+    ∂L/∂γ   = Σ dy_i x̂_i                            (5)
+    ∂L/∂x_i = γ/σ · (dy_i − (1/m) Σ dy_j − x̂_i (1/m) Σ dy_j x̂_j)   closed form of (7)
+
+`docs/derivation.md` derives the closed form; `jaxbn.reference` computes it the seed's way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Hashable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxbn import _args
+
+__all__ = ["BatchStats", "batch_norm", "batch_norm_inference"]
+
+
+class BatchStats(NamedTuple):
+  """Per-feature batch statistics, for running averages.
+
+  Attributes:
+    mean: μ of eq. (1), in float32 or wider, with the feature shape.
+    var: the biased variance (1/m) Σ (x_i − μ)², i.e. eq. (2) without ε.
+  """
+
+  mean: jax.Array
+  var: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Everything about a call that is not an array; a hashable custom_vjp nondiff argument."""
+
+  reduction_axes: tuple[int, ...]
+  broadcast_shape: tuple[int, ...]
+  epsilon: float
+  axis_name: Hashable | None
+  axis_index_groups: tuple[tuple[int, ...], ...] | None
+  use_fast_variance: bool
+  out_dtype: np.dtype
+
+
+def batch_norm(
+    x: jax.Array,
+    scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    *,
+    axis: _args.Axes = -1,
+    epsilon: float = 1e-5,
+    mask: jax.Array | None = None,
+    axis_name: Hashable | None = None,
+    axis_index_groups: Any = None,
+    use_fast_variance: bool = False,
+    gradient: Literal["analytic", "autodiff"] = "analytic",
+    dtype: Any = None,
+) -> tuple[jax.Array, BatchStats]:
+  """Training-mode batch normalization, y = γ (x − μ) / σ + β, with batch statistics.
+
+  Statistics are taken per feature over every axis not in `axis` (for NHWC activations and
+  `axis=-1`, over N·H·W values), in float32 or wider whatever x's dtype. The variance is
+  two-pass and shifted, so a feature with |μ| ≫ σ keeps its digits; `use_fast_variance=True`
+  gives Flax's one-pass E[x²] − E[x]² instead. A constant feature gives y = β and finite
+  gradients, since σ ≥ √ε.
+
+  `gradient="analytic"` differentiates with the hand-derived backward (a `jax.custom_vjp`:
+  reverse mode, reverse-over-reverse included, saving only x and per-feature vectors);
+  `gradient="autodiff"` lets JAX differentiate the same forward, which also allows forward
+  mode (`jax.jvp`, `jax.jacfwd`), which JAX refuses for a custom_vjp.
+
+  Args:
+    x: activations, any floating dtype.
+    scale: γ, with the feature shape (`x.shape[a] for a in axis`); None means γ = 1.
+    bias: β, with the feature shape; None means β = 0.
+    axis: the feature axis or axes; statistics reduce over all the others.
+    epsilon: ε of eq. (2), added to the variance inside the square root.
+    mask: boolean, broadcastable to x; False marks padding. Statistics use only unmasked
+      values; a masked position's output and gradient are 0 whatever it holds, NaN included.
+    axis_name: a named axis (shard_map, pmap, vmap) over which devices pool their batches:
+      statistics are exact global ones, count-weighted when masks differ per device.
+    axis_index_groups: groups of indices within `axis_name` that pool separately (pmap).
+    use_fast_variance: one-pass E[x²] − E[x]² (clamped at 0), as Flax's default.
+    gradient: "analytic" or "autodiff".
+    dtype: the output dtype; default x's dtype.
+
+  Returns:
+    `(y, stats)`: y with x's shape and `dtype`, and the batch `BatchStats` (gradients do not
+    flow through them: they feed running averages, not the loss).
+  """
+  x = _args.floating_input(x)
+  features, reductions = _args.feature_axes(x, axis)
+  shape = _args.feature_shape(x, features)
+  cdt = _args.compute_dtype(x)
+  scale = jnp.ones(shape, cdt) if scale is None else _args.per_feature("scale", scale, shape)
+  bias = jnp.zeros(shape, cdt) if bias is None else _args.per_feature("bias", bias, shape)
+  _args.reduction_size(x, reductions, axis_name)
+  static = _Static(
+      reduction_axes=reductions,
+      broadcast_shape=_args.broadcast_shape(x, features),
+      epsilon=_args.epsilon_value(epsilon),
+      axis_name=axis_name,
+      axis_index_groups=_args.index_groups(axis_name, axis_index_groups),
+      use_fast_variance=bool(use_fast_variance),
+      out_dtype=_args.output_dtype(x, dtype),
+  )
+  mask = _args.batch_mask(mask, x)
+  if _args.gradient_mode(gradient) == "analytic":
+    x, scale, bias = (_device_varying(v, axis_name) for v in (x, scale, bias))
+    y, stats = _batch_norm_analytic(x, scale, bias, mask, static)
+  else:
+    y, stats, _ = _forward(x, scale, bias, mask, static)
+  return y, jax.tree.map(lax.stop_gradient, stats)
+
+
+def batch_norm_inference(
+    x: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    scale: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    *,
+    axis: _args.Axes = -1,
+    epsilon: float = 1e-5,
+    dtype: Any = None,
+) -> jax.Array:
+  """Inference-mode batch normalization with given (running) statistics.
+
+  y = γ (x − mean) / √(var + ε) + β is affine in x, so JAX's autodiff is already exact here
+  and forward mode works.
+
+  Args:
+    x: activations, any floating dtype.
+    mean: running mean, with the feature shape.
+    var: running (biased or unbiased, as stored) variance, with the feature shape.
+    scale: γ, with the feature shape; None means γ = 1.
+    bias: β, with the feature shape; None means β = 0.
+    axis: the feature axis or axes.
+    epsilon: ε, added to `var`.
+    dtype: the output dtype; default x's dtype.
+
+  Returns:
+    y, with x's shape and `dtype`.
+  """
+  x = _args.floating_input(x)
+  features, _ = _args.feature_axes(x, axis)
+  shape = _args.feature_shape(x, features)
+  bshape = _args.broadcast_shape(x, features)
+  cdt = _args.compute_dtype(x)
+  eps = _args.epsilon_value(epsilon)
+  out_dtype = _args.output_dtype(x, dtype)
+
+  def vector(name, value, default):
+    value = default if value is None else _args.per_feature(name, value, shape)
+    return value.astype(cdt).reshape(bshape)
+
+  mean = vector("mean", mean, None)
+  inv_std = lax.rsqrt(vector("var", var, None) + eps)
+  scale = vector("scale", scale, jnp.ones(shape, cdt))
+  bias = vector("bias", bias, jnp.zeros(shape, cdt))
+  y = (x.astype(cdt) - mean) * (scale * inv_std) + bias
+  return y.astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# The forward pass, shared by both gradient modes.
+
+
+def _batch_sums(static: _Static, *terms: jax.Array) -> tuple[jax.Array, ...]:
+  """Per-feature Σ over the batch axes and, with an axis name, over devices (one collective)."""
+  sums = tuple(jnp.sum(t, axis=static.reduction_axes, keepdims=True) for t in terms)
+  if static.axis_name is not None:
+    sums = lax.psum(sums, static.axis_name, axis_index_groups=static.axis_index_groups)
+  return sums
+
+
+def _batch_count(x: jax.Array, mask: jax.Array | None, static: _Static, cdt) -> jax.Array:
+  """m of eqs. (1)-(2): values per feature across the whole (pooled) batch."""
+  if mask is None:
+    local = np.prod([x.shape[a] for a in static.reduction_axes], dtype=np.float64)
+    count = jnp.full((1,) * x.ndim, local, cdt)
+    if static.axis_name is not None:
+      (count,) = _batch_sums(static, count)
+    return count
+  (count,) = _batch_sums(static, mask.astype(cdt))
+  # A feature with every value masked has no statistics; m = 1 keeps it finite (its outputs
+  # and gradients are all masked to 0 anyway).
+  return jnp.maximum(count, 1)
+
+
+def _masked(mask: jax.Array | None, value: jax.Array) -> jax.Array:
+  # `where`, not multiplication: 0 · NaN is NaN, and padding may hold anything.
+  return value if mask is None else jnp.where(mask, value, jnp.zeros((), value.dtype))
+
+
+def _statistics(x_c: jax.Array, mask: jax.Array | None, count: jax.Array, static: _Static):
+  """Eqs. (1)-(2): the mean as shift + delta, and the biased variance (without ε).
+
+  Summing x directly in float32 loses |μ|/σ's worth of digits: at x = 1e4 + N(0, 1) the sum's
+  rounding alone moves μ by more than σ/100. So the first pass only finds a shift near μ; the
+  second sums d = x − shift, which is small and exact to form, for the correction
+  delta = mean(d) and the variance mean(d²) − delta² (Chan, Golub & LeVeque's corrected
+  two-pass algorithm). The backward re-forms x − μ as (x − shift) − delta for the same reason.
+  """
+  if static.use_fast_variance:
+    s1, s2 = _batch_sums(static, _masked(mask, x_c), _masked(mask, x_c * x_c))
+    mean = s1 / count
+    var = jnp.maximum(s2 / count - mean * mean, 0)  # round-off can make E[x²] − E[x]² < 0
+    return mean, jnp.zeros_like(mean), var
+  (s1,) = _batch_sums(static, _masked(mask, x_c))
+  shift = s1 / count
+  d = _masked(mask, x_c - shift)
+  sd, sdd = _batch_sums(static, d, d * d)
+  delta = sd / count
+  var = jnp.maximum(sdd / count - delta * delta, 0)
+  return shift, delta, var
+
+
+def _forward(x, scale, bias, mask, static: _Static):
+  """Eqs. (1)-(4). Returns (y, stats, residuals for the analytic backward)."""
+  cdt = _args.compute_dtype(x)
+  x_c = x.astype(cdt)
+  count = _batch_count(x, mask, static, cdt)
+  shift, delta, var = _statistics(x_c, mask, count, static)
+  inv_std = lax.rsqrt(var + static.epsilon)  # 1/σ, eq. (2)-(3): ε sits inside σ²
+  gamma = scale.astype(cdt).reshape(static.broadcast_shape)
+  beta = bias.astype(cdt).reshape(static.broadcast_shape)
+  centred = (x_c - shift) - delta  # x − μ, formed without cancellation
+  y = _masked(mask, centred * (gamma * inv_std) + beta)  # eqs. (3)-(4): γ x̂ + β
+  stats = BatchStats(mean=_squeeze(shift + delta, static), var=_squeeze(var, static))
+  residuals = (x, mask, scale, bias, shift, delta, inv_std, count)
+  return y.astype(static.out_dtype), stats, residuals
+
+
+def _squeeze(v: jax.Array, static: _Static) -> jax.Array:
+  return jnp.squeeze(v, axis=static.reduction_axes)
+
+
+# ----------------------------------------------------------------------------------------
+# The analytic backward.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _batch_norm_analytic(x, scale, bias, mask, static: _Static):
+  y, stats, _ = _forward(x, scale, bias, mask, static)
+  return y, stats
+
+
+def _batch_norm_analytic_fwd(x, scale, bias, mask, static: _Static):
+  y, stats, residuals = _forward(x, scale, bias, mask, static)
+  return (y, stats), residuals
+
+
+def _batch_norm_analytic_bwd(static: _Static, residuals, cotangents):
+  """Eqs. (5), (6) and the closed form of (7), from x and per-feature vectors only.
+
+  With pooled batches (axis_name) m, Σ dy and Σ dy·x̂ in eq. (7) are global sums, while ∂L/∂γ
+  and ∂L/∂β stay this device's sums — what JAX's autodiff of the same forward gives.
+  """
+  dy, _ = cotangents  # stats leave through stop_gradient, so their cotangent is always 0
+  x, mask, scale, bias, shift, delta, inv_std, count = residuals
+  cdt = shift.dtype
+  centred = _masked(mask, (x.astype(cdt) - shift) - delta)  # x − μ, recomputed; x̂ = centred/σ
+  g = _masked(mask, dy.astype(cdt))
+  sum_g, sum_g_centred = (
+      jnp.sum(t, axis=static.reduction_axes, keepdims=True) for t in (g, g * centred)
+  )
+  d_bias = sum_g  # eq. (6)
+  d_scale = sum_g_centred * inv_std  # eq. (5): Σ dy x̂, with 1/σ taken out of the sum
+  if static.axis_name is not None:
+    sum_g, sum_g_centred = lax.psum(
+        (sum_g, sum_g_centred), static.axis_name, axis_index_groups=static.axis_index_groups
+    )
+  # Closed form of (7) with x̂ = centred/σ: ∂L/∂x = a·dy + b + k·centred, where
+  # a = γ/σ, b = −a·(1/m)Σ dy and k = −a·(1/σ²)·(1/m)Σ dy (x − μ) are per feature.
+  a = scale.astype(cdt).reshape(static.broadcast_shape) * inv_std
+  b = -a * (sum_g / count)
+  k = -a * (inv_std * inv_std) * (sum_g_centred / count)
+  dx = _masked(mask, a * g + b + k * centred)
+  return (
+      dx.astype(x.dtype),
+      _squeeze(d_scale, static).astype(scale.dtype),
+      _squeeze(d_bias, static).astype(bias.dtype),
+      None,
+  )
+
+
+_batch_norm_analytic.defvjp(_batch_norm_analytic_fwd, _batch_norm_analytic_bwd)
+
+
+def _device_varying(value: jax.Array, axis_name: Hashable | None) -> jax.Array:
+  """Marks a replicated input as varying over `axis_name`'s manual (shard_map) axes.
+
+  The analytic backward returns this device's ∂L/∂γ; under shard_map a replicated γ needs a
+  replicated cotangent. Casting γ to varying first makes JAX sum the per-device cotangents
+  when it transposes the cast — exactly what its autodiff does for the uncast forward.
+  """
+  if axis_name is None:
+    return value
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  manual = set(jax.sharding.get_abstract_mesh().manual_axes)
+  varying = jax.typeof(value).manual_axis_type.varying
+  missing = tuple(n for n in names if n in manual and n not in varying)
+  return lax.pcast(value, missing, to="varying") if missing else value
