@@ -128,7 +128,7 @@ def index_groups(axis_name: Any, groups: Any) -> tuple[tuple[int, ...], ...] | N
 
 def compute_dtype(x: jax.Array) -> np.dtype:
   """Statistics and arithmetic in float32 at least: bf16/f16 sums lose the batch (DESIGN.md)."""
-  return jnp.promote_types(x.dtype, jnp.float32)
+  return np.dtype(jnp.float32) if jnp.finfo(x.dtype).bits < 32 else np.dtype(x.dtype)
 
 
 def output_dtype(x: jax.Array, dtype: Any) -> np.dtype:

@@ -87,7 +87,8 @@ def batch_norm(
 
   Args:
     x: activations, any floating dtype.
-    scale: γ, with the feature shape (`x.shape[a] for a in axis`); None means γ = 1.
+    scale: γ, with the feature shape: x's sizes at the feature axes in increasing axis
+      order (Flax's convention); None means γ = 1.
     bias: β, with the feature shape; None means β = 0.
     axis: the feature axis or axes; statistics reduce over all the others.
     epsilon: ε of eq. (2), added to the variance inside the square root.
@@ -212,6 +213,8 @@ def _masked(mask: jax.Array | None, value: jax.Array) -> jax.Array:
 def _statistics(x_c: jax.Array, mask: jax.Array | None, count: jax.Array, static: _Static):
   """Eqs. (1)-(2): the mean as shift + delta, and the biased variance (without ε).
 
+  x_c is in the compute dtype with padding already zeroed.
+
   Summing x directly in float32 loses |μ|/σ's worth of digits: at x = 1e4 + N(0, 1) the sum's
   rounding alone moves μ by more than σ/100. So the first pass only finds a shift near μ; the
   second sums d = x − shift, which is small and exact to form, for the correction
@@ -219,11 +222,11 @@ def _statistics(x_c: jax.Array, mask: jax.Array | None, count: jax.Array, static
   two-pass algorithm). The backward re-forms x − μ as (x − shift) − delta for the same reason.
   """
   if static.use_fast_variance:
-    s1, s2 = _batch_sums(static, _masked(mask, x_c), _masked(mask, x_c * x_c))
+    s1, s2 = _batch_sums(static, x_c, x_c * x_c)
     mean = s1 / count
     var = jnp.maximum(s2 / count - mean * mean, 0)  # round-off can make E[x²] − E[x]² < 0
     return mean, jnp.zeros_like(mean), var
-  (s1,) = _batch_sums(static, _masked(mask, x_c))
+  (s1,) = _batch_sums(static, x_c)
   shift = s1 / count
   d = _masked(mask, x_c - shift)
   sd, sdd = _batch_sums(static, d, d * d)
@@ -235,7 +238,9 @@ def _statistics(x_c: jax.Array, mask: jax.Array | None, count: jax.Array, static
 def _forward(x, scale, bias, mask, static: _Static):
   """Eqs. (1)-(4). Returns (y, stats, residuals for the analytic backward)."""
   cdt = _args.compute_dtype(x)
-  x_c = x.astype(cdt)
+  # Padding is zeroed before any arithmetic: where-masking only the result would still let
+  # autodiff multiply a zero cotangent by a NaN partial (0 · NaN = NaN).
+  x_c = _masked(mask, x.astype(cdt))
   count = _batch_count(x, mask, static, cdt)
   shift, delta, var = _statistics(x_c, mask, count, static)
   inv_std = lax.rsqrt(var + static.epsilon)  # 1/σ, eq. (2)-(3): ε sits inside σ²

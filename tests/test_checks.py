@@ -1,0 +1,75 @@
+"""jaxbn.checks: the derivation checks hold on the whole grid, and can fail."""
+
+import dataclasses
+
+import pytest
+
+from jaxbn import checks
+
+
+@pytest.fixture(scope="module")
+def grid_results():
+  return checks.run_checks()
+
+
+def test_grid_covers_layouts_dtypes_masks_and_distributions():
+  cases = checks.default_cases()
+  assert {c.layout for c in cases} >= {"dense", "nhwc", "nchw", "two-axes"}
+  assert {c.dtype for c in cases} == {"float64", "float32"}
+  assert {c.masked for c in cases} == {False, True}
+  assert {c.distribution for c in cases} >= {"offset-1e4", "constant-feature"}
+
+
+def test_every_grid_comparison_passes(grid_results):
+  failed = [r for r in grid_results if not r.passed]
+  assert not failed, failed
+  pairs = {r.pair for r in grid_results}
+  assert {"analytic vs autodiff", "analytic vs finite differences", "staged vs analytic"} <= pairs
+
+
+def test_float64_tolerances_are_the_issues(grid_results):
+  for r in grid_results:
+    if r.pair == "analytic vs autodiff":
+      assert r.tolerance == 1e-10 and r.max_rel <= 1e-10
+    if r.pair == "analytic vs finite differences":
+      assert r.tolerance == 1e-6 and r.max_rel <= 1e-6
+    if r.pair == "staged vs analytic" and "offset" not in r.case:
+      assert r.tolerance == 1e-12 and r.max_rel <= 1e-12
+
+
+def test_float32_analytic_within_twice_autodiffs_error(grid_results):
+  f32 = [r for r in grid_results if r.case.endswith("float32")]
+  by_case = {}
+  for r in f32:
+    by_case.setdefault(r.case, {})[r.pair.split()[0]] = r.max_rel
+  assert len(by_case) == len(checks.default_cases()) // 2
+  for case, errors in by_case.items():
+    assert errors["analytic"] <= 2 * errors["autodiff"], case
+
+
+def test_a_wrong_gradient_fails(monkeypatch):
+  right = checks._grad_analytic
+  monkeypatch.setattr(
+      checks, "_grad_analytic",
+      lambda *a: tuple(g * (1 + 1e-7) for g in right(*a)))  # 1e-7 relative: just past 1e-10
+  case = checks.Case("dense", "normal", False, "float64")
+  results = checks.run_checks([case])
+  verdict = {r.pair: r.passed for r in results}
+  assert verdict["analytic vs autodiff"] is False
+  assert verdict["staged vs analytic"] is False
+  assert verdict["forward vs reference"] is True
+
+
+def test_symbolic_identities_are_proved():
+  results = checks.symbolic_checks((2, 3, 4))
+  assert {r.m for r in results} == {2, 3, 4}
+  identities = {r.identity for r in results}
+  assert "seed dL/dmu vanishing term == 0" in identities
+  assert "closed form == dL/dx_i" in identities
+  assert all(r.passed for r in results), [r for r in results if not r.passed]
+
+
+def test_case_names_are_unique():
+  names = [c.name for c in checks.default_cases()]
+  assert len(names) == len(set(names))
+  assert dataclasses.is_dataclass(checks.Comparison)

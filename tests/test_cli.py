@@ -1,0 +1,27 @@
+"""The `jaxbn check` command: prints the tables, and its exit status reports failures."""
+
+import dataclasses
+
+from jaxbn import checks, cli
+
+
+def test_check_passes_and_prints_the_table(capsys):
+  assert cli.main(["check", "--quick"]) == 0
+  out = capsys.readouterr().out
+  for column in ("case", "pair", "max abs err", "max rel err", "tolerance", "result"):
+    assert column in out
+  assert "analytic vs finite differences" in out
+  assert "closed form == dL/dx_i" in out
+  assert "FAIL" not in out
+
+
+def test_check_exits_nonzero_on_a_failure(monkeypatch, capsys):
+  real = checks.check_case
+
+  def one_failure(case):
+    found = real(case)
+    return [dataclasses.replace(found[0], passed=False)] + found[1:]
+
+  monkeypatch.setattr(checks, "check_case", one_failure)
+  assert cli.main(["check", "--quick", "--no-symbolic"]) == 1
+  assert "FAIL" in capsys.readouterr().out

@@ -1,0 +1,370 @@
+"""jaxbn.ops: forward values, numerics, masks, composition with JAX transforms, errors."""
+
+import io
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from jax.ad_checkpoint import print_saved_residuals
+from hypothesis import strategies as st
+
+import jaxbn
+from jaxbn import reference
+
+LAYOUTS = {
+    "dense": ((6, 3), -1),
+    "nhwc": ((2, 3, 3, 4), -1),
+    "nchw": ((2, 4, 3, 3), 1),
+    "two-axes": ((5, 2, 3), (1, 2)),
+}
+
+
+def _rng(seed=0):
+  return np.random.default_rng(seed)
+
+
+def _params(shape, axis, dtype=jnp.float64, seed=0):
+  rng = _rng(seed)
+  features = tuple(shape[a] for a in sorted(a % len(shape) for a in np.atleast_1d(axis)))
+  x = rng.standard_normal(shape) * 3 + 2
+  return (jnp.asarray(x, dtype), jnp.asarray(rng.uniform(0.5, 2, features), dtype),
+          jnp.asarray(rng.standard_normal(features), dtype))
+
+
+def _numpy_batch_norm(x, scale, bias, axis, epsilon=1e-5):
+  """Eqs. (1)-(4) in NumPy float64: the independent truth for the forward."""
+  x = np.asarray(x, np.float64)
+  features = tuple(a % x.ndim for a in np.atleast_1d(axis))
+  reduce = tuple(a for a in range(x.ndim) if a not in features)
+  shape = [n if a in features else 1 for a, n in enumerate(x.shape)]
+  mu = x.mean(reduce, keepdims=True)
+  var = ((x - mu) ** 2).mean(reduce, keepdims=True)
+  scale, bias = (np.asarray(v, np.float64).reshape(shape) for v in (scale, bias))
+  y = scale * (x - mu) / np.sqrt(var + epsilon) + bias
+  features_shape = tuple(x.shape[a] for a in features)
+  return y, mu.reshape(features_shape), var.reshape(features_shape)
+
+
+def _loss(mode, **kwargs):
+  def loss(x, scale, bias, dy):
+    y, _ = jaxbn.batch_norm(x, scale, bias, gradient=mode, **kwargs)
+    return jnp.sum(dy * y)
+  return loss
+
+
+# ------------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_forward_and_stats_match_numpy(layout):
+  shape, axis = LAYOUTS[layout]
+  x, scale, bias = _params(shape, axis)
+  y, stats = jax.jit(lambda *a: jaxbn.batch_norm(*a, axis=axis))(x, scale, bias)
+  y_np, mean_np, var_np = _numpy_batch_norm(x, scale, bias, axis)
+  np.testing.assert_allclose(y, y_np, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(stats.mean, mean_np, rtol=1e-12)
+  np.testing.assert_allclose(stats.var, var_np, rtol=1e-12)
+  assert stats.mean.shape == scale.shape and stats.var.shape == scale.shape
+
+
+def test_scale_and_bias_default_to_identity():
+  x, _, _ = _params((6, 3), -1)
+  y, _ = jaxbn.batch_norm(x)
+  y_np, _, _ = _numpy_batch_norm(x, np.ones(3), np.zeros(3), -1)
+  np.testing.assert_allclose(y, y_np, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_in_same_dtype_out_float32_stats(dtype):
+  x64, scale, bias = _params((64, 5), -1)
+  x = x64.astype(dtype)
+  y, stats = jaxbn.batch_norm(x, scale.astype(jnp.float32), bias.astype(jnp.float32))
+  assert y.dtype == dtype
+  assert stats.mean.dtype == jnp.float32 and stats.var.dtype == jnp.float32
+  # Truth from the same rounded inputs: the only errors left are the output's rounding.
+  y_true, mean_true, var_true = _numpy_batch_norm(x.astype(jnp.float64), scale, bias, -1)
+  np.testing.assert_allclose(stats.mean, mean_true, rtol=1e-6)
+  np.testing.assert_allclose(stats.var, var_true, rtol=1e-5)
+  resolution = float(jnp.finfo(dtype).eps)
+  np.testing.assert_allclose(y.astype(jnp.float64), y_true, rtol=resolution, atol=resolution)
+  dx = jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x)[0].astype(jnp.float32) ** 2))(x)
+  assert dx.dtype == dtype
+
+
+def test_output_dtype_override():
+  x, scale, bias = _params((8, 3), -1, jnp.bfloat16)
+  y, _ = jaxbn.batch_norm(x, scale.astype(jnp.float32), bias.astype(jnp.float32),
+                          dtype=jnp.float32)
+  assert y.dtype == jnp.float32
+  y_true, _, _ = _numpy_batch_norm(x.astype(jnp.float64), scale.astype(jnp.float32),
+                                   bias.astype(jnp.float32), -1)
+  np.testing.assert_allclose(y, y_true, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [256, 65_536])
+def test_float32_large_mean_keeps_its_digits(batch):
+  """|μ|/σ = 1e4 in float32: forward within 2e-3 of float64 on the same inputs."""
+  x = (1e4 + _rng(1).standard_normal((batch, 4))).astype(np.float32)
+  y, stats = jax.jit(jaxbn.batch_norm)(jnp.asarray(x))
+  y_true, mean_true, var_true = _numpy_batch_norm(x, np.ones(4), np.zeros(4), -1)
+  assert np.max(np.abs(np.asarray(y, np.float64) - y_true)) <= 2e-3
+  np.testing.assert_allclose(stats.mean, mean_true, rtol=1e-7)
+  np.testing.assert_allclose(stats.var, var_true, rtol=1e-3)
+
+
+def test_fast_variance_is_one_pass_formula():
+  x = jnp.asarray(_rng(2).standard_normal((32, 3)) + 1.0)
+  _, stats = jaxbn.batch_norm(x, use_fast_variance=True)
+  np.testing.assert_allclose(stats.var, jnp.mean(x * x, 0) - jnp.mean(x, 0) ** 2, rtol=1e-12)
+  # ...and it is the numerically fragile one: at |μ|/σ = 1e4 in float32 it loses the variance.
+  x32 = (1e4 + _rng(1).standard_normal((4096, 2))).astype(np.float32)
+  fast = np.asarray(jaxbn.batch_norm(jnp.asarray(x32), use_fast_variance=True)[1].var, np.float64)
+  two_pass = np.asarray(jaxbn.batch_norm(jnp.asarray(x32))[1].var, np.float64)
+  true = x32.astype(np.float64).var(0)
+  assert np.max(np.abs(two_pass - true)) < 1e-3 < np.max(np.abs(fast - true))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+@pytest.mark.parametrize("mode", ["analytic", "autodiff"])
+def test_constant_feature_gives_bias_and_finite_gradients(dtype, mode):
+  x, scale, bias = _params((16, 3), -1, dtype)
+  x = x.at[:, 1].set(0.1)  # 0.1 is not exact in binary: the mean's rounding must not show
+  y, stats = jaxbn.batch_norm(x, scale, bias, gradient=mode)
+  assert stats.var[1] == 0
+  np.testing.assert_allclose(y[:, 1], jnp.full(16, bias[1]), atol=10 * float(jnp.finfo(dtype).eps))
+  dy = jnp.asarray(_rng(3).standard_normal(x.shape), dtype)
+  grads = jax.grad(_loss(mode), argnums=(0, 1, 2))(x, scale, bias, dy)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+
+
+# --------------------------------------------------------------------------------- masks
+
+
+def _padded(seed=4, rows=10, real=7, features=3):
+  rng = _rng(seed)
+  x = rng.standard_normal((rows, features)) + 5
+  dy = rng.standard_normal(x.shape)
+  mask = (np.arange(rows) < real)[:, None]
+  return jnp.asarray(x), jnp.asarray(dy), jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("mode", ["analytic", "autodiff"])
+def test_mask_equals_batch_of_unmasked_rows(mode):
+  x, dy, mask = _padded()
+  _, scale, bias = _params((10, 3), -1)
+  y, stats = jaxbn.batch_norm(x, scale, bias, mask=mask, gradient=mode)
+  y_real, stats_real = jaxbn.batch_norm(x[:7], scale, bias, gradient=mode)
+  np.testing.assert_allclose(y[:7], y_real, rtol=1e-12)
+  np.testing.assert_array_equal(y[7:], 0)
+  np.testing.assert_allclose(stats.mean, stats_real.mean, rtol=1e-12)
+  np.testing.assert_allclose(stats.var, stats_real.var, rtol=1e-12)
+  grads = jax.grad(_loss(mode, mask=mask), argnums=(0, 1, 2))(x, scale, bias, dy)
+  grads_real = jax.grad(_loss(mode), argnums=(0, 1, 2))(x[:7], scale, bias, dy[:7])
+  np.testing.assert_allclose(grads[0][:7], grads_real[0], rtol=1e-12)
+  np.testing.assert_array_equal(grads[0][7:], 0)
+  np.testing.assert_allclose(grads[1], grads_real[1], rtol=1e-12)
+  np.testing.assert_allclose(grads[2], grads_real[2], rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["analytic", "autodiff"])
+@pytest.mark.parametrize("fill", [np.nan, np.inf, -np.inf, 1e30])
+def test_padding_reaches_no_output_or_gradient(mode, fill):
+  x, dy, mask = _padded()
+  x = jnp.where(mask, x, fill)
+  dy = jnp.where(mask, dy, fill)  # the cotangent at padding may be garbage too
+  _, scale, bias = _params((10, 3), -1)
+  clean_x, _, _ = _padded()
+  y, stats = jaxbn.batch_norm(x, scale, bias, mask=mask, gradient=mode)
+  y_clean, _ = jaxbn.batch_norm(clean_x, scale, bias, mask=mask, gradient=mode)
+  np.testing.assert_array_equal(y, y_clean)
+  assert np.all(np.isfinite(stats.mean)) and np.all(np.isfinite(stats.var))
+  grads = jax.grad(_loss(mode, mask=mask), argnums=(0, 1, 2))(x, scale, bias, dy)
+  clean = jax.grad(_loss(mode, mask=mask), argnums=(0, 1, 2))(
+      clean_x, scale, bias, jnp.where(mask, dy, 0))
+  for g, c in zip(grads, clean):
+    np.testing.assert_array_equal(g, c)
+
+
+def test_per_feature_mask_counts_each_feature():
+  x = jnp.asarray(_rng(5).standard_normal((8, 2)))
+  mask = jnp.asarray(np.stack([np.arange(8) < 5, np.arange(8) < 3], axis=1))
+  _, stats = jaxbn.batch_norm(x, mask=mask)
+  np.testing.assert_allclose(stats.mean, [x[:5, 0].mean(), x[:3, 1].mean()], rtol=1e-12)
+  np.testing.assert_allclose(stats.var, [x[:5, 0].var(), x[:3, 1].var()], rtol=1e-12)
+
+
+def test_fully_masked_feature_stays_finite():
+  x = jnp.asarray(_rng(6).standard_normal((4, 2)))
+  mask = jnp.asarray([[True, False]] * 4)
+  y, stats = jaxbn.batch_norm(x, mask=mask)
+  dx = jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, mask=mask)[0] ** 3))(x)
+  assert np.all(np.isfinite(y)) and np.all(np.isfinite(dx)) and np.all(np.isfinite(stats.var))
+  np.testing.assert_array_equal(y[:, 1], 0)
+  np.testing.assert_array_equal(dx[:, 1], 0)
+
+
+# ------------------------------------------------------------------------- differentiation
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_analytic_equals_autodiff_of_same_forward(layout):
+  shape, axis = LAYOUTS[layout]
+  x, scale, bias = _params(shape, axis)
+  dy = jnp.asarray(_rng(7).standard_normal(shape))
+  analytic = jax.grad(_loss("analytic", axis=axis), argnums=(0, 1, 2))(x, scale, bias, dy)
+  autodiff = jax.grad(_loss("autodiff", axis=axis), argnums=(0, 1, 2))(x, scale, bias, dy)
+  for a, b in zip(analytic, autodiff):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_does_not_flow_through_stats():
+  x, scale, bias = _params((6, 3), -1)
+  for mode in ("analytic", "autodiff"):
+    grad = jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, scale, bias, gradient=mode)[1].mean))
+    np.testing.assert_array_equal(grad(x), 0)
+
+
+def test_forward_mode_needs_autodiff():
+  x, scale, bias = _params((6, 3), -1)
+  v = jnp.asarray(_rng(8).standard_normal(x.shape))
+  u = jnp.asarray(_rng(9).standard_normal(x.shape))
+  f = lambda mode: (lambda x: jaxbn.batch_norm(x, scale, bias, gradient=mode)[0])
+  with pytest.raises(TypeError, match="custom_vjp"):
+    jax.jvp(f("analytic"), (x,), (v,))
+  _, jv = jax.jvp(f("autodiff"), (x,), (v,))
+  (ju,) = jax.vjp(f("analytic"), x)[1](u)
+  np.testing.assert_allclose(jnp.vdot(u, jv), jnp.vdot(ju, v), rtol=1e-12)  # <u, Jv> = <Jᵀu, v>
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_hessian_vector_products_match_autodiff(masked):
+  """Reverse-over-reverse: the analytic backward is itself differentiated exactly."""
+  x, dy, mask = _padded(real=7 if masked else 10)
+  mask = mask if masked else None
+  _, scale, bias = _params((10, 3), -1)
+  rng = _rng(10)
+  tangents = tuple(jnp.asarray(rng.standard_normal(v.shape)) for v in (x, scale, bias))
+
+  def hvp(mode):
+    loss = lambda p: jnp.sum(jnp.sin(jaxbn.batch_norm(*p, mask=mask, gradient=mode)[0]) * dy)
+    grad_dot_v = lambda p: sum(jnp.vdot(g, t) for g, t in zip(jax.grad(loss)(p), tangents))
+    return jax.grad(grad_dot_v)((x, scale, bias))
+
+  for a, b in zip(hvp("analytic"), hvp("autodiff")):
+    np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_composes_with_jit_vmap_checkpoint():
+  ensemble, batch, features = 3, 8, 4
+  rng = _rng(11)
+  xs = jnp.asarray(rng.standard_normal((ensemble, batch, features)))
+  scales = jnp.asarray(rng.uniform(0.5, 2, (ensemble, features)))
+  biases = jnp.asarray(rng.standard_normal((ensemble, features)))
+  dy = jnp.asarray(rng.standard_normal((batch, features)))
+  loss = lambda x, s, b: jnp.sum(dy * jaxbn.batch_norm(x, s, b)[0])
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+
+  looped = [grad(xs[i], scales[i], biases[i]) for i in range(ensemble)]
+  vmapped = jax.jit(jax.vmap(grad))(xs, scales, biases)
+  checkpointed = jax.jit(jax.vmap(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2))))(
+      xs, scales, biases)
+  for i in range(ensemble):
+    for j in range(3):
+      np.testing.assert_allclose(vmapped[j][i], looped[i][j], rtol=1e-12, atol=1e-14)
+      np.testing.assert_allclose(checkpointed[j][i], looped[i][j], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_residuals_are_x_and_per_feature_vectors(dtype):
+  x, scale, bias = _params((2, 3, 3, 4), -1, dtype)
+  _, vjp = jax.vjp(lambda x, s, b: jaxbn.batch_norm(x, s, b)[0], x, scale, bias)
+  activation_sized = [r for r in jax.tree.leaves(vjp) if r.size == x.size]
+  assert len(activation_sized) == 1 and activation_sized[0].dtype == dtype
+  assert all(r.size <= 4 for r in jax.tree.leaves(vjp) if r.size != x.size)
+  # The same, as JAX reports what the analytic backward saves...
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    print_saved_residuals(lambda x: jaxbn.batch_norm(x, scale, bias)[0], x)
+  shapes = out.getvalue()
+  assert shapes.count(f"[2,3,3,4]") == 1, shapes
+  # ...and what autodiff of the same forward saves, for contrast.
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    print_saved_residuals(
+        lambda x: jaxbn.batch_norm(x, scale, bias, gradient="autodiff")[0], x)
+  assert out.getvalue().count("[2,3,3,4]") > 1
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 4), min_size=2, max_size=4),
+    data=st.data(),
+)
+def test_property_analytic_equals_autodiff(shape, data):
+  ndim = len(shape)
+  axis = data.draw(st.lists(st.integers(-ndim, ndim - 1), min_size=1, max_size=ndim - 1,
+                            unique_by=lambda a: a % ndim), label="axis")
+  features = [a % ndim for a in axis]
+  if np.prod([n for a, n in enumerate(shape) if a not in features]) < 2:
+    shape[[a for a in range(ndim) if a not in features][0]] = 2
+  x, scale, bias = _params(tuple(shape), tuple(axis), seed=len(shape))
+  dy = jnp.asarray(_rng(12).standard_normal(x.shape))
+  kwargs = dict(axis=tuple(axis))
+  analytic = jax.grad(_loss("analytic", **kwargs), argnums=(0, 1, 2))(x, scale, bias, dy)
+  literal = jax.vjp(lambda *p: reference.batch_norm_reference(*p, **kwargs), x, scale, bias)
+  for a, b in zip(analytic, literal[1](dy)):
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ inference
+
+
+def test_inference_with_batch_stats_reproduces_training_output():
+  x, scale, bias = _params((2, 4, 3, 3), 1)
+  y, stats = jaxbn.batch_norm(x, scale, bias, axis=1)
+  y_inf = jax.jit(lambda *a: jaxbn.batch_norm_inference(*a, axis=1))(
+      x, stats.mean, stats.var, scale, bias)
+  np.testing.assert_allclose(y_inf, y, rtol=1e-12, atol=1e-12)
+  half = jaxbn.batch_norm_inference(x.astype(jnp.bfloat16), stats.mean, stats.var, scale, bias,
+                                    axis=1)
+  assert half.dtype == jnp.bfloat16
+
+
+# ---------------------------------------------------------------------------------- errors
+
+X = jnp.zeros((4, 3), jnp.float32)
+
+BAD_CALLS = {
+    "scale shape": (lambda: jaxbn.batch_norm(X, jnp.ones(4)), ValueError, r"scale has shape \(4,\)"),
+    "bias shape": (lambda: jaxbn.batch_norm(X, None, jnp.ones((1, 3))), ValueError, "bias has shape"),
+    "integer x": (lambda: jaxbn.batch_norm(jnp.zeros((4, 3), jnp.int32)), TypeError, "int32"),
+    "boolean x": (lambda: jaxbn.batch_norm(jnp.zeros((4, 3), bool)), TypeError, "bool"),
+    "complex x": (lambda: jaxbn.batch_norm(jnp.zeros((4, 3), jnp.complex64)), TypeError,
+                  "flax.linen.BatchNorm"),
+    "axis out of range": (lambda: jaxbn.batch_norm(X, axis=2), ValueError, "axis 2 is out of range"),
+    "axis repeated": (lambda: jaxbn.batch_norm(X, axis=(1, -1)), ValueError, "same axis twice"),
+    "epsilon zero": (lambda: jaxbn.batch_norm(X, epsilon=0.0), ValueError, "epsilon"),
+    "epsilon nan": (lambda: jaxbn.batch_norm(X, epsilon=float("nan")), ValueError, "epsilon"),
+    "epsilon traced": (lambda: jax.jit(lambda e: jaxbn.batch_norm(X, epsilon=e))(1e-5),
+                       TypeError, "epsilon must be a static"),
+    "mask shape": (lambda: jaxbn.batch_norm(X, mask=jnp.ones((3, 1), bool)), ValueError,
+                   r"mask of shape \(3, 1\)"),
+    "mask dtype": (lambda: jaxbn.batch_norm(X, mask=jnp.ones((4, 1))), TypeError, "mask"),
+    "single value": (lambda: jaxbn.batch_norm(jnp.zeros((1, 3))), ValueError,
+                     "more than 1 value per feature"),
+    "gradient name": (lambda: jaxbn.batch_norm(X, gradient="symbolic"), ValueError, "gradient"),
+    "groups without axis": (lambda: jaxbn.batch_norm(X, axis_index_groups=[[0]]), ValueError,
+                            "axis_index_groups"),
+    "inference var shape": (lambda: jaxbn.batch_norm_inference(X, jnp.zeros(3), jnp.zeros(2)),
+                            ValueError, "var has shape"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_CALLS)
+def test_bad_input_is_refused_at_trace_time(name):
+  call, error, message = BAD_CALLS[name]
+  with pytest.raises(error, match=message):
+    jax.jit(call)() if name != "epsilon traced" else call()

@@ -1,0 +1,75 @@
+"""jaxbn.reference: the literal forward and the staged backward of the seed."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbn import reference
+
+
+@pytest.fixture(scope="module")
+def nchw():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((3, 4, 2, 2)) * 2 - 1)
+  scale = jnp.asarray(rng.uniform(0.5, 2.0, 4))
+  bias = jnp.asarray(rng.standard_normal(4))
+  dy = jnp.asarray(rng.standard_normal(x.shape))
+  return x, scale, bias, dy
+
+
+def test_forward_is_equations_1_to_4(nchw):
+  x, scale, bias, _ = nchw
+  y = reference.batch_norm_reference(x, scale, bias, axis=1)
+  xn = np.asarray(x)
+  mu = xn.mean((0, 2, 3), keepdims=True)  # (1)
+  sigma2 = ((xn - mu) ** 2).mean((0, 2, 3), keepdims=True) + 1e-5  # (2)
+  want = np.asarray(scale)[:, None, None] * (xn - mu) / np.sqrt(sigma2) \
+      + np.asarray(bias)[:, None, None]  # (3), (4)
+  np.testing.assert_allclose(y, want, rtol=1e-13, atol=1e-13)
+
+
+def test_staged_backward_equals_autodiff_of_forward(nchw):
+  x, scale, bias, dy = nchw
+  staged = reference.staged_backward(x, scale, dy, axis=1)
+  _, vjp = jax.vjp(lambda *p: reference.batch_norm_reference(*p, axis=1), x, scale, bias)
+  dx, dscale, dbias = vjp(dy)
+  np.testing.assert_allclose(staged.dL_dx, dx, rtol=1e-12, atol=1e-13)
+  np.testing.assert_allclose(staged.dL_dgamma, dscale, rtol=1e-12)
+  np.testing.assert_allclose(staged.dL_dbeta, dbias, rtol=1e-12)
+
+
+def test_staged_terms_are_the_seeds_formulas(nchw):
+  x, scale, _, dy = nchw
+  s = reference.staged_backward(x, scale, dy, axis=1)
+  m = 3 * 2 * 2
+  sigma = 1 / s.dxhat_dx
+  np.testing.assert_allclose(s.dmu_dx, 1 / m)
+  np.testing.assert_allclose(s.dL_dxhat, dy * scale[None, :, None, None], rtol=1e-15)
+  # ∂L/∂μ's second term multiplies Σ(x_i − μ), which is 0: only rounding is left of it.
+  assert float(jnp.max(jnp.abs(s.dL_dmu_vanishing))) < 1e-13
+  np.testing.assert_allclose(
+      s.dL_dmu, jnp.sum(-s.dL_dxhat / sigma, axis=(0, 2, 3), keepdims=True), rtol=1e-12)
+  # The three paths of eq. (7) add up to the result.
+  paths = s.dL_dxhat * s.dxhat_dx + s.dL_dsigma2 * s.dsigma2_dx + s.dL_dmu * s.dmu_dx
+  np.testing.assert_array_equal(paths, s.dL_dx)
+
+
+def test_staged_backward_masks_padding():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((6, 2)))
+  dy = jnp.asarray(rng.standard_normal((6, 2)))
+  mask = jnp.arange(6)[:, None] < 4
+  padded = jnp.where(mask, x, jnp.nan)
+  s = reference.staged_backward(padded, jnp.ones(2), dy, mask=mask)
+  full = reference.staged_backward(x[:4], jnp.ones(2), dy[:4])
+  np.testing.assert_allclose(s.dL_dx[:4], full.dL_dx, rtol=1e-12)
+  np.testing.assert_array_equal(s.dL_dx[4:], 0)
+  np.testing.assert_allclose(s.dL_dgamma, full.dL_dgamma, rtol=1e-12)
+
+
+def test_reference_refuses_bad_input():
+  with pytest.raises(ValueError, match="dy has shape"):
+    reference.staged_backward(jnp.zeros((4, 3)), jnp.ones(3), jnp.zeros((4, 2)))
+  with pytest.raises(ValueError, match="scale has shape"):
+    reference.batch_norm_reference(jnp.zeros((4, 3)), jnp.ones(2), jnp.zeros(3))
