@@ -83,18 +83,24 @@ def epsilon_value(epsilon: Any) -> float:
 
 
 def batch_mask(mask: Any, x: jax.Array) -> jax.Array | None:
-  """Broadcasts a boolean (or integer 0/1) mask to x's shape; True marks values in the batch."""
+  """A boolean (or integer 0/1) mask, True marking values in the batch, with x's rank.
+
+  The mask keeps its own (broadcastable) sizes: a per-example mask of shape (N, 1, 1, 1) is
+  not expanded to x's size, so the backward does not save an activation-sized copy of it.
+  """
   if mask is None:
     return None
   mask = jnp.asarray(mask)
   if not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)):
     raise TypeError(f"mask must be boolean (True = part of the batch), got dtype {mask.dtype}.")
   try:
-    return jnp.broadcast_to(mask.astype(jnp.bool_), x.shape)
+    if np.broadcast_shapes(mask.shape, x.shape) != x.shape:
+      raise ValueError
   except ValueError:
     raise ValueError(
         f"mask of shape {mask.shape} does not broadcast to x of shape {x.shape}."
     ) from None
+  return mask.astype(jnp.bool_).reshape((1,) * (x.ndim - mask.ndim) + mask.shape)
 
 
 def reduction_size(x: jax.Array, reductions: tuple[int, ...], axis_name: Any) -> int:

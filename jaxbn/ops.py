@@ -191,18 +191,14 @@ def _batch_sums(static: _Static, *terms: jax.Array) -> tuple[jax.Array, ...]:
   return sums
 
 
-def _batch_count(x: jax.Array, mask: jax.Array | None, static: _Static, cdt) -> jax.Array:
-  """m of eqs. (1)-(2): values per feature across the whole (pooled) batch."""
+def _local_count(x: jax.Array, mask: jax.Array | None, static: _Static, cdt) -> jax.Array:
+  """m of eqs. (1)-(2) on this device, per feature (broadcastable against x)."""
   if mask is None:
     local = np.prod([x.shape[a] for a in static.reduction_axes], dtype=np.float64)
-    count = jnp.full((1,) * x.ndim, local, cdt)
-    if static.axis_name is not None:
-      (count,) = _batch_sums(static, count)
-    return count
-  (count,) = _batch_sums(static, mask.astype(cdt))
-  # A feature with every value masked has no statistics; m = 1 keeps it finite (its outputs
-  # and gradients are all masked to 0 anyway).
-  return jnp.maximum(count, 1)
+    return jnp.full((1,) * x.ndim, local, cdt)
+  return jnp.sum(
+      jnp.broadcast_to(mask, x.shape), axis=static.reduction_axes, dtype=cdt, keepdims=True
+  )
 
 
 def _masked(mask: jax.Array | None, value: jax.Array) -> jax.Array:
@@ -210,29 +206,37 @@ def _masked(mask: jax.Array | None, value: jax.Array) -> jax.Array:
   return value if mask is None else jnp.where(mask, value, jnp.zeros((), value.dtype))
 
 
-def _statistics(x_c: jax.Array, mask: jax.Array | None, count: jax.Array, static: _Static):
-  """Eqs. (1)-(2): the mean as shift + delta, and the biased variance (without ε).
+def _statistics(x_c: jax.Array, local_count: jax.Array, mask: jax.Array | None,
+                static: _Static):
+  """Eqs. (1)-(2): m, the mean as shift + delta, and the biased variance (without ε).
 
-  x_c is in the compute dtype with padding already zeroed.
-
-  Summing x directly in float32 loses |μ|/σ's worth of digits: at x = 1e4 + N(0, 1) the sum's
-  rounding alone moves μ by more than σ/100. So the first pass only finds a shift near μ; the
-  second sums d = x − shift, which is small and exact to form, for the correction
-  delta = mean(d) and the variance mean(d²) − delta² (Chan, Golub & LeVeque's corrected
-  two-pass algorithm). The backward re-forms x − μ as (x − shift) − delta for the same reason.
+  x_c is in the compute dtype with padding already zeroed. Summing x directly in float32 loses
+  |μ|/σ's worth of digits: at x = 1e4 + N(0, 1) the sum's rounding alone moves μ by more than
+  σ/100. So the first pass only finds a shift near μ; the second sums d = x − shift, which is
+  small and exact to form, for the correction delta = mean(d) and the variance
+  mean(d²) − delta² (Chan, Golub & LeVeque's corrected two-pass algorithm). The backward
+  re-forms x − μ as (x − shift) − delta for the same reason.
   """
   if static.use_fast_variance:
-    s1, s2 = _batch_sums(static, x_c, x_c * x_c)
+    count, s1, s2 = _batch_sums(static, local_count, x_c, x_c * x_c)
+    count = _at_least_one(count)
     mean = s1 / count
     var = jnp.maximum(s2 / count - mean * mean, 0)  # round-off can make E[x²] − E[x]² < 0
-    return mean, jnp.zeros_like(mean), var
-  (s1,) = _batch_sums(static, x_c)
+    return count, mean, jnp.zeros_like(mean), var
+  count, s1 = _batch_sums(static, local_count, x_c)
+  count = _at_least_one(count)
   shift = s1 / count
   d = _masked(mask, x_c - shift)
   sd, sdd = _batch_sums(static, d, d * d)
   delta = sd / count
   var = jnp.maximum(sdd / count - delta * delta, 0)
-  return shift, delta, var
+  return count, shift, delta, var
+
+
+def _at_least_one(count: jax.Array) -> jax.Array:
+  # A feature with every value masked has no statistics; m = 1 keeps it finite (its outputs
+  # and gradients are all masked to 0 anyway).
+  return jnp.maximum(count, 1)
 
 
 def _forward(x, scale, bias, mask, static: _Static):
@@ -241,8 +245,7 @@ def _forward(x, scale, bias, mask, static: _Static):
   # Padding is zeroed before any arithmetic: where-masking only the result would still let
   # autodiff multiply a zero cotangent by a NaN partial (0 · NaN = NaN).
   x_c = _masked(mask, x.astype(cdt))
-  count = _batch_count(x, mask, static, cdt)
-  shift, delta, var = _statistics(x_c, mask, count, static)
+  count, shift, delta, var = _statistics(x_c, _local_count(x, mask, static, cdt), mask, static)
   inv_std = lax.rsqrt(var + static.epsilon)  # 1/σ, eq. (2)-(3): ε sits inside σ²
   gamma = scale.astype(cdt).reshape(static.broadcast_shape)
   beta = bias.astype(cdt).reshape(static.broadcast_shape)

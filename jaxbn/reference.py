@@ -38,6 +38,7 @@ def _batch(x, mask, axis) -> _Batch:
   if mask is None:
     m = jnp.asarray(size, x.dtype)
   else:
+    mask = jnp.broadcast_to(mask, x.shape)
     x = jnp.where(mask, x, jnp.zeros((), x.dtype))  # padding is not part of the batch
     m = jnp.maximum(jnp.sum(mask, axis=reductions, keepdims=True, dtype=x.dtype), 1)
   return _Batch(x, mask, reductions, m)

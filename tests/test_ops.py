@@ -297,10 +297,13 @@ def test_composes_with_jit_vmap_checkpoint():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_residuals_are_x_and_per_feature_vectors(dtype):
   x, scale, bias = _params((2, 3, 3, 4), -1, dtype)
-  _, vjp = jax.vjp(lambda x, s, b: jaxbn.batch_norm(x, s, b)[0], x, scale, bias)
-  activation_sized = [r for r in jax.tree.leaves(vjp) if r.size == x.size]
-  assert len(activation_sized) == 1 and activation_sized[0].dtype == dtype
-  assert all(r.size <= 4 for r in jax.tree.leaves(vjp) if r.size != x.size)
+  mask = jnp.asarray([True, False])[:, None, None, None]  # per example: stays (2, 1, 1, 1)
+  for m in (None, mask):
+    _, vjp = jax.vjp(lambda x, s, b: jaxbn.batch_norm(x, s, b, mask=m)[0], x, scale, bias)
+    leaves = jax.tree.leaves(vjp)
+    activation_sized = [r for r in leaves if r.size == x.size]
+    assert len(activation_sized) == 1 and activation_sized[0].dtype == dtype
+    assert all(r.size <= 4 for r in leaves if r.size != x.size), [r.shape for r in leaves]
   # The same, as JAX reports what the analytic backward saves...
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
