@@ -3,9 +3,11 @@
 from jaxbn.ops import BatchStats as BatchStats
 from jaxbn.ops import batch_norm as batch_norm
 from jaxbn.ops import batch_norm_inference as batch_norm_inference
+from jaxbn.ops import update_running_stats as update_running_stats
 
 __all__ = [
     "BatchStats",
     "batch_norm",
     "batch_norm_inference",
+    "update_running_stats",
 ]

@@ -30,7 +30,7 @@ from jax import lax
 
 from jaxbn import _args
 
-__all__ = ["BatchStats", "batch_norm", "batch_norm_inference"]
+__all__ = ["BatchStats", "batch_norm", "batch_norm_inference", "update_running_stats"]
 
 
 class BatchStats(NamedTuple):
@@ -39,10 +39,13 @@ class BatchStats(NamedTuple):
   Attributes:
     mean: μ of eq. (1), in float32 or wider, with the feature shape.
     var: the biased variance (1/m) Σ (x_i − μ)², i.e. eq. (2) without ε.
+    count: m, the number of values behind each feature's statistics (across devices with
+      `axis_name`, unmasked only with a mask), for the unbiased m/(m − 1) correction.
   """
 
   mean: jax.Array
   var: jax.Array
+  count: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +182,54 @@ def batch_norm_inference(
   return y.astype(out_dtype)
 
 
+def update_running_stats(
+    mean: jax.Array,
+    var: jax.Array,
+    batch: BatchStats,
+    *,
+    momentum: float | None,
+    num_batches: jax.Array | None = None,
+    unbiased_var: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """The running averages that inference uses in place of the batch statistics.
+
+  With a float `momentum` (Flax's convention, the weight of the *old* value):
+
+      running ← momentum · running + (1 − momentum) · batch
+
+  PyTorch's `momentum` is the weight of the *new* value: PyTorch 0.1 is Flax 0.9. With
+  `momentum=None` (PyTorch's cumulative average) every batch weighs the same: the weight of
+  the new value is 1/num_batches, where `num_batches` counts this batch too.
+
+  Args:
+    mean: the running mean; the result keeps its dtype.
+    var: the running variance; the result keeps its dtype.
+    batch: this batch's `BatchStats`.
+    momentum: decay of the old value, or None for the cumulative average.
+    num_batches: batches seen including this one; required when `momentum` is None.
+    unbiased_var: average the unbiased m/(m − 1)·var (the BN paper's Algorithm 2 and PyTorch)
+      instead of the biased variance (Flax).
+
+  Returns:
+    `(mean, var)`, updated.
+  """
+  batch_var = batch.var
+  if unbiased_var:
+    # m = 1 has no unbiased variance; its biased one is 0, and 0 it stays.
+    batch_var = batch_var * (batch.count / jnp.maximum(batch.count - 1, 1))
+  if momentum is None:
+    if num_batches is None:
+      raise ValueError("momentum=None (cumulative average) needs num_batches.")
+    new_weight = 1 / jnp.asarray(num_batches, mean.dtype)
+    old_weight = 1 - new_weight
+  else:
+    old_weight, new_weight = momentum, 1 - momentum
+  return (
+      (old_weight * mean + new_weight * batch.mean.astype(mean.dtype)).astype(mean.dtype),
+      (old_weight * var + new_weight * batch_var.astype(var.dtype)).astype(var.dtype),
+  )
+
+
 # ----------------------------------------------------------------------------------------
 # The forward pass, shared by both gradient modes.
 
@@ -251,7 +302,13 @@ def _forward(x, scale, bias, mask, static: _Static):
   beta = bias.astype(cdt).reshape(static.broadcast_shape)
   centred = (x_c - shift) - delta  # x − μ, formed without cancellation
   y = _masked(mask, centred * (gamma * inv_std) + beta)  # eqs. (3)-(4): γ x̂ + β
-  stats = BatchStats(mean=_squeeze(shift + delta, static), var=_squeeze(var, static))
+  feature_shape = tuple(n for a, n in enumerate(static.broadcast_shape)
+                        if a not in static.reduction_axes)
+  stats = BatchStats(
+      mean=_squeeze(shift + delta, static),
+      var=_squeeze(var, static),
+      count=jnp.broadcast_to(_squeeze(count, static), feature_shape),
+  )
   residuals = (x, mask, scale, bias, shift, delta, inv_std, count)
   return y.astype(static.out_dtype), stats, residuals
 
