@@ -77,16 +77,17 @@ def to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   Load it with `bn.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})`.
   """
   stats = variables["batch_stats"]
+  # np.array copies: torch.as_tensor wants writable memory, and jax arrays are read-only.
   state = {
-      "running_mean": np.asarray(stats["mean"], np.float32),
-      "running_var": np.asarray(stats["var"], np.float32),
-      "num_batches_tracked": np.asarray(stats.get("count", 0), np.int64),
+      "running_mean": np.array(stats["mean"], np.float32),
+      "running_var": np.array(stats["var"], np.float32),
+      "num_batches_tracked": np.array(stats.get("count", 0), np.int64),
   }
   params = variables.get("params", {})
   if "scale" in params or "bias" in params:
     ones, zeros = np.ones_like(state["running_mean"]), np.zeros_like(state["running_mean"])
-    state["weight"] = np.asarray(params.get("scale", ones), np.float32)
-    state["bias"] = np.asarray(params.get("bias", zeros), np.float32)
+    state["weight"] = np.array(params.get("scale", ones), np.float32)
+    state["bias"] = np.array(params.get("bias", zeros), np.float32)
   return state
 
 

@@ -54,7 +54,8 @@ class BatchNorm(nn.Module):
     use_running_average: use the stored running averages instead of batch statistics.
     axis: the feature axis or axes.
     momentum: decay of the running averages (PyTorch's momentum is 1 − this); None for
-      PyTorch's cumulative average, which adds a `batch_stats/count` variable.
+      PyTorch's cumulative average, which adds a `batch_stats/count` variable (PyTorch's
+      num_batches_tracked; counted whenever present, e.g. imported by `jaxbn.interop`).
     epsilon: ε, added to the variance.
     dtype: the output dtype (default: inferred from input and params, as Flax).
     param_dtype: dtype of scale and bias.
@@ -111,7 +112,9 @@ class BatchNorm(nn.Module):
     initializing = self.is_initializing()
     ra_mean = self._batch_stat("mean", jnp.zeros, feature_shape, stats_dtype, initializing)
     ra_var = self._batch_stat("var", jnp.ones, feature_shape, stats_dtype, initializing)
-    if self.momentum is None:
+    # PyTorch's num_batches_tracked: needed by momentum=None, kept if imported from PyTorch.
+    num_batches = None
+    if self.momentum is None or self.has_variable("batch_stats", "count"):
       num_batches = self._batch_stat("count", jnp.zeros, (), jnp.int32, initializing)
     scale = self._param("scale", self.use_scale, self.scale_init, feature_shape)
     bias = self._param("bias", self.use_bias, self.bias_init, feature_shape)
@@ -130,12 +133,11 @@ class BatchNorm(nn.Module):
         axis_index_groups=None if initializing else self.axis_index_groups,
         use_fast_variance=self.use_fast_variance, gradient=self.gradient, dtype=out_dtype)
     if not initializing:
-      count = None
-      if self.momentum is None:
+      if num_batches is not None:
         num_batches.value = num_batches.value + 1
-        count = num_batches.value
       ra_mean.value, ra_var.value = ops.update_running_stats(
-          ra_mean.value, ra_var.value, stats, momentum=self.momentum, num_batches=count,
+          ra_mean.value, ra_var.value, stats, momentum=self.momentum,
+          num_batches=None if num_batches is None else num_batches.value,
           unbiased_var=self.unbiased_running_var)
     return y
 

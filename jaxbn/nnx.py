@@ -133,7 +133,7 @@ class BatchNorm(nnx.Module):
         axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
         use_fast_variance=self.use_fast_variance, gradient=self.gradient)
     num_batches = None
-    if self.momentum is None:
+    if hasattr(self, "count"):  # PyTorch's num_batches_tracked: momentum=None adds it
       self.count[...] = self.count[...] + 1
       num_batches = self.count[...]
     self.mean[...], self.var[...] = ops.update_running_stats(
