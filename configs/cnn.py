@@ -1,0 +1,19 @@
+"""A small CNN with BN over N·H·W on Fashion-MNIST, the batch sharded over all local devices."""
+
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.data.name = "fashion_mnist"
+  config.model.name = "cnn"
+  config.variants = ("bn",)
+  config.optimizer.name = "sgd"
+  config.optimizer.learning_rate = 0.1
+  config.optimizer.momentum = 0.9
+  config.batch_size = 128
+  config.num_steps = 3000
+  config.eval_every = 500
+  config.checkpoint_every = 1500
+  config.data_parallel = True
+  return config

@@ -1,0 +1,1 @@
+"""Config-driven training experiments built on jaxbn (not part of the installed package)."""

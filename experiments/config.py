@@ -1,0 +1,112 @@
+"""Config validation: every error names the key and is raised before any work or write."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+
+from experiments import data
+
+STUDIES = ("compare", "lr_sweep", "gradient_agreement")
+CHOICES = {
+    "study": STUDIES,
+    "data.name": data.NAMES,
+    "model.name": ("mlp", "cnn"),
+    "model.activation": ("sigmoid", "relu"),
+    "model.bn_impl": ("jaxbn", "flax"),
+    "model.gradient": ("analytic", "autodiff"),
+    "optimizer.name": ("sgd", "adam"),
+}
+POSITIVE = ("batch_size", "num_steps", "eval_every", "checkpoint_every",
+            "optimizer.learning_rate", "data.num_samples", "diagnostics.num_examples",
+            "model.bn_momentum")
+NON_NEGATIVE = ("optimizer.momentum", "model.init_std", "seed")
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names the key."""
+
+
+def _get(config, dotted: str) -> Any:
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  return value
+
+
+def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict) -> None:
+  """Checks keys and types against `schema` (configs/default.py) and values against ranges."""
+  _check_keys(config.to_dict(), schema.to_dict(), "")
+  for key, choices in CHOICES.items():
+    if _get(config, key) not in choices:
+      raise ConfigError(f"config.{key} must be one of {choices}, got {_get(config, key)!r}.")
+  for key in POSITIVE:
+    if not _get(config, key) > 0:
+      raise ConfigError(f"config.{key} must be > 0, got {_get(config, key)!r}.")
+  for key in NON_NEGATIVE:
+    if not _get(config, key) >= 0:
+      raise ConfigError(f"config.{key} must be >= 0, got {_get(config, key)!r}.")
+  if not set(config.variants) <= {"bn", "plain"} or not config.variants:
+    raise ConfigError(f"config.variants must be a non-empty subset of ('bn', 'plain'), "
+                      f"got {config.variants!r}.")
+  if config.num_steps % config.eval_every:
+    raise ConfigError(f"config.num_steps ({config.num_steps}) must be a multiple of "
+                      f"config.eval_every ({config.eval_every}): one compiled chunk.")
+  if config.checkpoint_every % config.eval_every:
+    raise ConfigError(f"config.checkpoint_every ({config.checkpoint_every}) must be a multiple "
+                      f"of config.eval_every ({config.eval_every}).")
+  if config.study == "lr_sweep" and (not config.sweep.learning_rates
+                                     or min(config.sweep.learning_rates) <= 0):
+    raise ConfigError(f"config.sweep.learning_rates must be positive, got "
+                      f"{config.sweep.learning_rates!r}.")
+  if config.study == "gradient_agreement" and "bn" not in config.variants:
+    raise ConfigError("config.variants must include 'bn' for study gradient_agreement.")
+  try:
+    data.check_available(config.data)
+  except (FileNotFoundError, ValueError) as error:
+    raise ConfigError(str(error)) from None
+
+
+def _check_keys(config: dict, schema: dict, prefix: str) -> None:
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if key not in schema:
+      raise ConfigError(f"config.{name} is not a known key (known here: "
+                        f"{', '.join(sorted(schema))}).")
+    expected = schema[key]
+    if isinstance(expected, dict):
+      if not isinstance(value, dict):
+        raise ConfigError(f"config.{name} must be a group of keys, got {value!r}.")
+      _check_keys(value, expected, f"{name}.")
+    elif not _same_type(value, expected):
+      raise ConfigError(f"config.{name} must be of type {type(expected).__name__}, got "
+                        f"{type(value).__name__} ({value!r}).")
+
+
+def _same_type(value, expected) -> bool:
+  if isinstance(expected, bool) or isinstance(value, bool):
+    return type(value) is type(expected)
+  if isinstance(expected, float):
+    return isinstance(value, (int, float))
+  if isinstance(expected, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, type(expected))
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def differences(saved: dict, config: dict, prefix: str = "") -> list[str]:
+  """Keys whose values differ between a saved config (from JSON) and this one."""
+  keys = sorted(set(saved) | set(config))
+  found = []
+  for key in keys:
+    a, b = saved.get(key), config.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      found += differences(a, b, f"{prefix}{key}.")
+    elif json.loads(json.dumps(a, default=list)) != json.loads(json.dumps(b, default=list)):
+      found.append(f"{prefix}{key}: {a!r} -> {b!r}")
+  return found

@@ -1,0 +1,39 @@
+"""Runs one experiment config into a workdir.
+
+    python -m experiments.main --config=configs/default.py --workdir=runs/default
+    python -m experiments.main --config=configs/paper_fig1.py --workdir=runs/fig1 \\
+        --config.optimizer.learning_rate=0.5
+
+Re-running the same command resumes; a workdir holding another config is refused unless
+--overwrite is given.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments import config as config_lib
+from experiments import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py",
+                                          "Experiment config file (get_config()).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, plots, checkpoints.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False,
+                               "Replace a workdir that holds a different config.")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+  try:
+    outcome = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+  except config_lib.ConfigError as error:
+    raise app.UsageError(str(error)) from None
+  print(f"Summary: {os.path.join(_WORKDIR.value, 'summary.md')}")
+  del outcome
+
+
+if __name__ == "__main__":
+  app.run(main)

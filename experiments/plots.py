@@ -1,0 +1,229 @@
+"""Figures and summary.md of each study, written atomically into the workdir."""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments import workdir as workdir_lib  # noqa: E402
+
+COLOURS = {"bn": "tab:blue", "plain": "tab:orange"}
+LABELS = {"bn": "with BN", "plain": "without BN"}
+
+
+def _save(fig, path: pathlib.Path) -> None:
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  workdir_lib.atomic_write(path, buffer.getvalue())
+
+
+def _evals(history):
+  return [r for r in history if "test_accuracy" in r]
+
+
+def _series(history, key, index=None):
+  rows = [r for r in _evals(history) if key in r]
+  steps = np.array([r["step"] for r in rows])
+  values = np.array([r[key] if index is None else r[key][index] for r in rows], float)
+  return steps, values
+
+
+# -------------------------------------------------------------------------------- compare
+
+
+def plot_fig1(histories: dict, path: pathlib.Path, title: str) -> None:
+  """The BN paper's Figure 1: (a) test accuracy against steps; (b, c) the 15th/50th/85th
+  percentiles of one last-hidden-layer sigmoid's input, without and with BN."""
+  variants = [v for v in ("plain", "bn") if v in histories]
+  fig, axes = plt.subplots(1, 1 + len(variants), figsize=(4.2 * (1 + len(variants)), 3.4))
+  for variant in variants:
+    steps, accuracy = _series(histories[variant], "test_accuracy")
+    axes[0].plot(steps, accuracy, color=COLOURS[variant], label=LABELS[variant])
+  axes[0].set(xlabel="training steps", ylabel="test accuracy", title="(a) test accuracy")
+  axes[0].legend()
+  for ax, variant, letter in zip(axes[1:], variants, "bc"):
+    steps, _ = _series(histories[variant], "unit_percentiles", 0)
+    for q, style in zip(range(3), (":", "-", ":")):
+      _, values = _series(histories[variant], "unit_percentiles", q)
+      ax.plot(steps, values, style, color=COLOURS[variant])
+    ax.set(xlabel="training steps", ylabel="sigmoid input",
+           title=f"({letter}) {LABELS[variant]}: 15/50/85th pct")
+  fig.suptitle(title, y=1.04)
+  _save(fig, path)
+
+
+def plot_saturation(histories: dict, path: pathlib.Path) -> None:
+  """Per hidden layer: fraction of activation inputs with |x| > threshold, and the gradient
+  norm of its kernel, over training, without and with BN."""
+  variants = [v for v in ("plain", "bn") if v in histories]
+  fig, axes = plt.subplots(2, len(variants), figsize=(5 * len(variants), 6.5), squeeze=False)
+  for column, variant in enumerate(variants):
+    history = histories[variant]
+    layers = len(_evals(history)[0]["saturated_fraction"])
+    for layer in range(layers):
+      steps, values = _series(history, "saturated_fraction", layer)
+      axes[0, column].plot(steps, values, label=f"layer {layer + 1}")
+    kernels = len(_evals(history)[0]["grad_norm"])
+    for layer in range(kernels):
+      steps, values = _series(history, "grad_norm", layer)
+      axes[1, column].semilogy(steps, values, label=f"layer {layer + 1}")
+    axes[0, column].set(title=f"{LABELS[variant]}: saturated activation inputs",
+                        ylabel="fraction |x| > threshold", ylim=(-0.02, 1.02))
+    axes[1, column].set(title=f"{LABELS[variant]}: gradient norm per layer",
+                        xlabel="training steps", ylabel="‖∂L/∂W‖")
+    axes[0, column].legend(fontsize=7)
+    axes[1, column].legend(fontsize=7)
+  _save(fig, path)
+
+
+def compare_summary(histories: dict, results: dict) -> dict:
+  summary = {"final_test_accuracy": {k: r["final_test_accuracy"] for k, r in results.items()},
+             "diverged": {k: r["diverged"] for k, r in results.items()},
+             "steps_per_second": {k: r["steps_per_second"] for k, r in results.items()},
+             "compile_seconds": {k: r["compile_seconds"] for k, r in results.items()}}
+  drift = {}
+  for variant, history in histories.items():
+    if _evals(history) and "unit_percentiles" in _evals(history)[0]:
+      _, median = _series(history, "unit_percentiles", 1)
+      _, low = _series(history, "unit_percentiles", 0)
+      _, high = _series(history, "unit_percentiles", 2)
+      drift[variant] = {"median_range": float(np.ptp(median)),
+                        "band_15_85_range": float(np.ptp(high - low))}
+  summary["percentile_drift"] = drift
+  if {"bn", "plain"} <= set(histories):
+    steps, bn = _series(histories["bn"], "test_accuracy")
+    _, plain = _series(histories["plain"], "test_accuracy")
+    ahead_from = None  # the earliest step from which BN leads at every evaluation
+    for step, ahead in reversed(list(zip(steps, bn > plain))):
+      if not ahead:
+        break
+      ahead_from = int(step)
+    summary["bn_ahead_from_step"] = ahead_from
+  return summary
+
+
+# ------------------------------------------------------------------------------- lr_sweep
+
+
+def plot_lr_sweep(results: dict, path: pathlib.Path) -> None:
+  fig, ax = plt.subplots(figsize=(5.5, 3.6))
+  for variant in ("plain", "bn"):
+    rows = sorted((r for r in results.values() if r["variant"] == variant),
+                  key=lambda r: r["learning_rate"])
+    if not rows:
+      continue
+    lrs = [r["learning_rate"] for r in rows]
+    accuracy = [np.nan if r["diverged"] else r["final_test_accuracy"] for r in rows]
+    ax.semilogx(lrs, accuracy, "o-", color=COLOURS[variant], label=LABELS[variant])
+    diverged = [r["learning_rate"] for r in rows if r["diverged"]]
+    ax.semilogx(diverged, [0.0] * len(diverged), "x", color=COLOURS[variant], ms=10,
+                label=f"{LABELS[variant]}: diverged" if diverged else None)
+  ax.set(xlabel="learning rate", ylabel="final test accuracy", ylim=(-0.03, 1.0))
+  ax.legend()
+  _save(fig, path)
+
+
+def sweep_summary(results: dict) -> dict:
+  table = {}
+  for r in results.values():
+    table.setdefault(r["learning_rate"], {})[r["variant"]] = {
+        "final_test_accuracy": r["final_test_accuracy"], "diverged": r["diverged"]}
+  bn_wins = [lr for lr, row in table.items()
+             if "bn" in row and "plain" in row and not row["bn"]["diverged"]
+             and row["bn"]["final_test_accuracy"] >= 0.80
+             and (row["plain"]["diverged"] or row["plain"]["final_test_accuracy"] < 0.5)]
+  return {"by_learning_rate": {f"{lr:g}": row for lr, row in sorted(table.items())},
+          "bn_at_least_0.80_where_plain_fails": sorted(bn_wins)}
+
+
+# --------------------------------------------------------------------- gradient agreement
+
+
+def plot_agreement(history: list, path: pathlib.Path) -> None:
+  steps = np.array([r["step"] for r in history])
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+  axes[0].semilogy(steps, [max(r["max_rel_grad_diff"], 1e-12) for r in history])
+  axes[0].axhline(1e-4, color="k", ls=":", label="1e-4")
+  axes[0].set(xlabel="step", ylabel="max relative difference",
+              title="(a) analytic vs autodiff gradients, same parameters")
+  axes[0].legend()
+  axes[1].plot(steps, [r["loss_analytic"] for r in history], label="analytic")
+  axes[1].plot(steps, [r["loss_autodiff"] for r in history], "--", label="autodiff")
+  axes[1].set(xlabel="step", ylabel="training loss", title="(b) the two trajectories")
+  axes[1].legend()
+  _save(fig, path)
+
+
+def agreement_summary(history: list) -> dict:
+  rel = np.array([r["max_rel_grad_diff"] for r in history])
+  a = np.array([r["loss_analytic"] for r in history])
+  b = np.array([r["loss_autodiff"] for r in history])
+  return {"steps": len(history), "max_rel_grad_diff": float(rel.max()),
+          "median_rel_grad_diff": float(np.median(rel)),
+          "max_rel_loss_diff": float(np.max(np.abs(a - b) / np.abs(b)))}
+
+
+# -------------------------------------------------------------------------------- outputs
+
+
+def write_study_outputs(config, workdir: pathlib.Path, outcome: dict) -> dict:
+  """plots/*.png, summary.json and summary.md for the study that just ran."""
+  plots = workdir / "plots"
+  if config.study == "compare":
+    summary = compare_summary(outcome["histories"], outcome["results"])
+    name = f"{config.data.name}, {config.model.name}"
+    plot_fig1(outcome["histories"], plots / "fig1.png", name)
+    plot_saturation(outcome["histories"], plots / "saturation.png")
+  elif config.study == "lr_sweep":
+    summary = sweep_summary(outcome["results"])
+    plot_lr_sweep(outcome["results"], plots / "lr_sweep.png")
+  else:
+    summary = agreement_summary(outcome["histories"]["lockstep"])
+    plot_agreement(outcome["histories"]["lockstep"], plots / "gradient_agreement.png")
+  workdir_lib.atomic_write(workdir / "summary.json", json.dumps(summary, indent=2))
+  workdir_lib.atomic_write(workdir / "summary.md", _markdown(config, summary, outcome))
+  return summary
+
+
+def _markdown(config, summary: dict, outcome: dict) -> str:
+  lines = [f"# {config.study}: {config.data.name}, {config.model.name}", "",
+           f"{config.num_steps} steps, batch {config.batch_size}, {config.optimizer.name} "
+           f"lr {config.optimizer.learning_rate}, seed {config.seed}.", ""]
+  if config.study == "compare":
+    lines += ["| run | final test accuracy | diverged | steps/s | compile s |",
+              "|---|---|---|---|---|"]
+    for name, r in outcome["results"].items():
+      acc = "—" if r["final_test_accuracy"] is None else f"{r['final_test_accuracy']:.4f}"
+      lines.append(f"| {name} | {acc} | {r['diverged']} | {r['steps_per_second']:,.0f} | "
+                   f"{r['compile_seconds']:.1f} |")
+    for variant, drift in summary["percentile_drift"].items():
+      lines.append(f"\nSigmoid-input drift, {LABELS[variant]}: median moved over a range of "
+                   f"{drift['median_range']:.3f}; the 15–85th band width over "
+                   f"{drift['band_15_85_range']:.3f}.")
+    if "bn_ahead_from_step" in summary:
+      lines.append(f"\nBN's test accuracy is above the plain net's at every evaluation from "
+                   f"step {summary['bn_ahead_from_step']} on.")
+    lines += ["", "![fig1](plots/fig1.png)", "", "![saturation](plots/saturation.png)"]
+  elif config.study == "lr_sweep":
+    lines += ["| learning rate | with BN | without BN |", "|---|---|---|"]
+    for lr, row in summary["by_learning_rate"].items():
+      cell = lambda r: "diverged" if r["diverged"] else f"{r['final_test_accuracy']:.4f}"
+      lines.append(f"| {lr} | {cell(row['bn']) if 'bn' in row else '—'} | "
+                   f"{cell(row['plain']) if 'plain' in row else '—'} |")
+    lines += ["", f"Learning rates where BN reaches ≥ 0.80 and the plain net diverges or stays "
+              f"below 0.5: {summary['bn_at_least_0.80_where_plain_fails']}.", "",
+              "![lr sweep](plots/lr_sweep.png)"]
+  else:
+    lines += [f"Over {summary['steps']} steps: max relative gradient difference "
+              f"{summary['max_rel_grad_diff']:.2e} (median {summary['median_rel_grad_diff']:.2e}),"
+              f" max relative loss difference {summary['max_rel_loss_diff']:.2e}.", "",
+              "![agreement](plots/gradient_agreement.png)"]
+  return "\n".join(lines) + "\n"
