@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import pathlib
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -249,6 +251,7 @@ def run_loop(name: str, ctx: Context, state, chunk, evaluate, summarize) -> dict
     workdir_lib.write_metrics(run_dir, records)
     ctx.reporter.update(name, int(state.step), float(np.mean(per_step["loss"])),
                         config.eval_every / seconds)
+    _maybe_inject_fault(int(state.step))
     if not finite.all():
       diverged_at = first_step + int(np.argmin(finite)) + 1
       ctx.reporter.log(f"{name}: diverged at step {diverged_at} (non-finite loss); "
@@ -272,6 +275,14 @@ def run_loop(name: str, ctx: Context, state, chunk, evaluate, summarize) -> dict
   ctx.reporter.finish(name, result)
   workdir_lib.atomic_write(result_path, json.dumps(result, indent=2))
   return result
+
+
+def _maybe_inject_fault(step: int) -> None:
+  """Fault injection for the kill-and-resume test: JAXBN_FAULT_KILL_AT_STEP=N kills this
+  process (SIGKILL, no cleanup) once a chunk reaching step N has written its metrics."""
+  kill_at = os.environ.get("JAXBN_FAULT_KILL_AT_STEP")
+  if kill_at is not None and step >= int(kill_at):
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _eval_summary(first_step, per_step, evaluation) -> list[dict]:
@@ -343,7 +354,8 @@ def study_gradient_agreement(ctx: Context) -> dict:
   tx = make_optimizer(config.optimizer)
   lr = config.optimizer.learning_rate
   init = init_state(analytic, tx, ctx.x_grad, config.seed, lr)
-  state = jax.device_put(Lockstep(init, init), ctx.replicated)
+  # Two copies: the chunk donates its input, and one buffer must not be donated twice.
+  state = jax.device_put(Lockstep(init, jax.tree.map(jnp.copy, init)), ctx.replicated)
   grad = lambda model: jax.value_and_grad(functools.partial(loss_and_stats, model), has_aux=True)
 
   def step(states: Lockstep, _):
