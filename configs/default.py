@@ -35,11 +35,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.name = "sgd"  # sgd | adam
   config.optimizer.learning_rate = 0.5
   config.optimizer.momentum = 0.0  # sgd only
+  config.optimizer.schedule = "cosine"  # constant | cosine (decay to 0 at num_steps)
 
   config.batch_size = 60
-  config.num_steps = 3000
-  config.eval_every = 250  # steps per jitted lax.scan chunk; evaluation after each
-  config.checkpoint_every = 1000  # a multiple of eval_every
+  config.num_steps = 6000
+  config.eval_every = 250  # evaluation interval: one jitted lax.scan over these steps
+  config.steps_per_call = 0  # > 0: steps per jitted call instead (must divide eval_every)
+  config.checkpoint_every = 2000  # a multiple of eval_every
   config.data_parallel = False  # shard the batch over all local devices
 
   # Diagnostics at each evaluation (MLP): the input of `unit` in the last hidden layer

@@ -10,6 +10,7 @@ def get_config():
   config.model.activation = "relu"
   config.optimizer.name = "adam"
   config.optimizer.learning_rate = 1e-2
+  config.optimizer.schedule = "constant"
   config.batch_size = 100
   config.num_steps = 6000
   config.eval_every = 250

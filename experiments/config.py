@@ -18,11 +18,12 @@ CHOICES = {
     "model.bn_impl": ("jaxbn", "flax"),
     "model.gradient": ("analytic", "autodiff"),
     "optimizer.name": ("sgd", "adam"),
+    "optimizer.schedule": ("constant", "cosine"),
 }
 POSITIVE = ("batch_size", "num_steps", "eval_every", "checkpoint_every",
             "optimizer.learning_rate", "data.num_samples", "diagnostics.num_examples",
             "model.bn_momentum")
-NON_NEGATIVE = ("optimizer.momentum", "model.init_std", "seed")
+NON_NEGATIVE = ("optimizer.momentum", "model.init_std", "seed", "steps_per_call")
 
 
 class ConfigError(ValueError):
@@ -54,6 +55,9 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
   if config.num_steps % config.eval_every:
     raise ConfigError(f"config.num_steps ({config.num_steps}) must be a multiple of "
                       f"config.eval_every ({config.eval_every}): one compiled chunk.")
+  if config.steps_per_call and config.eval_every % config.steps_per_call:
+    raise ConfigError(f"config.steps_per_call ({config.steps_per_call}) must divide "
+                      f"config.eval_every ({config.eval_every}).")
   if config.checkpoint_every % config.eval_every:
     raise ConfigError(f"config.checkpoint_every ({config.checkpoint_every}) must be a multiple "
                       f"of config.eval_every ({config.eval_every}).")

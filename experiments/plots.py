@@ -205,7 +205,7 @@ def _markdown(config, summary: dict, outcome: dict) -> str:
       lines.append(f"| {name} | {acc} | {r['diverged']} | {r['steps_per_second']:,.0f} | "
                    f"{r['compile_seconds']:.1f} |")
     for variant, drift in summary["percentile_drift"].items():
-      lines.append(f"\nSigmoid-input drift, {LABELS[variant]}: median moved over a range of "
+      lines.append(f"\nActivation-input drift (Fig. 1b, c), {LABELS[variant]}: the median moved over a range of "
                    f"{drift['median_range']:.3f}; the 15–85th band width over "
                    f"{drift['band_15_85_range']:.3f}.")
     if "bn_ahead_from_step" in summary:

@@ -188,3 +188,24 @@ def test_command_line_rejects_unknown_key_and_writes_nothing(tmp_path):
       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""})
   assert result.returncode != 0 and "config.optimizer.learning_rate must be > 0" in result.stderr
   assert not (tmp_path / "never").exists()
+
+
+def test_throughput_benchmark_runs_tiny():
+  from configs import benchmark as benchmark_config
+  from experiments import benchmark
+
+  config = benchmark_config.get_config()
+  config.model.hidden = (8, 8)
+  config.model.cnn_features = (4,)
+  config.batch_size = {"mlp": 8, "cnn": 8}
+  config.steps_per_call = {"mlp": 2, "cnn": 1}
+  config.dataset_size = 16
+  config.repeats = 2
+  rows = benchmark.throughput(config)
+  assert {(r["net"], r["implementation"]) for r in rows} == {
+      (net, impl) for net in ("mlp", "cnn") for impl in benchmark.IMPLEMENTATIONS}
+  for row in rows:
+    assert row["examples_per_second"] > 0 and row["vs_flax"] > 0
+  text = benchmark.markdown(rows, {"machine": "m", "jax": "j", "device": "cpu",
+                                   "allocator": benchmark.allocator(), "repeats": 2})
+  assert "examples/s" in text and "vs flax.linen" in text
