@@ -16,10 +16,12 @@ ACTIVATIONS = {"sigmoid": nn.sigmoid, "relu": nn.relu}
 
 
 def _batch_norm(impl: str, train: bool, momentum: float, gradient: str):
+  """jaxbn's module ("jaxbn"; "jaxbn-fast" with the one-pass variance) or Flax's ("flax",
+  whose default is the one-pass variance)."""
   if impl == "flax":
     return nn.BatchNorm(use_running_average=not train, momentum=momentum)
   return jaxbn.linen.BatchNorm(use_running_average=not train, momentum=momentum,
-                               gradient=gradient)
+                               gradient=gradient, use_fast_variance=impl == "jaxbn-fast")
 
 
 def _kernel_init(init_std: float | None):
@@ -43,17 +45,19 @@ class PaperMLP(nn.Module):
   bn_momentum: float = 0.99
   bn_impl: str = "jaxbn"
   gradient: str = "analytic"
+  residual: bool = False  # h ← h + act(layer(h)) after the first layer (MNIST-1D's MLP)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = x.reshape(x.shape[0], -1)
+    h = x.reshape(x.shape[0], -1)
     for i, width in enumerate(self.hidden):
-      x = nn.Dense(width, use_bias=not self.batch_norm, kernel_init=_kernel_init(self.init_std))(x)
+      z = nn.Dense(width, use_bias=not self.batch_norm, kernel_init=_kernel_init(self.init_std))(h)
       if self.batch_norm:
-        x = _batch_norm(self.bn_impl, train, self.bn_momentum, self.gradient)(x)
-      self.sow("intermediates", f"activation_input_{i}", x)
-      x = ACTIVATIONS[self.activation](x)
-    return nn.Dense(self.num_classes, kernel_init=_kernel_init(self.init_std))(x)
+        z = _batch_norm(self.bn_impl, train, self.bn_momentum, self.gradient)(z)
+      self.sow("intermediates", f"activation_input_{i}", z)
+      a = ACTIVATIONS[self.activation](z)
+      h = h + a if self.residual and i > 0 and h.shape == a.shape else a
+    return nn.Dense(self.num_classes, kernel_init=_kernel_init(self.init_std))(h)
 
 
 class SmallCNN(nn.Module):
@@ -88,4 +92,4 @@ def create(model_config, *, batch_norm: bool, gradient: str | None = None) -> nn
                   activation=model_config.activation,
                   init_std=model_config.init_std if model_config.init_std > 0 else None,
                   bn_momentum=model_config.bn_momentum, bn_impl=model_config.bn_impl,
-                  gradient=gradient)
+                  gradient=gradient, residual=model_config.residual)
