@@ -1,0 +1,156 @@
+"""The BN layer alone: training forward + backward, and what it saves for the backward.
+
+For each shape and dtype, every implementation computes y, dx, dγ, dβ from x, γ, β and a
+given dy, jitted, timed as the median of `repeats` calls after a warm-up, implementations
+interleaved. Bytes-moved model (stated in docs/performance.md): 8 activation-sized transfers
+per call — read x for the statistics; read x, write y; read x and dy for Σdy and Σdy·x̂;
+read x and dy, write dx — so the attained bandwidth is 8·size·itemsize / time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxbn
+
+TRANSFERS = 8  # activation-sized reads and writes of a fused BN training step (see above)
+
+
+def naive_batch_norm(x, scale, bias, epsilon=1e-5):
+  """Eqs. (1)-(4) written directly, statistics in x's dtype promoted to f32: the baseline a
+  user writes before reaching for a library."""
+  axes = tuple(range(x.ndim - 1))
+  xf = x.astype(jnp.float32)
+  mu = jnp.mean(xf, axes)  # (1)
+  var = jnp.mean((xf - mu) ** 2, axes)  # (2)
+  y = scale * (xf - mu) / jnp.sqrt(var + epsilon) + bias  # (3), (4)
+  return y.astype(x.dtype)
+
+
+def _flax_batch_norm(x, scale, bias):
+  y, _ = nn.BatchNorm(use_running_average=False).apply(
+      {"params": {"scale": scale, "bias": bias},
+       "batch_stats": {"mean": jnp.zeros_like(scale), "var": jnp.ones_like(scale)}},
+      x, mutable=["batch_stats"])
+  return y
+
+
+FORWARDS: dict[str, Callable] = {
+    "jaxbn analytic": lambda x, s, b: jaxbn.batch_norm(x, s, b)[0],
+    "jaxbn autodiff": lambda x, s, b: jaxbn.batch_norm(x, s, b, gradient="autodiff")[0],
+    "naive autodiff": naive_batch_norm,
+    "flax.linen": _flax_batch_norm,
+}
+
+
+def training_step(forward: Callable) -> Callable:
+  """(x, γ, β, dy) -> (y, dx, dγ, dβ), jitted."""
+  @jax.jit
+  def step(x, scale, bias, dy):
+    y, vjp = jax.vjp(forward, x, scale, bias)
+    return (y, *vjp(dy))
+  return step
+
+
+def _inputs(shape, dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  c = shape[-1]
+  x = jnp.asarray(rng.standard_normal(shape, np.float32) * 2 + 1, dtype)
+  dy = jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
+  return x, jnp.ones((c,), jnp.float32), jnp.zeros((c,), jnp.float32), dy
+
+
+def _torch_step(shape, dtype):
+  """torch.nn.functional.batch_norm, channels-last for NHWC, or None without torch."""
+  try:
+    import torch
+  except ImportError:
+    return None
+  torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+  rng = np.random.default_rng(0)
+  c = shape[-1]
+  nhwc = rng.standard_normal(shape, np.float32) * 2 + 1
+  if len(shape) == 4:  # NHWC data as an NCHW tensor in channels_last memory: no copy
+    x = torch.from_numpy(nhwc).permute(0, 3, 1, 2).to(torch_dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+  else:
+    x = torch.from_numpy(nhwc).to(torch_dtype)
+  dy = torch.randn_like(x)
+  weight = torch.ones(c, requires_grad=True)
+  bias = torch.zeros(c, requires_grad=True)
+  x.requires_grad_(True)
+
+  def step():
+    y = torch.nn.functional.batch_norm(x, None, None, weight, bias, training=True)
+    dx, dw, db = torch.autograd.grad(y, (x, weight, bias), dy)
+    return y, dx, dw, db
+
+  return step
+
+
+def time_ops(shapes, dtypes, repeats: int) -> list[dict]:
+  rows = []
+  for dtype in dtypes:
+    for shape in shapes:
+      args = _inputs(shape, dtype)
+      runners, compile_s = {}, {}
+      for name, forward in FORWARDS.items():
+        start = time.perf_counter()
+        compiled = training_step(forward).lower(*args).compile()
+        compile_s[name] = time.perf_counter() - start
+        jax.block_until_ready(compiled(*args))  # warm-up
+        runners[name] = lambda c=compiled: jax.block_until_ready(c(*args))
+      torch_step = _torch_step(shape, dtype)
+      if torch_step is not None:
+        torch_step()
+        runners["torch"] = torch_step
+        compile_s["torch"] = 0.0
+      times = {name: [] for name in runners}
+      for _ in range(repeats):
+        for name, run in runners.items():
+          start = time.perf_counter()
+          run()
+          times[name].append(time.perf_counter() - start)
+      nbytes = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
+      for name, samples in times.items():
+        median = statistics.median(samples)
+        rows.append({"shape": "x".join(map(str, shape)), "dtype": dtype, "implementation": name,
+                     "median_ms": 1e3 * median, "compile_s": compile_s[name],
+                     "gb_per_s": TRANSFERS * nbytes / median / 1e9})
+  return rows
+
+
+def streaming_bandwidth(megabytes: int = 256, repeats: int = 10) -> float:
+  """GB/s of a jitted y = 2x + 1 over a large float32 array (one read, one write), which XLA
+  runs on all cores: the roofline the BN rows are measured against."""
+  x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+  f = jax.jit(lambda x: 2 * x + 1)
+  jax.block_until_ready(f(x))
+  samples = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(f(x))
+    samples.append(time.perf_counter() - start)
+  return 2 * x.nbytes / statistics.median(samples) / 1e9
+
+
+def residual_bytes(shape=(64, 56, 56, 128), dtype="float32") -> list[dict]:
+  """Bytes each JAX implementation saves for its backward (the vjp's residuals)."""
+  x, scale, bias, _ = _inputs(shape, dtype)
+  rows = []
+  for name, forward in FORWARDS.items():
+    _, vjp = jax.vjp(forward, x, scale, bias)
+    leaves = [leaf for leaf in jax.tree.leaves(vjp) if hasattr(leaf, "nbytes")]
+    activation = [leaf for leaf in leaves if leaf.size == x.size]
+    rows.append({"implementation": name, "shape": "x".join(map(str, shape)), "dtype": dtype,
+                 "residual_bytes": int(sum(leaf.nbytes for leaf in leaves)),
+                 "activation_sized": len(activation),
+                 "x_bytes": int(x.nbytes)})
+  return rows
