@@ -55,7 +55,7 @@ def training_step(forward: Callable) -> Callable:
   @jax.jit
   def step(x, scale, bias, dy):
     y, vjp = jax.vjp(forward, x, scale, bias)
-    return (y, *vjp(dy))
+    return (y, *vjp(dy.astype(y.dtype)))  # Flax returns float32 for bf16 x, f32 params
   return step
 
 
@@ -154,3 +154,22 @@ def residual_bytes(shape=(64, 56, 56, 128), dtype="float32") -> list[dict]:
                  "activation_sized": len(activation),
                  "x_bytes": int(x.nbytes)})
   return rows
+
+
+def markdown(rows: list[dict], residuals: list[dict], bandwidth: float, meta: dict) -> str:
+  lines = [f"Machine: {meta['machine']}; JAX {meta['jax']}; allocator {meta['allocator']}. "
+           f"Streaming bandwidth (jitted 2x+1, both cores): {bandwidth:.1f} GB/s. BN forward + "
+           f"backward, median of {meta['repeats']} calls, interleaved; GB/s = "
+           f"{TRANSFERS}·size/time.", "",
+           "| shape | dtype | implementation | ms | GB/s | % of bandwidth | compile s |",
+           "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['shape']} | {r['dtype']} | {r['implementation']} | "
+                 f"{r['median_ms']:.3f} | {r['gb_per_s']:.1f} | "
+                 f"{100 * r['gb_per_s'] / bandwidth:.0f}% | {r['compile_s']:.2f} |")
+  lines += ["", "| implementation | bytes saved for the backward | activation-sized tensors |",
+            "|---|---|---|"]
+  for r in residuals:
+    lines.append(f"| {r['implementation']} | {r['residual_bytes'] / r['x_bytes']:.2f}× x "
+                 f"({r['shape']}, {r['dtype']}) | {r['activation_sized']} |")
+  return "\n".join(lines) + "\n"

@@ -26,7 +26,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import models, workdir as workdir_lib
+from experiments import allocator, bench_ops, models, plots, workdir as workdir_lib
 
 IMPLEMENTATIONS = {
     "jaxbn analytic": {"bn_impl": "jaxbn", "gradient": "analytic"},
@@ -34,16 +34,6 @@ IMPLEMENTATIONS = {
     "jaxbn autodiff": {"bn_impl": "jaxbn", "gradient": "autodiff"},
     "flax.linen": {"bn_impl": "flax", "gradient": "analytic"},
 }
-
-
-def allocator() -> str:
-  """Which malloc this process runs under, as far as the environment says."""
-  preload = os.environ.get("LD_PRELOAD", "")
-  for name in ("tcmalloc", "jemalloc"):
-    if name in preload:
-      return name
-  tunables = os.environ.get("GLIBC_TUNABLES", "")
-  return f"glibc ({tunables})" if tunables else "glibc (default)"
 
 
 def _model(name: str, impl: dict, model_config) -> tuple:
@@ -121,6 +111,25 @@ def throughput(config) -> list[dict]:
   return rows
 
 
+def peak_memory(config) -> list[dict]:
+  """Compiled memory of one training step (XLA's memory_analysis), jaxbn vs Flax."""
+  rng = np.random.default_rng(0)
+  rows = []
+  for net in config.nets:
+    shape = (784,) if net == "mlp" else (28, 28, 1)
+    batch = config.batch_size[net]
+    x_all = jnp.asarray(rng.random((batch, *shape), np.float32))
+    y_all = jnp.zeros((batch,), jnp.int32)
+    for name, impl in IMPLEMENTATIONS.items():
+      chunk, init, _ = make_step_chunk(_model(net, impl, config.model), x_all, y_all, batch, 1)
+      stats = chunk.lower(init(), jax.random.key(0)).compile().memory_analysis()
+      rows.append({"net": net, "implementation": name,
+                   "temp_bytes": int(stats.temp_size_in_bytes),
+                   "peak_bytes": int(stats.temp_size_in_bytes + stats.argument_size_in_bytes
+                                     + stats.output_size_in_bytes - stats.alias_size_in_bytes)})
+  return rows
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
   lines = [f"Machine: {meta['machine']}; JAX {meta['jax']} on {meta['device']}; allocator "
            f"{meta['allocator']}. Median of {meta['repeats']} calls, interleaved.", "",
@@ -134,15 +143,33 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def run(config, workdir: pathlib.Path) -> str:
-  """Measures, writes throughput.json and throughput.md into `workdir`, returns the table."""
-  rows = throughput(config)
+  """Measures every section of `config.sections`, writes benchmark.json and benchmark.md
+  into `workdir`, returns the markdown."""
   meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "jax": jax.__version__,
-          "device": jax.devices()[0].device_kind, "allocator": allocator(),
+          "device": jax.devices()[0].device_kind, "allocator": allocator.describe(),
           "repeats": config.repeats}
-  workdir_lib.atomic_write(workdir / "throughput.json",
-                           json.dumps({"meta": meta, "rows": rows}, indent=2))
-  text = markdown(rows, meta)
-  workdir_lib.atomic_write(workdir / "throughput.md", text)
+  results: dict = {"meta": meta}
+  parts = []
+  if "ops" in config.sections:
+    results["bandwidth_gb_per_s"] = bench_ops.streaming_bandwidth()
+    results["ops"] = bench_ops.time_ops([tuple(s) for s in config.op_shapes],
+                                        tuple(config.op_dtypes), config.repeats)
+    results["residuals"] = bench_ops.residual_bytes(tuple(config.residual_shape))
+    parts.append(bench_ops.markdown(results["ops"], results["residuals"],
+                                    results["bandwidth_gb_per_s"], meta))
+    plots.plot_op_benchmark(results["ops"], results["bandwidth_gb_per_s"],
+                            workdir / "op_benchmark.png")
+  if "throughput" in config.sections:
+    results["throughput"] = throughput(config)
+    parts.append(markdown(results["throughput"], meta))
+  if "memory" in config.sections:
+    results["memory"] = peak_memory(config)
+    parts.append("| net | implementation | compiled temp MB | compiled peak MB |\n|---|---|---|---|\n"
+                 + "".join(f"| {r['net']} | {r['implementation']} | {r['temp_bytes'] / 2**20:.2f} | "
+                           f"{r['peak_bytes'] / 2**20:.2f} |\n" for r in results["memory"]))
+  workdir_lib.atomic_write(workdir / "benchmark.json", json.dumps(results, indent=2))
+  text = "\n\n".join(parts)
+  workdir_lib.atomic_write(workdir / "benchmark.md", text)
   return text
 
 
@@ -160,4 +187,5 @@ def main():
 
 
 if __name__ == "__main__":
+  allocator.use_fast_allocator()
   main()

@@ -13,6 +13,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import allocator
 from experiments import config as config_lib
 from experiments import train
 
@@ -36,4 +37,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  allocator.use_fast_allocator()
   app.run(main)

@@ -227,3 +227,28 @@ def _markdown(config, summary: dict, outcome: dict) -> str:
               f" max relative loss difference {summary['max_rel_loss_diff']:.2e}.", "",
               "![agreement](plots/gradient_agreement.png)"]
   return "\n".join(lines) + "\n"
+
+
+def plot_op_benchmark(rows: list[dict], bandwidth: float, path: pathlib.Path) -> None:
+  """Time and fraction of streaming bandwidth per shape and implementation (float32 and
+  bfloat16 side by side)."""
+  dtypes = sorted({r["dtype"] for r in rows})
+  fig, axes = plt.subplots(2, len(dtypes), figsize=(6 * len(dtypes), 7), squeeze=False)
+  for column, dtype in enumerate(dtypes):
+    subset = [r for r in rows if r["dtype"] == dtype]
+    shapes = list(dict.fromkeys(r["shape"] for r in subset))
+    names = list(dict.fromkeys(r["implementation"] for r in subset))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+      by_shape = {r["shape"]: r for r in subset if r["implementation"] == name}
+      xs = np.arange(len(shapes)) + i * width
+      axes[0, column].bar(xs, [by_shape[s]["median_ms"] for s in shapes], width, label=name)
+      axes[1, column].bar(xs, [by_shape[s]["gb_per_s"] / bandwidth for s in shapes], width,
+                          label=name)
+    for row in range(2):
+      axes[row, column].set_xticks(np.arange(len(shapes)) + 0.4 - width / 2, shapes,
+                                   rotation=20, fontsize=7)
+    axes[0, column].set(title=f"{dtype}: forward + backward", ylabel="ms", yscale="log")
+    axes[1, column].set(title=f"{dtype}: fraction of streaming bandwidth", ylabel="fraction")
+    axes[0, column].legend(fontsize=7)
+  _save(fig, path)

@@ -190,22 +190,47 @@ def test_command_line_rejects_unknown_key_and_writes_nothing(tmp_path):
   assert not (tmp_path / "never").exists()
 
 
-def test_throughput_benchmark_runs_tiny():
+def test_benchmark_runs_tiny_and_reports_every_column(tmp_path):
   from configs import benchmark as benchmark_config
-  from experiments import benchmark
+  from experiments import benchmark, bench_ops
 
   config = benchmark_config.get_config()
+  config.op_shapes = ((8, 4), (2, 3, 3, 4))
+  config.residual_shape = (4, 2, 2, 3)
   config.model.hidden = (8, 8)
   config.model.cnn_features = (4,)
   config.batch_size = {"mlp": 8, "cnn": 8}
   config.steps_per_call = {"mlp": 2, "cnn": 1}
   config.dataset_size = 16
   config.repeats = 2
-  rows = benchmark.throughput(config)
-  assert {(r["net"], r["implementation"]) for r in rows} == {
+  text = benchmark.run(config, tmp_path)
+  results = json.loads((tmp_path / "benchmark.json").read_text())
+  implementations = set(bench_ops.FORWARDS)
+  for dtype in config.op_dtypes:
+    for shape in ("8x4", "2x3x3x4"):
+      found = {r["implementation"] for r in results["ops"]
+               if r["dtype"] == dtype and r["shape"] == shape}
+      assert implementations <= found
+  assert {(r["net"], r["implementation"]) for r in results["throughput"]} == {
       (net, impl) for net in ("mlp", "cnn") for impl in benchmark.IMPLEMENTATIONS}
-  for row in rows:
-    assert row["examples_per_second"] > 0 and row["vs_flax"] > 0
-  text = benchmark.markdown(rows, {"machine": "m", "jax": "j", "device": "cpu",
-                                   "allocator": benchmark.allocator(), "repeats": 2})
-  assert "examples/s" in text and "vs flax.linen" in text
+  assert all(r["peak_bytes"] > 0 for r in results["memory"])
+  analytic = next(r for r in results["residuals"] if r["implementation"] == "jaxbn analytic")
+  assert analytic["activation_sized"] == 1
+  for column in ("GB/s", "% of bandwidth", "examples/s", "vs flax.linen", "compiled peak MB",
+                 "bytes saved for the backward"):
+    assert column in text
+  assert (tmp_path / "op_benchmark.png").exists()
+
+
+def test_fast_allocator_choice_respects_the_user_and_never_fails():
+  from experiments import allocator
+
+  assert allocator.fast_environment({"LD_PRELOAD": "/my/malloc.so"}) is None
+  assert allocator.fast_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
+  assert allocator.fast_environment({"JAXBN_ALLOCATOR": "keep"}) is None
+  chosen = allocator.fast_environment({})
+  assert ("LD_PRELOAD" in chosen and "tcmalloc" in chosen["LD_PRELOAD"]) or \
+      chosen["GLIBC_TUNABLES"] == allocator.GLIBC_HUGETLB
+  assert allocator.fast_environment(chosen) is None  # re-executed once, not again
+  assert allocator.describe({"LD_PRELOAD": "/x/libjemalloc.so.2"}) == "jemalloc"
+  assert allocator.describe({}) == "glibc (default)"
