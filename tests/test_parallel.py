@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import jaxbn
@@ -14,13 +13,6 @@ import jaxbn
 DEVICES = 8
 PER_DEVICE = 3
 FEATURES = 4
-
-
-@pytest.fixture(scope="module")
-def mesh():
-  if jax.device_count() < DEVICES:
-    pytest.skip(f"needs {DEVICES} devices; conftest.py sets XLA_FLAGS before jax starts")
-  return Mesh(np.array(jax.devices()[:DEVICES]), ("batch",))
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +43,12 @@ def _single_device(x, scale, bias, dy, mask, gradient):
 
 
 def _per_device(x, scale, bias, dy, mask, gradient):
-  """What each device runs: its own rows, statistics pooled over "batch"."""
+  """What each device runs: its own rows, statistics pooled over "data"."""
   def loss(x, s, b):
-    y, _ = jaxbn.batch_norm(x, s, b, mask=mask, axis_name="batch", gradient=gradient)
+    y, _ = jaxbn.batch_norm(x, s, b, mask=mask, axis_name="data", gradient=gradient)
     return jnp.sum(dy * y)
 
-  y, stats = jaxbn.batch_norm(x, scale, bias, mask=mask, axis_name="batch", gradient=gradient)
+  y, stats = jaxbn.batch_norm(x, scale, bias, mask=mask, axis_name="data", gradient=gradient)
   return y, stats, jax.grad(loss, argnums=(0, 1, 2))(x, scale, bias)
 
 
@@ -88,8 +80,8 @@ def test_shard_map_equals_single_device(mesh, batch, gradient, masked):
 
   run = jax.jit(jax.shard_map(
       step, mesh=mesh,
-      in_specs=(P("batch"), P(), P(), P("batch"), None if mask is None else P("batch")),
-      out_specs=(P("batch"), P(), (P("batch"), P(), P())),
+      in_specs=(P("data"), P(), P(), P("data"), None if mask is None else P("data")),
+      out_specs=(P("data"), P(), (P("data"), P(), P())),
   ))
   y, stats, grads = run(x, batch["scale"], batch["bias"], batch["dy"], mask)
   _assert_matches_single_device(y, stats, grads, want)
@@ -99,9 +91,9 @@ def test_shard_map_gradient_through_replicated_params(mesh, batch):
   """jax.grad outside shard_map: the replicated γ, β get the global sums, as with autodiff."""
   def loss(scale, bias, x, dy, gradient):
     def inner(x, scale, bias, dy):
-      y, _ = jaxbn.batch_norm(x[0], scale, bias, axis_name="batch", gradient=gradient)
-      return jax.lax.psum(jnp.sum(dy[0] * y), "batch")
-    return jax.shard_map(inner, mesh=mesh, in_specs=(P("batch"), P(), P(), P("batch")),
+      y, _ = jaxbn.batch_norm(x[0], scale, bias, axis_name="data", gradient=gradient)
+      return jax.lax.psum(jnp.sum(dy[0] * y), "data")
+    return jax.shard_map(inner, mesh=mesh, in_specs=(P("data"), P(), P(), P("data")),
                          out_specs=P())(x, scale, bias, dy)
 
   args = (batch["scale"], batch["bias"], batch["x"], batch["dy"])
@@ -117,7 +109,7 @@ def test_shard_map_gradient_through_replicated_params(mesh, batch):
 def test_pmap_equals_single_device(batch):
   want = _single_device(batch["x_padded"], batch["scale"], batch["bias"], batch["dy"],
                         batch["mask"], "analytic")
-  run = jax.pmap(functools.partial(_per_device, gradient="analytic"), axis_name="batch",
+  run = jax.pmap(functools.partial(_per_device, gradient="analytic"), axis_name="data",
                  in_axes=(0, None, None, 0, 0))
   y, stats, (dx, dscale, dbias) = run(batch["x_padded"], batch["scale"], batch["bias"],
                                       batch["dy"], batch["mask"])
@@ -130,7 +122,7 @@ def test_pmap_equals_single_device(batch):
 def test_vmap_axis_name_equals_single_device(batch):
   want = _single_device(batch["x"], batch["scale"], batch["bias"], batch["dy"], None, "analytic")
   y, stats, (dx, dscale, dbias) = jax.vmap(
-      functools.partial(_per_device, gradient="analytic"), axis_name="batch",
+      functools.partial(_per_device, gradient="analytic"), axis_name="data",
       in_axes=(0, None, None, 0, None),
   )(batch["x"], batch["scale"], batch["bias"], batch["dy"], None)
   _assert_matches_single_device(
@@ -140,8 +132,8 @@ def test_vmap_axis_name_equals_single_device(batch):
 def test_axis_index_groups_pool_within_groups(batch):
   groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
   run = jax.pmap(
-      lambda x: jaxbn.batch_norm(x, axis_name="batch", axis_index_groups=groups)[1].mean,
-      axis_name="batch")
+      lambda x: jaxbn.batch_norm(x, axis_name="data", axis_index_groups=groups)[1].mean,
+      axis_name="data")
   means = run(batch["x"])
   for group in groups:
     want = batch["x"][np.array(group)].reshape(-1, FEATURES).mean(0)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxbn.linen
@@ -88,13 +88,6 @@ def test_analytic_and_autodiff_train_the_same(model, shape):
 # ------------------------------------------------------------------------- data parallel
 
 DEVICES = 8
-
-
-@pytest.fixture(scope="module")
-def mesh():
-  if jax.device_count() < DEVICES:
-    pytest.skip(f"needs {DEVICES} devices; conftest.py sets XLA_FLAGS before jax starts")
-  return Mesh(np.array(jax.devices()[:DEVICES]), ("data",))
 
 
 def test_sharded_jit_and_shard_map_equal_single_device(mesh):
