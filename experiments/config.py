@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import jax
 import ml_collections
 
 from experiments import data
@@ -49,9 +50,28 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
   for key in NON_NEGATIVE:
     if not _get(config, key) >= 0:
       raise ConfigError(f"config.{key} must be >= 0, got {_get(config, key)!r}.")
-  if not set(config.variants) <= {"bn", "plain"} or not config.variants:
-    raise ConfigError(f"config.variants must be a non-empty subset of ('bn', 'plain'), "
-                      f"got {config.variants!r}.")
+  if (not set(config.variants) <= {"bn", "plain"} or not config.variants
+      or len(set(config.variants)) != len(config.variants)):
+    raise ConfigError(f"config.variants must be a non-empty subset of ('bn', 'plain') "
+                      f"without repeats, got {config.variants!r}.")
+  if not 0 < config.model.bn_momentum < 1:
+    raise ConfigError(f"config.model.bn_momentum must be in (0, 1) (the old value's weight), "
+                      f"got {config.model.bn_momentum!r}.")
+  widths_key = "model.cnn_features" if config.model.name == "cnn" else "model.hidden"
+  widths = _get(config, widths_key)
+  if not widths or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0
+                           for w in widths):
+    raise ConfigError(f"config.{widths_key} must be a non-empty tuple of positive ints, "
+                      f"got {widths!r}.")
+  if not config.diagnostics.unit < widths[-1]:
+    raise ConfigError(f"config.diagnostics.unit ({config.diagnostics.unit}) must be below the "
+                      f"last layer's width ({widths[-1]}, config.{widths_key}).")
+  if "bn" in config.variants and config.batch_size < 2:
+    raise ConfigError(f"config.batch_size must be >= 2 with BatchNorm (one value per feature "
+                      f"has no batch statistics), got {config.batch_size}.")
+  if config.data_parallel and config.batch_size % jax.device_count():
+    raise ConfigError(f"config.batch_size ({config.batch_size}) must divide evenly over the "
+                      f"{jax.device_count()} devices for config.data_parallel.")
   if config.num_steps % config.eval_every:
     raise ConfigError(f"config.num_steps ({config.num_steps}) must be a multiple of "
                       f"config.eval_every ({config.eval_every}): one compiled chunk.")

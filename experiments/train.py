@@ -441,10 +441,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   config_lib.validate(config, default_config.get_config())
   workdir = pathlib.Path(workdir)
   dataset = data_lib.load(config.data, config.seed)
-  if config.data_parallel and config.batch_size % jax.device_count():
-    raise config_lib.ConfigError(
-        f"config.batch_size ({config.batch_size}) must divide evenly over the "
-        f"{jax.device_count()} devices for config.data_parallel.")
   workdir_lib.prepare(workdir, config, overwrite=overwrite)
   reporter = reporter or progress.make_reporter()
   ctx = Context(config, workdir, dataset, reporter)

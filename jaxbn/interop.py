@@ -146,12 +146,15 @@ def fold_batch_norm(
       raise ValueError(
           f"{name} has shape {jnp.shape(value)}; the kernel's last axis has {features} "
           "output features, and folding needs one value per output feature.")
+  # Fold in float32 or wider, then cast: a bf16 kernel must not round var, mean or b first.
   dtype = kernel.dtype
-  s = jax.lax.rsqrt(jnp.asarray(var, dtype) + epsilon)
+  cdt = jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
+  s = jax.lax.rsqrt(jnp.asarray(var, cdt) + epsilon)
   if scale is not None:
-    s = s * jnp.asarray(scale, dtype)
-  b = jnp.zeros((features,), dtype) if bias is None else jnp.asarray(bias, dtype)
-  new_bias = (b - jnp.asarray(mean, dtype)) * s
+    s = s * jnp.asarray(scale, cdt)
+  b = jnp.zeros((features,), cdt) if bias is None else jnp.asarray(bias, cdt)
+  new_bias = (b - jnp.asarray(mean, cdt)) * s
   if shift is not None:
-    new_bias = new_bias + jnp.asarray(shift, dtype)
-  return kernel * s.reshape((1,) * (kernel.ndim - 1) + (features,)), new_bias
+    new_bias = new_bias + jnp.asarray(shift, cdt)
+  new_kernel = kernel.astype(cdt) * s.reshape((1,) * (kernel.ndim - 1) + (features,))
+  return new_kernel.astype(dtype), new_bias.astype(dtype)

@@ -121,10 +121,13 @@ class BatchNorm(nn.Module):
     out_dtype = dtypes.canonicalize_dtype(
         *(v for v in (x, scale, bias) if v is not None), dtype=self.dtype)
 
-    if use_running_average:
-      return ops.batch_norm_inference(
+    if use_running_average or (initializing and _single_value_batch(x, features)):
+      # (Init with one example per feature, common for shape inference, has no batch
+      # statistics; its output is a placeholder either way and the variables are the same.)
+      y = ops.batch_norm_inference(
           x, ra_mean.value, ra_var.value, scale, bias,
           axis=self.axis, epsilon=self.epsilon, dtype=out_dtype)
+      return y if mask is None else _zero_padding(y, mask)
 
     y, stats = ops.batch_norm(
         x, scale, bias, axis=self.axis, epsilon=self.epsilon, mask=mask,
@@ -158,6 +161,15 @@ class BatchNorm(nn.Module):
     if self.has_variable("params", name):
       _check_shape(f"params/{name}", self.get_variable("params", name).shape, shape)
     return self.param(name, init, shape, self.param_dtype)
+
+
+def _single_value_batch(x, features) -> bool:
+  return all(n == 1 for a, n in enumerate(x.shape) if a not in features)
+
+
+def _zero_padding(y, mask):
+  """Masked outputs are 0 in eval too, as in training (whatever the padding held)."""
+  return jnp.where(jnp.asarray(mask, bool), y, jnp.zeros((), y.dtype))
 
 
 def _check_shape(name: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:

@@ -18,7 +18,7 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
-from jaxbn import ops
+from jaxbn import _args, ops
 
 __all__ = ["BatchNorm"]
 
@@ -117,17 +117,22 @@ class BatchNorm(nnx.Module):
         use_running_average, self.use_running_average,
         error_msg="No use_running_average given to jaxbn.nnx.BatchNorm: pass it to the "
                   "constructor or the call, or use .train() / .eval().")
-    if jnp.ndim(x) == 0 or jnp.shape(x)[self.axis] != self.num_features:
+    x = _args.floating_input(x)
+    features, _ = _args.feature_axes(x, self.axis)
+    if _args.feature_shape(x, features) != (self.num_features,):
       raise ValueError(
-          f"x has shape {jnp.shape(x)}, but this BatchNorm was built for num_features="
+          f"x has shape {x.shape}, but this BatchNorm was built for num_features="
           f"{self.num_features} on axis {self.axis}.")
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
     x, mean, var, scale, bias = self.promote_dtype(
         (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
     if use_running_average:
-      return ops.batch_norm_inference(
-          x, mean, var, scale, bias, axis=self.axis, epsilon=self.epsilon)
+      y = ops.batch_norm_inference(x, mean, var, scale, bias, axis=self.axis,
+                                   epsilon=self.epsilon)
+      # Masked outputs are 0 in eval too, as in training (whatever the padding held).
+      return y if mask is None else jnp.where(jnp.asarray(mask, bool), y,
+                                              jnp.zeros((), y.dtype))
     y, stats = ops.batch_norm(
         x, scale, bias, axis=self.axis, epsilon=self.epsilon, mask=mask,
         axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,

@@ -211,11 +211,11 @@ def update_running_stats(
       instead of the biased variance (Flax).
 
   Returns:
-    `(mean, var)`, updated.
+    `(mean, var)`, updated; a feature with no values in the batch keeps its old mean and
+    variance, and with `unbiased_var` one value is not enough to update the variance.
   """
   batch_var = batch.var
   if unbiased_var:
-    # m = 1 has no unbiased variance; its biased one is 0, and 0 it stays.
     batch_var = batch_var * (batch.count / jnp.maximum(batch.count - 1, 1))
   if momentum is None:
     if num_batches is None:
@@ -224,10 +224,12 @@ def update_running_stats(
     old_weight = 1 - new_weight
   else:
     old_weight, new_weight = momentum, 1 - momentum
-  return (
-      (old_weight * mean + new_weight * batch.mean.astype(mean.dtype)).astype(mean.dtype),
-      (old_weight * var + new_weight * batch_var.astype(var.dtype)).astype(var.dtype),
-  )
+  new_mean = (old_weight * mean + new_weight * batch.mean.astype(mean.dtype)).astype(mean.dtype)
+  new_var = (old_weight * var + new_weight * batch_var.astype(var.dtype)).astype(var.dtype)
+  # A feature the batch did not see (every value masked) has no statistics to average in;
+  # with the unbiased convention one value is not enough either (PyTorch raises there).
+  return (jnp.where(batch.count > 0, new_mean, mean),
+          jnp.where(batch.count > (1 if unbiased_var else 0), new_var, var))
 
 
 # ----------------------------------------------------------------------------------------
@@ -259,7 +261,8 @@ def _masked(mask: jax.Array | None, value: jax.Array) -> jax.Array:
 
 def _statistics(x_c: jax.Array, local_count: jax.Array, mask: jax.Array | None,
                 static: _Static):
-  """Eqs. (1)-(2): m, the mean as shift + delta, and the biased variance (without ε).
+  """Eqs. (1)-(2): m (0 for a fully masked feature), the mean as shift + delta, and the
+  biased variance (without ε).
 
   x_c is in the compute dtype with padding already zeroed. Summing x directly in float32 loses
   |μ|/σ's worth of digits: at x = 1e4 + N(0, 1) the sum's rounding alone moves μ by more than
@@ -270,17 +273,17 @@ def _statistics(x_c: jax.Array, local_count: jax.Array, mask: jax.Array | None,
   """
   if static.use_fast_variance:
     count, s1, s2 = _batch_sums(static, local_count, x_c, x_c * x_c)
-    count = _at_least_one(count)
-    mean = s1 / count
-    var = jnp.maximum(s2 / count - mean * mean, 0)  # round-off can make E[x²] − E[x]² < 0
+    m = _at_least_one(count)
+    mean = s1 / m
+    var = jnp.maximum(s2 / m - mean * mean, 0)  # round-off can make E[x²] − E[x]² < 0
     return count, mean, jnp.zeros_like(mean), var
   count, s1 = _batch_sums(static, local_count, x_c)
-  count = _at_least_one(count)
-  shift = s1 / count
+  m = _at_least_one(count)
+  shift = s1 / m
   d = _masked(mask, x_c - shift)
   sd, sdd = _batch_sums(static, d, d * d)
-  delta = sd / count
-  var = jnp.maximum(sdd / count - delta * delta, 0)
+  delta = sd / m
+  var = jnp.maximum(sdd / m - delta * delta, 0)
   return count, shift, delta, var
 
 
@@ -309,7 +312,7 @@ def _forward(x, scale, bias, mask, static: _Static):
       var=_squeeze(var, static),
       count=jnp.broadcast_to(_squeeze(count, static), feature_shape),
   )
-  residuals = (x, mask, scale, bias, shift, delta, inv_std, count)
+  residuals = (x, mask, scale, bias, shift, delta, inv_std, _at_least_one(count))
   return y.astype(static.out_dtype), stats, residuals
 
 

@@ -142,6 +142,11 @@ BAD = {
                         "config.data.path"),
     "unknown study": ({"study": "fig2"}, "config.study"),
     "chunking": ({"num_steps": 25}, "config.num_steps"),
+    "momentum above one": ({"model.bn_momentum": 1.5}, "config.model.bn_momentum"),
+    "unit beyond the layer": ({"diagnostics.unit": 500}, "config.diagnostics.unit"),
+    "no hidden layers": ({"model.hidden": ()}, "config.model.hidden"),
+    "batch of one with BN": ({"batch_size": 1}, "config.batch_size"),
+    "repeated variant": ({"variants": ("bn", "bn")}, "config.variants"),
 }
 
 

@@ -119,3 +119,16 @@ def test_fold_batch_norm_matches_unfolded(layer, shape):
 def test_fold_refuses_mismatched_features():
   with pytest.raises(ValueError, match="mean has shape"):
     interop.fold_batch_norm(jnp.ones((3, 5)), None, mean=jnp.zeros(4), var=jnp.ones(5))
+
+
+def test_fold_bf16_kernel_is_computed_in_float32():
+  rng = np.random.default_rng(1)
+  kernel = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+  stats = dict(mean=jnp.asarray(rng.standard_normal(5) * 300, jnp.float32),
+               var=jnp.asarray(rng.uniform(0.5, 2, 5), jnp.float32))
+  bias = jnp.asarray(rng.standard_normal(5) * 300 + 0.3, jnp.float32)
+  want = interop.fold_batch_norm(kernel, bias, **stats)
+  got = interop.fold_batch_norm(kernel.astype(jnp.bfloat16), bias, **stats)
+  assert got[1].dtype == jnp.bfloat16
+  # One bf16 rounding of the float32 result, not the error of folding in bf16.
+  np.testing.assert_array_equal(got[1], want[1].astype(jnp.bfloat16))

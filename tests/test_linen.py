@@ -229,3 +229,31 @@ def test_complex_input_points_to_flax(trained):
   bn, variables = trained
   with pytest.raises(TypeError, match="flax.linen.BatchNorm"):
     bn.apply(variables, X.astype(jnp.complex64), use_running_average=True)
+
+
+def test_unseen_features_keep_their_running_statistics():
+  bn = jaxbn.linen.BatchNorm(momentum=0.5, unbiased_running_var=True)
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((4, 3)), jnp.float32)
+  variables = bn.init(jax.random.key(0), x, use_running_average=False)
+  variables = {**variables, "batch_stats": {"mean": jnp.full(3, 5.0, jnp.float32),
+                                            "var": jnp.full(3, 2.0, jnp.float32)}}
+  # feature 0: all padding; feature 1: one value (no unbiased variance); feature 2: four.
+  mask = jnp.asarray([[False, True, True]] + [[False, False, True]] * 3)
+  _, updates = bn.apply(variables, x, use_running_average=False, mask=mask,
+                        mutable=["batch_stats"])
+  stats = updates["batch_stats"]
+  assert stats["mean"][0] == 5.0 and stats["var"][0] == 2.0
+  assert stats["mean"][1] == 0.5 * 5.0 + 0.5 * x[0, 1] and stats["var"][1] == 2.0
+  np.testing.assert_allclose(stats["var"][2], 0.5 * 2.0 + 0.5 * np.var(x[:, 2], ddof=1),
+                             rtol=1e-5)
+
+
+def test_init_with_one_example_and_masked_eval_outputs():
+  bn = jaxbn.linen.BatchNorm(use_running_average=False)
+  variables = bn.init(jax.random.key(0), jnp.ones((1, 6), jnp.float32))  # as Flax allows
+  assert variables["params"]["scale"].shape == (6,)
+  x = jnp.ones((4, 6), jnp.float32).at[3].set(jnp.nan)
+  mask = (jnp.arange(4) < 3)[:, None]
+  y = jaxbn.linen.BatchNorm().apply(variables, x, use_running_average=True, mask=mask)
+  np.testing.assert_array_equal(y[3], 0)
+  assert np.all(np.isfinite(y))

@@ -124,3 +124,13 @@ def test_wrong_feature_size_is_an_error():
   _, bn = _pair()
   with pytest.raises(ValueError, match="num_features=4"):
     bn(jnp.ones((3, 5)))
+
+
+def test_axis_out_of_range_and_masked_eval():
+  _, bn = _pair()
+  with pytest.raises(ValueError, match="axis 3 is out of range"):
+    jaxbn.nnx.BatchNorm(4, axis=3, rngs=nnx.Rngs(0))(jnp.ones((2, 4)))
+  bn.eval()
+  x = _x().at[7].set(jnp.nan)
+  y = bn(x, mask=(jnp.arange(8) < 7)[:, None])
+  np.testing.assert_array_equal(y[7], 0)
