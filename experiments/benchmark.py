@@ -93,7 +93,7 @@ def throughput(config) -> list[dict]:
       jax.block_until_ready(loss)
       chunks[name] = {"run": compiled, "carry": carry, "times": [], "compile_s": compile_s}
     for repeat in range(config.repeats):  # interleaved: every implementation each round
-      for name, entry in chunks.items():
+      for entry in chunks.values():
         start = time.perf_counter()
         entry["carry"], loss = entry["run"](entry["carry"], jax.random.key(2 + repeat))
         jax.block_until_ready(loss)

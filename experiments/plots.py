@@ -49,9 +49,9 @@ def plot_fig1(histories: dict, path: pathlib.Path, title: str) -> None:
     axes[0].plot(steps, accuracy, color=COLOURS[variant], label=LABELS[variant])
   axes[0].set(xlabel="training steps", ylabel="test accuracy", title="(a) test accuracy")
   axes[0].legend()
-  for ax, variant, letter in zip(axes[1:], variants, "bc"):
+  for ax, variant, letter in zip(axes[1:], variants, "bc"[:len(variants)], strict=True):
     steps, _ = _series(histories[variant], "unit_percentiles", 0)
-    for q, style in zip(range(3), (":", "-", ":")):
+    for q, style in zip(range(3), (":", "-", ":"), strict=True):
       _, values = _series(histories[variant], "unit_percentiles", q)
       ax.plot(steps, values, style, color=COLOURS[variant])
     ax.set(xlabel="training steps", ylabel="sigmoid input",
@@ -102,7 +102,7 @@ def compare_summary(histories: dict, results: dict) -> dict:
     steps, bn = _series(histories["bn"], "test_accuracy")
     _, plain = _series(histories["plain"], "test_accuracy")
     ahead_from = None  # the earliest step from which BN leads at every evaluation
-    for step, ahead in reversed(list(zip(steps, bn > plain))):
+    for step, ahead in reversed(list(zip(steps, bn > plain, strict=True))):
       if not ahead:
         break
       ahead_from = int(step)

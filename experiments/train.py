@@ -391,7 +391,7 @@ def study_gradient_agreement(ctx: Context) -> dict:
     _, grads_b_at_a = grad(autodiff)(a.params, a.batch_stats, x, y)
     rel = jnp.max(jnp.stack([
         jnp.max(jnp.abs(g - h)) / jnp.maximum(jnp.max(jnp.abs(h)), 1e-30)
-        for g, h in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b_at_a))]))
+        for g, h in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b_at_a), strict=True)]))
 
     def apply(s, grads, stats):
       updates, opt_state = tx.update(grads, s.opt_state, s.params)

@@ -296,19 +296,19 @@ def _symbolic_checks(m: int) -> list[SymbolicResult]:
   sigma2 = var + eps  # (2)
   sigma = sp.sqrt(sigma2)
   x_hat = [(xi - mu) / sigma for xi in x]  # (3)
-  loss = sum(gi * (gamma * hi + beta) for gi, hi in zip(g, x_hat))  # (4), L = Σ g_i y_i
+  loss = sum(gi * (gamma * hi + beta) for gi, hi in zip(g, x_hat, strict=True))  # (4), L = Σ g_i y_i
 
   # The same graph with μ and σ² as free nodes, for the seed's partial derivatives.
   h = sp.symbols(f"xhat1:{m + 1}", real=True)
-  loss_of_xhat = sum(gi * (gamma * hi + beta) for gi, hi in zip(g, h))
+  loss_of_xhat = sum(gi * (gamma * hi + beta) for gi, hi in zip(g, h, strict=True))
   xhat_of = lambda xi, mu_v, s2_v: (xi - mu_v) / sp.sqrt(s2_v)
   sigma2_of = lambda mu_v: sum((xi - mu_v) ** 2 for xi in x) / m + eps
   loss_of = lambda mu_v, s2_v: sum(
-      gi * (gamma * xhat_of(xi, mu_v, s2_v) + beta) for gi, xi in zip(g, x)
+      gi * (gamma * xhat_of(xi, mu_v, s2_v) + beta) for gi, xi in zip(g, x, strict=True)
   )
   at_batch = {mu_: mu, s2_: sigma2}
   graph = {
-      "dL/dxhat_i": [sp.diff(loss_of_xhat, hi).subs(dict(zip(h, x_hat))) for hi in h],
+      "dL/dxhat_i": [sp.diff(loss_of_xhat, hi).subs(dict(zip(h, x_hat, strict=True))) for hi in h],
       "dxhat_i/dx_i": [sp.diff(xhat_of(xi, mu_, s2_), xi).subs(at_batch) for xi in x],
       "dL/dsigma2": sp.diff(loss_of(mu_, s2_), s2_).subs(at_batch),
       "dsigma2/dx_i": [sp.diff(sigma2_of(mu_), xi).subs(at_batch) for xi in x],
@@ -318,7 +318,7 @@ def _symbolic_checks(m: int) -> list[SymbolicResult]:
 
   # The seed's formulas, as printed (with its u_B read as μ).
   dL_dxhat = [gi * gamma for gi in g]
-  dL_dsigma2 = sum(d * (-(xi - mu) / (2 * sigma**3)) for d, xi in zip(dL_dxhat, x))
+  dL_dsigma2 = sum(d * (-(xi - mu) / (2 * sigma**3)) for d, xi in zip(dL_dxhat, x, strict=True))
   vanishing = dL_dsigma2 * (-sp.Rational(2, m) * sum(xi - mu for xi in x))
   dL_dmu = sum(d * (-1 / sigma) for d in dL_dxhat) + vanishing
   seed = {
@@ -333,7 +333,7 @@ def _symbolic_checks(m: int) -> list[SymbolicResult]:
       dL_dxhat[i] / sigma + dL_dsigma2 * seed["dsigma2/dx_i"][i] + dL_dmu / m for i in range(m)
   ]
   sum_g = sum(g)
-  sum_g_xhat = sum(gi * hi for gi, hi in zip(g, x_hat))
+  sum_g_xhat = sum(gi * hi for gi, hi in zip(g, x_hat, strict=True))
   closed = [gamma / (m * sigma) * (m * g[i] - sum_g - x_hat[i] * sum_g_xhat) for i in range(m)]
 
   def is_zero(expr) -> bool:

@@ -186,7 +186,7 @@ def test_padding_reaches_no_output_or_gradient(mode, fill):
   grads = jax.grad(_loss(mode, mask=mask), argnums=(0, 1, 2))(x, scale, bias, dy)
   clean = jax.grad(_loss(mode, mask=mask), argnums=(0, 1, 2))(
       clean_x, scale, bias, jnp.where(mask, dy, 0))
-  for g, c in zip(grads, clean):
+  for g, c in zip(grads, clean, strict=True):
     np.testing.assert_array_equal(g, c)
 
 
@@ -218,7 +218,7 @@ def test_analytic_equals_autodiff_of_same_forward(layout):
   dy = jnp.asarray(_rng(7).standard_normal(shape))
   analytic = jax.grad(_loss("analytic", axis=axis), argnums=(0, 1, 2))(x, scale, bias, dy)
   autodiff = jax.grad(_loss("autodiff", axis=axis), argnums=(0, 1, 2))(x, scale, bias, dy)
-  for a, b in zip(analytic, autodiff):
+  for a, b in zip(analytic, autodiff, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -267,10 +267,10 @@ def test_hessian_vector_products_match_autodiff(masked):
 
   def hvp(mode):
     loss = lambda p: jnp.sum(jnp.sin(jaxbn.batch_norm(*p, mask=mask, gradient=mode)[0]) * dy)
-    grad_dot_v = lambda p: sum(jnp.vdot(g, t) for g, t in zip(jax.grad(loss)(p), tangents))
+    grad_dot_v = lambda p: sum(jnp.vdot(g, t) for g, t in zip(jax.grad(loss)(p), tangents, strict=True))
     return jax.grad(grad_dot_v)((x, scale, bias))
 
-  for a, b in zip(hvp("analytic"), hvp("autodiff")):
+  for a, b in zip(hvp("analytic"), hvp("autodiff"), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
 
 
@@ -309,7 +309,7 @@ def test_residuals_are_x_and_per_feature_vectors(dtype):
   with contextlib.redirect_stdout(out):
     print_saved_residuals(lambda x: jaxbn.batch_norm(x, scale, bias)[0], x)
   shapes = out.getvalue()
-  assert shapes.count(f"[2,3,3,4]") == 1, shapes
+  assert shapes.count("[2,3,3,4]") == 1, shapes
   # ...and what autodiff of the same forward saves, for contrast.
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
@@ -335,7 +335,7 @@ def test_property_analytic_equals_autodiff(shape, data):
   kwargs = dict(axis=tuple(axis))
   analytic = jax.grad(_loss("analytic", **kwargs), argnums=(0, 1, 2))(x, scale, bias, dy)
   literal = jax.vjp(lambda *p: reference.batch_norm_reference(*p, **kwargs), x, scale, bias)
-  for a, b in zip(analytic, literal[1](dy)):
+  for a, b in zip(analytic, literal[1](dy), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 

@@ -101,7 +101,7 @@ def test_shard_map_gradient_through_replicated_params(mesh, batch):
   autodiff = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=4)(*args, "autodiff")
   _, _, want = _single_device(batch["x"], batch["scale"], batch["bias"], batch["dy"], None,
                               "autodiff")
-  for got, ref, full in zip(analytic, autodiff, want[1:]):
+  for got, ref, full in zip(analytic, autodiff, want[1:], strict=True):
     np.testing.assert_allclose(got, ref, rtol=1e-12)
     np.testing.assert_allclose(got, full, rtol=1e-12)
 

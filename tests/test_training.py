@@ -81,7 +81,7 @@ def test_analytic_and_autodiff_train_the_same(model, shape):
   autodiff = _sgd_trajectory(model(gradient="autodiff"), x, labels)
   assert analytic[0]["Dense_0"]["kernel"].dtype == jnp.float64
   assert float(analytic[2][-1]) < float(analytic[2][0])  # it does train
-  for got, want in zip(jax.tree.leaves(analytic), jax.tree.leaves(autodiff)):
+  for got, want in zip(jax.tree.leaves(analytic), jax.tree.leaves(autodiff), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
@@ -123,5 +123,5 @@ def test_sharded_jit_and_shard_map_equal_single_device(mesh):
       params, batch_stats, x, labels)
 
   for got in ((loss_jit, stats_jit, grads_jit), (loss_sm, stats_sm, grads_sm)):
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves((loss, stats, grads))):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves((loss, stats, grads)), strict=True):
       np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
