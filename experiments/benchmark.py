@@ -104,11 +104,61 @@ def throughput(config) -> list[dict]:
                    "median_ms_per_step": 1e3 * median / steps,
                    "examples_per_second": batch * steps / median,
                    "compile_seconds": entry["compile_s"]})
+    torch_row = torch_throughput(net, config, batch, steps)
+    if torch_row is not None:
+      rows.append(torch_row)
     flax_rate = next(r for r in rows if r["net"] == net and r["implementation"] == "flax.linen")
     for row in rows:
       if row["net"] == net:
         row["vs_flax"] = row["examples_per_second"] / flax_rate["examples_per_second"]
   return rows
+
+
+def torch_throughput(net: str, config, batch: int, steps: int) -> dict | None:
+  """The same net and SGD step in PyTorch (BatchNorm1d/2d, channels-last convolutions), or
+  None without torch."""
+  try:
+    import torch
+  except ImportError:
+    return None
+  from torch import nn as tnn
+
+  torch.manual_seed(0)
+  if net == "mlp":
+    layers, width = [], 784
+    for hidden in config.model.hidden:
+      layers += [tnn.Linear(width, hidden, bias=False), tnn.BatchNorm1d(hidden), tnn.Sigmoid()]
+      width = hidden
+    model = tnn.Sequential(*layers, tnn.Linear(width, 10))
+    x = torch.rand(batch, 784)
+  else:
+    layers, channels, size = [], 1, 28
+    for features in config.model.cnn_features:
+      layers += [tnn.Conv2d(channels, features, 3, padding=1, bias=False),
+                 tnn.BatchNorm2d(features), tnn.ReLU(), tnn.MaxPool2d(2)]
+      channels, size = features, size // 2
+    model = tnn.Sequential(*layers, tnn.Flatten(), tnn.Linear(channels * size * size, 10))
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.rand(batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+  y = torch.randint(0, 10, (batch,))
+  optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+  def call():
+    for _ in range(steps):
+      optimizer.zero_grad(set_to_none=True)
+      tnn.functional.cross_entropy(model(x), y).backward()
+      optimizer.step()
+
+  call()  # warm-up
+  times = []
+  for _ in range(config.repeats):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  median = statistics.median(times)
+  return {"net": net, "implementation": "torch", "batch": batch,
+          "median_ms_per_step": 1e3 * median / steps,
+          "examples_per_second": batch * steps / median, "compile_seconds": 0.0}
 
 
 def peak_memory(config) -> list[dict]:

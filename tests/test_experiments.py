@@ -216,7 +216,7 @@ def test_benchmark_runs_tiny_and_reports_every_column(tmp_path):
       found = {r["implementation"] for r in results["ops"]
                if r["dtype"] == dtype and r["shape"] == shape}
       assert implementations <= found
-  assert {(r["net"], r["implementation"]) for r in results["throughput"]} == {
+  assert {(r["net"], r["implementation"]) for r in results["throughput"]} >= {
       (net, impl) for net in ("mlp", "cnn") for impl in benchmark.IMPLEMENTATIONS}
   assert all(r["peak_bytes"] > 0 for r in results["memory"])
   analytic = next(r for r in results["residuals"] if r["implementation"] == "jaxbn analytic")
