@@ -318,7 +318,7 @@ def test_residuals_are_x_and_per_feature_vectors(dtype):
   assert out.getvalue().count("[2,3,3,4]") > 1
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=8, deadline=None, derandomize=True)  # same examples in every CI run
 @given(
     shape=st.lists(st.integers(1, 4), min_size=2, max_size=4),
     data=st.data(),
