@@ -69,7 +69,7 @@ def make_step_chunk(model, x_all, y_all, batch_size: int, steps: int):
     variables = model.init(jax.random.key(0), x_all[:batch_size], train=False)
     return (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
 
-  return chunk, init, tx
+  return chunk, init
 
 
 def throughput(config) -> list[dict]:
@@ -83,7 +83,7 @@ def throughput(config) -> list[dict]:
     steps = config.steps_per_call[net]
     chunks = {}
     for name, impl in IMPLEMENTATIONS.items():
-      chunk, init, _ = make_step_chunk(_model(net, impl, config.model), x_all, y_all, batch,
+      chunk, init = make_step_chunk(_model(net, impl, config.model), x_all, y_all, batch,
                                        steps)
       carry = init()
       start = time.perf_counter()
@@ -171,7 +171,7 @@ def peak_memory(config) -> list[dict]:
     x_all = jnp.asarray(rng.random((batch, *shape), np.float32))
     y_all = jnp.zeros((batch,), jnp.int32)
     for name, impl in IMPLEMENTATIONS.items():
-      chunk, init, _ = make_step_chunk(_model(net, impl, config.model), x_all, y_all, batch, 1)
+      chunk, init = make_step_chunk(_model(net, impl, config.model), x_all, y_all, batch, 1)
       stats = chunk.lower(init(), jax.random.key(0)).compile().memory_analysis()
       rows.append({"net": net, "implementation": name,
                    "temp_bytes": int(stats.temp_size_in_bytes),

@@ -29,11 +29,10 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   try:
-    outcome = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
   except config_lib.ConfigError as error:
     raise app.UsageError(str(error)) from None
   print(f"Summary: {os.path.join(_WORKDIR.value, 'summary.md')}")
-  del outcome
 
 
 if __name__ == "__main__":

@@ -166,7 +166,6 @@ def test_unknown_key_and_wrong_type_are_named():
     config.batch_sise = 3  # configs are locked: a typo in a config file fails at once
   with pytest.raises(TypeError, match="batch_size"):
     config.batch_size = "sixty"
-  schema = _load("default").to_dict()
   unlocked = _load("default")
   unlocked.unlock()
   unlocked.optimizer.learnin_rate = 0.5
@@ -178,7 +177,6 @@ def test_unknown_key_and_wrong_type_are_named():
   unlocked.seed = "zero"
   with pytest.raises(config_lib.ConfigError, match="config.seed must be of type int"):
     config_lib.validate(unlocked, _load("default"))
-  del schema
 
 
 def test_command_line_rejects_unknown_key_and_writes_nothing(tmp_path):

@@ -95,7 +95,7 @@ def test_nnx_and_linen_agree():
   linen_bn = jaxbn.linen.BatchNorm(momentum=0.9)
   variables = {"params": {"scale": nnx_bn.scale[...], "bias": nnx_bn.bias[...]},
                "batch_stats": {"mean": nnx_bn.mean[...], "var": nnx_bn.var[...]}}
-  y_linen, updates = linen_bn.apply(variables, x, use_running_average=False,
+  _, updates = linen_bn.apply(variables, x, use_running_average=False,
                                     mutable=["batch_stats"])
   grads_linen = jax.grad(lambda p: jnp.sum(w * linen_bn.apply(
       {**variables, "params": p}, x, use_running_average=False, mutable=["batch_stats"])[0]))(
@@ -108,7 +108,6 @@ def test_nnx_and_linen_agree():
   nnx_bn.eval()
   np.testing.assert_array_equal(
       nnx_bn(x), linen_bn.apply({**variables, **updates}, x, use_running_average=True))
-  del y_linen
 
 
 def test_cumulative_average_counts_batches():
