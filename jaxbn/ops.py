@@ -14,12 +14,17 @@ and, given dy = ∂L/∂y, the backward the seed derives term by term and leaves
     ∂L/∂x_i = γ/σ · (dy_i − (1/m) Σ dy_j − x̂_i (1/m) Σ dy_j x̂_j)   closed form of (7)
 
 `docs/derivation.md` derives the closed form; `jaxbn.reference` computes it the seed's way.
+
+On CPU the four passes over the activations (statistics, normalize, the two backward sums,
+dx) run as fused C++ kernels (`jaxbn.kernels`) when the call allows it; every per-feature
+formula stays here, and the pure-JAX path computes the same quantities the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Hashable
 from typing import Any, Literal, NamedTuple
 
@@ -28,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxbn import _args
+from jaxbn import _args, kernels
 
 __all__ = ["BatchStats", "batch_norm", "batch_norm_inference", "update_running_stats"]
 
@@ -59,6 +64,8 @@ class _Static:
   axis_index_groups: tuple[tuple[int, ...], ...] | None
   use_fast_variance: bool
   out_dtype: np.dtype
+  # (features, inner) view for the C++ CPU kernels, or None for the pure-JAX path everywhere.
+  kernel_layout: kernels.Layout | None = None
 
 
 def batch_norm(
@@ -74,6 +81,7 @@ def batch_norm(
     use_fast_variance: bool = False,
     gradient: Literal["analytic", "autodiff"] = "analytic",
     dtype: Any = None,
+    use_cpu_kernel: bool | None = None,
 ) -> tuple[jax.Array, BatchStats]:
   """Training-mode batch normalization, y = γ (x − μ) / σ + β, with batch statistics.
 
@@ -103,6 +111,11 @@ def batch_norm(
     use_fast_variance: one-pass E[x²] − E[x]² (clamped at 0), as Flax's default.
     gradient: "analytic" or "autodiff".
     dtype: the output dtype; default x's dtype.
+    use_cpu_kernel: run the passes over x and dy as jaxbn's fused C++ kernels when on CPU.
+      None (default): wherever the call allows — analytic gradient, no mask, two-pass
+      variance, contiguous feature axes, float32/bfloat16/float64 — and the kernels could be
+      built (`jaxbn.kernels.status()`); True: the same, but raise if this call cannot use
+      them; False: pure JAX. Other platforms always take the pure-JAX path.
 
   Returns:
     `(y, stats)`: y with x's shape and `dtype`, and the batch `BatchStats` (gradients do not
@@ -125,7 +138,10 @@ def batch_norm(
       out_dtype=_args.output_dtype(x, dtype),
   )
   mask = _args.batch_mask(mask, x)
-  if _args.gradient_mode(gradient) == "analytic":
+  gradient = _args.gradient_mode(gradient)
+  static = dataclasses.replace(
+      static, kernel_layout=_kernel_layout(x, features, mask, static, gradient, use_cpu_kernel))
+  if gradient == "analytic":
     x, scale, bias = (_device_varying(v, axis_name) for v in (x, scale, bias))
     y, stats = _batch_norm_analytic(x, scale, bias, mask, static)
   else:
@@ -233,15 +249,51 @@ def update_running_stats(
 
 
 # ----------------------------------------------------------------------------------------
+# Which path a call takes.
+
+
+def _kernel_layout(x, features, mask, static: _Static, gradient: str,
+                   use_cpu_kernel: bool | None) -> kernels.Layout | None:
+  """The kernels' (features, inner) view of x if this call can use them, else None."""
+  if use_cpu_kernel is not None and not isinstance(use_cpu_kernel, bool):
+    raise TypeError(f"use_cpu_kernel must be None, True or False, got {use_cpu_kernel!r}.")
+  if use_cpu_kernel is False:
+    return None
+  first, last = features[0], features[-1]
+  refusal = (
+      "gradient='autodiff' differentiates the pure-JAX forward" if gradient != "analytic"
+      else "a mask needs the pure-JAX path" if mask is not None
+      else "use_fast_variance=True is the pure-JAX one-pass formula" if static.use_fast_variance
+      else f"feature axes {features} are not contiguous" if features != tuple(range(first, last + 1))
+      else f"dtypes {x.dtype} -> {static.out_dtype} are not float32/bfloat16/float64"
+      if not kernels.supports(x.dtype, static.out_dtype)
+      else None
+  )
+  if refusal is None and not kernels.available():
+    refusal = f"the kernels are unavailable: {kernels.status().reason}"
+  if refusal is not None:
+    if use_cpu_kernel:
+      raise ValueError(f"use_cpu_kernel=True, but {refusal}.")
+    return None
+  return kernels.Layout(features=math.prod(x.shape[first:last + 1]),
+                        inner=math.prod(x.shape[last + 1:]))
+
+
+# ----------------------------------------------------------------------------------------
 # The forward pass, shared by both gradient modes.
+
+
+def _psum(static: _Static, values):
+  """Sums per-device values over `axis_name`, if there is one (one collective)."""
+  if static.axis_name is None:
+    return values
+  return lax.psum(values, static.axis_name, axis_index_groups=static.axis_index_groups)
 
 
 def _batch_sums(static: _Static, *terms: jax.Array) -> tuple[jax.Array, ...]:
   """Per-feature Σ over the batch axes and, with an axis name, over devices (one collective)."""
-  sums = tuple(jnp.sum(t, axis=static.reduction_axes, keepdims=True) for t in terms)
-  if static.axis_name is not None:
-    sums = lax.psum(sums, static.axis_name, axis_index_groups=static.axis_index_groups)
-  return sums
+  return _psum(static, tuple(jnp.sum(t, axis=static.reduction_axes, keepdims=True)
+                             for t in terms))
 
 
 def _local_count(x: jax.Array, mask: jax.Array | None, static: _Static, cdt) -> jax.Array:
@@ -293,8 +345,34 @@ def _at_least_one(count: jax.Array) -> jax.Array:
   return jnp.maximum(count, 1)
 
 
+def _pooled_kernel_moments(hi, lo, m2, local_count, static: _Static):
+  """The kernels' per-device (μ = hi + lo, M2) as _statistics' (m, shift, delta, variance).
+
+  Across devices the pairwise update of the kernels' chunks is done once more: a common
+  shift near the global μ, then each device's Σ(x − shift) and Σ(x − shift)² from its own
+  mean and M2 — no sum of x itself, so |μ| ≫ σ keeps its digits here too.
+  """
+  if static.axis_name is None:
+    return local_count, hi, lo, jnp.maximum(m2 / local_count, 0)
+  count = _psum(static, local_count)
+  shift = _psum(static, local_count * hi) / count
+  offset = (hi - shift) + lo  # this device's mean − shift
+  sum_d, sum_dd = _psum(static, (local_count * offset, m2 + local_count * offset * offset))
+  delta = sum_d / count
+  return count, shift, delta, jnp.maximum(sum_dd / count - delta * delta, 0)
+
+
 def _forward(x, scale, bias, mask, static: _Static):
   """Eqs. (1)-(4). Returns (y, stats, residuals for the analytic backward)."""
+  if static.kernel_layout is None:
+    return _forward_xla(x, scale, bias, mask, static)
+  return lax.platform_dependent(
+      x, scale, bias,
+      cpu=functools.partial(_forward_kernel, static=static),
+      default=functools.partial(_forward_xla, mask=None, static=static))
+
+
+def _forward_xla(x, scale, bias, mask, static: _Static):
   cdt = _args.compute_dtype(x)
   # Padding is zeroed before any arithmetic: where-masking only the result would still let
   # autodiff multiply a zero cotangent by a NaN partial (0 · NaN = NaN).
@@ -305,6 +383,25 @@ def _forward(x, scale, bias, mask, static: _Static):
   beta = bias.astype(cdt).reshape(static.broadcast_shape)
   centred = (x_c - shift) - delta  # x − μ, formed without cancellation
   y = _masked(mask, centred * (gamma * inv_std) + beta)  # eqs. (3)-(4): γ x̂ + β
+  return _outputs(y.astype(static.out_dtype), x, mask, scale, bias, count, shift, delta, var,
+                  inv_std, static)
+
+
+def _forward_kernel(x, scale, bias, static: _Static):
+  layout, cdt = static.kernel_layout, _args.compute_dtype(x)
+  as_broadcast = functools.partial(jnp.reshape, shape=static.broadcast_shape)
+  hi, lo, m2 = map(as_broadcast, kernels.moments(layout, x))  # eqs. (1)-(2), one read of x
+  count, shift, delta, var = _pooled_kernel_moments(
+      hi, lo, m2, _local_count(x, None, static, cdt), static)
+  inv_std = lax.rsqrt(var + static.epsilon)
+  a = scale.astype(cdt).reshape(static.broadcast_shape) * inv_std
+  y = kernels.normalize(layout, x, shift.ravel(), delta.ravel(), a.ravel(),
+                        bias.astype(cdt).ravel(), out_dtype=static.out_dtype)  # eqs. (3)-(4)
+  return _outputs(y, x, None, scale, bias, count, shift, delta, var, inv_std, static)
+
+
+def _outputs(y, x, mask, scale, bias, count, shift, delta, var, inv_std, static: _Static):
+  """(y, stats, residuals): the same structure from both paths."""
   feature_shape = tuple(n for a, n in enumerate(static.broadcast_shape)
                         if a not in static.reduction_axes)
   stats = BatchStats(
@@ -313,7 +410,7 @@ def _forward(x, scale, bias, mask, static: _Static):
       count=jnp.broadcast_to(_squeeze(count, static), feature_shape),
   )
   residuals = (x, mask, scale, bias, shift, delta, inv_std, _at_least_one(count))
-  return y.astype(static.out_dtype), stats, residuals
+  return y, stats, residuals
 
 
 def _squeeze(v: jax.Array, static: _Static) -> jax.Array:
@@ -342,6 +439,15 @@ def _batch_norm_analytic_bwd(static: _Static, residuals, cotangents):
   and ∂L/∂β stay this device's sums — what JAX's autodiff of the same forward gives.
   """
   dy, _ = cotangents  # stats leave through stop_gradient, so their cotangent is always 0
+  if static.kernel_layout is None:
+    return _backward_xla(static, residuals, dy)
+  return lax.platform_dependent(
+      residuals, dy,
+      cpu=functools.partial(_backward_kernel, static),
+      default=functools.partial(_backward_xla, static))
+
+
+def _backward_xla(static: _Static, residuals, dy):
   x, mask, scale, bias, shift, delta, inv_std, count = residuals
   cdt = shift.dtype
   centred = _masked(mask, (x.astype(cdt) - shift) - delta)  # x − μ, recomputed; x̂ = centred/σ
@@ -349,20 +455,42 @@ def _batch_norm_analytic_bwd(static: _Static, residuals, cotangents):
   sum_g, sum_g_centred = (
       jnp.sum(t, axis=static.reduction_axes, keepdims=True) for t in (g, g * centred)
   )
+  d_scale, d_bias, a, b, k = _gradient_coefficients(
+      static, scale, inv_std, count, sum_g, sum_g_centred)
+  dx = _masked(mask, a * g + b + k * centred)
+  return _cotangents(static, x, scale, bias, dx.astype(x.dtype), d_scale, d_bias)
+
+
+def _backward_kernel(static: _Static, residuals, dy):
+  x, _, scale, bias, shift, delta, inv_std, count = residuals
+  layout = static.kernel_layout
+  sum_g, sum_g_centred = (
+      v.reshape(static.broadcast_shape)
+      for v in kernels.grad_sums(layout, x, dy, shift.ravel(), delta.ravel()))
+  d_scale, d_bias, a, b, k = _gradient_coefficients(
+      static, scale, inv_std, count, sum_g, sum_g_centred)
+  dx = kernels.grad_input(layout, x, dy, shift.ravel(), delta.ravel(),
+                          a.ravel(), b.ravel(), k.ravel())
+  return _cotangents(static, x, scale, bias, dx, d_scale, d_bias)
+
+
+def _gradient_coefficients(static: _Static, scale, inv_std, count, sum_g, sum_g_centred):
+  """∂L/∂γ, ∂L/∂β and the per-feature a, b, k of ∂L/∂x = a·dy + b + k·(x − μ), from this
+  device's Σ dy and Σ dy·(x − μ)."""
   d_bias = sum_g  # eq. (6)
   d_scale = sum_g_centred * inv_std  # eq. (5): Σ dy x̂, with 1/σ taken out of the sum
-  if static.axis_name is not None:
-    sum_g, sum_g_centred = lax.psum(
-        (sum_g, sum_g_centred), static.axis_name, axis_index_groups=static.axis_index_groups
-    )
-  # Closed form of (7) with x̂ = centred/σ: ∂L/∂x = a·dy + b + k·centred, where
-  # a = γ/σ, b = −a·(1/m)Σ dy and k = −a·(1/σ²)·(1/m)Σ dy (x − μ) are per feature.
-  a = scale.astype(cdt).reshape(static.broadcast_shape) * inv_std
+  sum_g, sum_g_centred = _psum(static, (sum_g, sum_g_centred))
+  # Closed form of (7) with x̂ = centred/σ: a = γ/σ, b = −a·(1/m)Σ dy and
+  # k = −a·(1/σ²)·(1/m)Σ dy (x − μ).
+  a = scale.astype(inv_std.dtype).reshape(static.broadcast_shape) * inv_std
   b = -a * (sum_g / count)
   k = -a * (inv_std * inv_std) * (sum_g_centred / count)
-  dx = _masked(mask, a * g + b + k * centred)
+  return d_scale, d_bias, a, b, k
+
+
+def _cotangents(static: _Static, x, scale, bias, dx, d_scale, d_bias):
   return (
-      dx.astype(x.dtype),
+      dx,
       _squeeze(d_scale, static).astype(scale.dtype),
       _squeeze(d_bias, static).astype(bias.dtype),
       None,

@@ -1,0 +1,188 @@
+"""The four streaming passes of batch normalization, as fused C++ CPU kernels.
+
+Each array is viewed as (outer, C, inner) — C features, reduced over outer and inner — with
+C and inner given as static `Layout` (NHWC with axis=-1: (N·H·W, C, 1); NCHW with axis=1:
+(N, C, H·W)). Per-feature vectors are in the compute dtype (float32 for float32/bfloat16
+activations, float64 for float64). μ travels as a pair hi + lo, so that x − μ is formed as
+(x − hi) − lo without cancellation (see `jaxbn.ops._statistics`).
+
+    moments(x)                          → hi, lo, M2 = Σ (x − μ)²      eqs. (1)-(2), one read of x
+    normalize(x, hi, lo, a, b)          → ((x − hi) − lo)·a + b        eqs. (3)-(4)
+    grad_sums(x, dy, hi, lo)            → Σ dy, Σ dy·(x − μ)           eqs. (5)-(6)
+    grad_input(x, dy, hi, lo, a, b, k)  → a·dy + b + k·(x − μ)         closed form of (7)
+
+Every kernel has a pure-JAX twin here (`*_xla`) that computes the same thing. The twins are
+the kernels' derivatives (a `jax.custom_jvp` takes the tangent of the twin, so second-order
+derivatives through jaxbn's analytic backward still work) and the tests' reference.
+
+`jaxbn.ops` decides when the kernels are used; this module only runs them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbn import _native_build
+
+__all__ = ["Layout", "available", "grad_input", "grad_sums", "moments", "normalize",
+           "status", "supports"]
+
+# The dtypes the kernels are compiled for, as activations, dy and outputs.
+DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float64))
+
+
+class Layout(NamedTuple):
+  """x viewed as (outer, features, inner); hashable, so it can be a static argument."""
+
+  features: int
+  inner: int
+
+
+def status() -> _native_build.Status:
+  """Whether the kernels can run in this process (building them on first use), and why not."""
+  return _native_build.status()
+
+
+def available() -> bool:
+  return status().available
+
+
+def supports(*dtypes) -> bool:
+  return all(np.dtype(d) in DTYPES for d in dtypes)
+
+
+def _attrs(layout: Layout) -> dict:
+  return {"features": np.int64(layout.features), "inner": np.int64(layout.inner)}
+
+
+def _vector(x: jax.Array, layout: Layout) -> jax.ShapeDtypeStruct:
+  dtype = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+  return jax.ShapeDtypeStruct((layout.features,), dtype)
+
+
+def _call(target: str, results, *args, layout: Layout):
+  # Under shard_map every operand and result must vary over the same manual mesh axes: x
+  # varies, per-feature vectors that came out of a psum do not, so they are cast first.
+  varying = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in args))
+  if varying:
+    args = tuple(_varying(a, varying) for a in args)
+    aval = jax.typeof(args[0])
+    sharding = jax.sharding.NamedSharding(aval.sharding.mesh, jax.sharding.PartitionSpec())
+    results = jax.tree.map(
+        lambda r: jax.ShapeDtypeStruct(r.shape, r.dtype, sharding=sharding,
+                                       manual_axis_type=aval.manual_axis_type), results)
+  # "sequential": under vmap each instance is its own call on its own (outer, C, inner) view.
+  return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*args, **_attrs(layout))
+
+
+def _varying(value: jax.Array, axes: frozenset) -> jax.Array:
+  missing = tuple(sorted(axes - jax.typeof(value).manual_axis_type.varying))
+  return jax.lax.pcast(value, missing, to="varying") if missing else value
+
+
+def _as3(v: jax.Array, layout: Layout) -> jax.Array:
+  return v.reshape(-1, layout.features, layout.inner)
+
+
+def _per_feature(v: jax.Array) -> jax.Array:
+  return v.reshape(1, -1, 1)
+
+
+def _with_twin_derivatives(kernel, twin):
+  """kernel's values, twin's derivatives: jvp (and so vjp) rules for an FFI call."""
+  fn = jax.custom_jvp(kernel, nondiff_argnums=(0,))
+
+  @fn.defjvp
+  def _jvp(layout, primals, tangents):
+    _, tangent_out = jax.jvp(functools.partial(twin, layout), primals, tangents)
+    return kernel(layout, *primals), tangent_out
+
+  return fn
+
+
+# ---------------------------------------------------------------------------------------
+# Pure-JAX twins.
+
+
+def moments_xla(layout: Layout, x: jax.Array):
+  x3 = _as3(x, layout).astype(_vector(x, layout).dtype)
+  n = x3.shape[0] * x3.shape[2]
+  hi = jnp.mean(x3, axis=(0, 2), keepdims=True)
+  d = x3 - hi
+  lo = jnp.mean(d, axis=(0, 2), keepdims=True)
+  m2 = jnp.sum(d * d, axis=(0, 2)) - n * jnp.square(lo.ravel())
+  return hi.ravel(), lo.ravel(), m2
+
+
+def normalize_xla(layout: Layout, x, hi, lo, a, b, *, out_dtype=None):
+  x3 = _as3(x, layout).astype(hi.dtype)
+  y = ((x3 - _per_feature(hi)) - _per_feature(lo)) * _per_feature(a) + _per_feature(b)
+  return y.reshape(x.shape).astype(out_dtype or x.dtype)
+
+
+def grad_sums_xla(layout: Layout, x, dy, hi, lo):
+  x3 = _as3(x, layout).astype(hi.dtype)
+  g = _as3(dy, layout).astype(hi.dtype)
+  centred = (x3 - _per_feature(hi)) - _per_feature(lo)
+  return jnp.sum(g, axis=(0, 2)), jnp.sum(g * centred, axis=(0, 2))
+
+
+def grad_input_xla(layout: Layout, x, dy, hi, lo, a, b, k):
+  x3 = _as3(x, layout).astype(hi.dtype)
+  g = _as3(dy, layout).astype(hi.dtype)
+  centred = (x3 - _per_feature(hi)) - _per_feature(lo)
+  dx = _per_feature(a) * g + _per_feature(b) + _per_feature(k) * centred
+  return dx.reshape(x.shape).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# The kernels.
+
+
+def _moments(layout: Layout, x):
+  v = _vector(x, layout)
+  return tuple(_call("jaxbn_moments", (v, v, v), x, layout=layout))
+
+
+def _grad_sums(layout: Layout, x, dy, hi, lo):
+  v = _vector(x, layout)
+  return tuple(_call("jaxbn_grad_sums", (v, v), x, dy, hi, lo, layout=layout))
+
+
+def _grad_input(layout: Layout, x, dy, hi, lo, a, b, k):
+  return _call("jaxbn_grad_input", jax.ShapeDtypeStruct(x.shape, x.dtype),
+               x, dy, hi, lo, a, b, k, layout=layout)
+
+
+moments = _with_twin_derivatives(_moments, moments_xla)
+moments.__doc__ = "Per-feature (hi, lo, M2) of x: μ = hi + lo and M2 = Σ (x − μ)², eqs. (1)-(2)."
+
+grad_sums = _with_twin_derivatives(_grad_sums, grad_sums_xla)
+grad_sums.__doc__ = "Per-feature Σ dy and Σ dy·(x − μ), eqs. (5)-(6) before the 1/σ."
+
+grad_input = _with_twin_derivatives(_grad_input, grad_input_xla)
+grad_input.__doc__ = "dx = a·dy + b + k·(x − μ), the closed form of eq. (7)."
+
+
+def normalize(layout: Layout, x, hi, lo, a, b, out_dtype=None):
+  """y = ((x − hi) − lo)·a + b in `out_dtype` (default x's), eqs. (3)-(4)."""
+  out_dtype = np.dtype(out_dtype or x.dtype)
+  return _normalize(layout, out_dtype, x, hi, lo, a, b)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _normalize(layout: Layout, out_dtype, x, hi, lo, a, b):
+  return _call("jaxbn_normalize", jax.ShapeDtypeStruct(x.shape, out_dtype),
+               x, hi, lo, a, b, layout=layout)
+
+
+@_normalize.defjvp
+def _normalize_jvp(layout, out_dtype, primals, tangents):
+  twin = functools.partial(normalize_xla, layout, out_dtype=out_dtype)
+  _, tangent_out = jax.jvp(twin, primals, tangents)
+  return _normalize(layout, out_dtype, *primals), tangent_out
