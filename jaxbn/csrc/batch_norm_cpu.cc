@@ -242,18 +242,19 @@ struct Split {
 
 // Below this many elements per thread a second thread costs more than it saves.
 constexpr int64_t kMinElementsPerThread = 1 << 16;
-// Float sums never run over more than about this many values of one feature, and a chunk of
-// this many elements stays in cache between the two sweeps of the moments.
-constexpr int64_t kChunkElements = 1 << 16;
-// Features per column block of the channels-last kernels (their per-feature vectors stay in L1).
+// Float sums run over at most kChunkRows values (channels-last: one accumulator per feature)
+// or kPieceElements values in kLanes accumulators (channels-first) — 16 to 64 terms, so
+// their rounding stays within a few float32 ulps — and everything longer adds up in double.
+constexpr int64_t kChunkRows = 16;
+constexpr int64_t kPieceElements = 1024;
+// Features per column block of the channels-last kernels: a chunk of kChunkRows rows of a
+// block (64 KiB in float32) stays in cache between the two sweeps of the moments.
 constexpr int64_t kBlockFeatures = 1024;
 
 int64_t NumParts(ffi::ThreadPool& pool, int64_t elements) {
   return std::max<int64_t>(1, std::min(ParallelFor::Workers(pool), elements / kMinElementsPerThread));
 }
 
-// Rows per chunk for channels-last kernels with `width` features per block.
-int64_t ChunkRows(int64_t width) { return std::clamp<int64_t>(kChunkElements / width, 64, 1024); }
 
 // ---------------------------------------------------------------------------------------
 // Running (count, mean, M2) per feature, merged pairwise (Chan, Golub & LeVeque).
@@ -309,7 +310,7 @@ void MomentsRows(ffi::ThreadPool& pool, const T* x, int64_t rows, int64_t featur
   using V = Simd<A>;
   constexpr int L = kLanes<A>;
   const int64_t block = std::min(features, kBlockFeatures);
-  const int64_t chunk = ChunkRows(block);
+  const int64_t chunk = kChunkRows;
   const int64_t parts = NumParts(pool, rows * features);
   const Split split{rows, parts, chunk};
   std::vector<Moments> partial(parts, Moments(features));
@@ -378,11 +379,11 @@ inline void SweepRun(const T* x, const G* g, int64_t len, Fn&& term, A* out1, A*
 }
 
 // Channels-first (inner > 1): segments of `inner` contiguous values of one feature, split
-// into pieces of at most kChunkElements.
+// into pieces of at most kPieceElements.
 struct Pieces {
   int64_t per_segment, size;
   explicit Pieces(int64_t inner)
-      : per_segment((inner + kChunkElements - 1) / kChunkElements),
+      : per_segment((inner + kPieceElements - 1) / kPieceElements),
         size((inner + per_segment - 1) / per_segment) {}
 };
 
@@ -489,7 +490,7 @@ void GradSumsRows(ffi::ThreadPool& pool, const T* x, const G* g, int64_t rows, i
   using V = Simd<A>;
   constexpr int L = kLanes<A>;
   const int64_t block = std::min(features, kBlockFeatures);
-  const int64_t chunk = ChunkRows(block);
+  const int64_t chunk = kChunkRows;
   const int64_t parts = NumParts(pool, rows * features);
   const Split split{rows, parts, chunk};
   std::vector<FeatureSums> partial(parts, FeatureSums(features));

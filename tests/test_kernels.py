@@ -1,0 +1,251 @@
+"""jaxbn.kernels: the C++ CPU kernels against float64 truth, their pure-JAX twins and the
+pure-JAX path of batch_norm; when calls use them; how jaxbn behaves where they cannot build."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxbn
+from jaxbn import kernels
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None,
+    reason="no C++ compiler on this machine, so the kernels cannot be built")
+
+# (shape, feature axes, Layout). The sizes reach every code path of the kernels: feature
+# counts that are not a multiple of the SIMD width (tails), more rows than one chunk, enough
+# elements for two threads, channels-first runs longer than one chunk, one row.
+CASES = {
+    "nhwc-tail": ((7, 5, 3, 33), -1),
+    "dense-two-threads": ((3000, 70), -1),
+    "dense-wide": ((96, 1100), -1),
+    "nchw": ((4, 6, 9, 10), 1),
+    "nchw-long-runs": ((2, 3, 70001), 1),
+    "two-axes": ((5, 6, 7), (1, 2)),
+    "one-row-of-pairs": ((2, 17), -1),
+}
+
+
+def _layout(shape, axis):
+  axes = sorted(a % len(shape) for a in np.atleast_1d(axis))
+  return kernels.Layout(int(np.prod([shape[a] for a in axes])),
+                        int(np.prod(shape[axes[-1] + 1:])))
+
+
+def _truth_moments(x, layout):
+  # In long double (80-bit on x86): float64 kernels need a truth finer than float64.
+  x3 = np.asarray(x, np.float64).astype(np.longdouble).reshape(-1, layout.features,
+                                                                layout.inner)
+  mean = x3.mean(axis=(0, 2))
+  return mean, ((x3 - mean[None, :, None]) ** 2).sum(axis=(0, 2))
+
+
+def _data(shape, dtype, offset=0.0, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal(shape) * 3 + offset
+  dy = rng.standard_normal(shape)
+  return jnp.asarray(x, dtype), jnp.asarray(dy, dtype)
+
+
+def test_kernels_build_here():
+  # A build failure must fail CI, not fall back silently to the slower path.
+  assert kernels.available(), kernels.status().reason
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64])
+def test_moments_match_float64_truth(case, dtype):
+  shape, axis = CASES[case]
+  layout = _layout(shape, axis)
+  x, _ = _data(shape, dtype, offset=100.0)
+  hi, lo, m2 = kernels.moments(layout, x)
+  mean, m2_true = _truth_moments(x, layout)  # of the values x holds, after its rounding
+  mean_k = np.asarray(hi, np.longdouble) + np.asarray(lo, np.longdouble)
+  eps = np.finfo(hi.dtype).eps
+  sigma = np.sqrt(m2_true / (x.size / layout.features))
+  # μ to a few ulps of σ (not of |μ|, which is 100σ/3 here): float32 statistics carry μ as
+  # hi + lo; a float64 μ is one float64 (lo = 0), so there its own rounding, ε·|μ|, counts.
+  bar = 8 * eps * (sigma + (np.abs(mean) if dtype == jnp.float64 else 0))
+  np.testing.assert_array_less(np.abs(mean_k - mean), bar)
+  np.testing.assert_array_less(np.abs(np.asarray(m2, np.longdouble) - m2_true),
+                               64 * eps * m2_true)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernels_match_their_twins(case, dtype):
+  shape, axis = CASES[case]
+  layout = _layout(shape, axis)
+  x, dy = _data(shape, dtype, offset=2.0)
+  hi, lo, _ = kernels.moments(layout, x)
+  rng = np.random.default_rng(1)
+  a, b, k = (jnp.asarray(rng.uniform(0.5, 2, layout.features), hi.dtype) for _ in range(3))
+  pairs = {
+      "normalize": (kernels.normalize(layout, x, hi, lo, a, b),
+                    kernels.normalize_xla(layout, x, hi, lo, a, b)),
+      "normalize to float32": (kernels.normalize(layout, x, hi, lo, a, b, jnp.float32),
+                               kernels.normalize_xla(layout, x, hi, lo, a, b,
+                                                     out_dtype=jnp.float32)),
+      "grad_input": (kernels.grad_input(layout, x, dy, hi, lo, a, b, k),
+                     kernels.grad_input_xla(layout, x, dy, hi, lo, a, b, k)),
+      "grad_input, float32 dy": (
+          kernels.grad_input(layout, x, dy.astype(jnp.float32), hi, lo, a, b, k),
+          kernels.grad_input_xla(layout, x, dy.astype(jnp.float32), hi, lo, a, b, k)),
+  }
+  for name, (got, want) in pairs.items():
+    assert got.dtype == want.dtype and got.shape == want.shape, name
+    # Elementwise in float32 then rounded: equal up to one rounding of the output.
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=float(jnp.finfo(got.dtype).eps), atol=1e-6, err_msg=name)
+  # Sums: float32 partial sums over chunks, float64 between them, against float64 truth.
+  sum_g, sum_gc = kernels.grad_sums(layout, x, dy, hi, lo)
+  x3, g3 = (np.asarray(v, np.float64).reshape(-1, layout.features, layout.inner)
+            for v in (x, dy))
+  centred = x3 - (np.asarray(hi, np.float64) + np.asarray(lo, np.float64))[None, :, None]
+  scale = np.abs(g3).sum(axis=(0, 2))
+  np.testing.assert_allclose(sum_g, g3.sum(axis=(0, 2)), rtol=0, atol=1e-6 * scale.max())
+  np.testing.assert_allclose(sum_gc, (g3 * centred).sum(axis=(0, 2)), rtol=0,
+                             atol=1e-6 * (np.abs(g3 * centred).sum(axis=(0, 2))).max())
+
+
+def _bn_outputs(x, scale, bias, dy, axis, use_cpu_kernel, **kwargs):
+  def f(x, scale, bias):
+    return jaxbn.batch_norm(x, scale, bias, axis=axis, use_cpu_kernel=use_cpu_kernel, **kwargs)
+  (y, stats), vjp = jax.vjp(f, x, scale, bias)
+  return (y, stats.mean, stats.var, *vjp((dy, jax.tree.map(jnp.zeros_like, stats))))
+
+
+@pytest.mark.parametrize("case", ["nhwc-tail", "nchw", "two-axes", "dense-wide"])
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float64, 1e-12), (jnp.float32, 2e-5)])
+def test_batch_norm_with_kernels_equals_pure_jax(case, dtype, rtol):
+  shape, axis = CASES[case]
+  x, dy = _data(shape, dtype, offset=5.0)
+  n = _layout(shape, axis).features
+  rng = np.random.default_rng(2)
+  scale = jnp.asarray(rng.uniform(0.5, 2, n), dtype).reshape(
+      [shape[a % len(shape)] for a in sorted(a % len(shape) for a in np.atleast_1d(axis))])
+  bias = jnp.asarray(rng.standard_normal(scale.shape), dtype)
+  got = _bn_outputs(x, scale, bias, dy, axis, True)
+  want = _bn_outputs(x, scale, bias, dy, axis, False)
+  names = ("y", "mean", "var", "dx", "dscale", "dbias")
+  for name, g, w in zip(names, got, want):
+    scale_of = float(jnp.max(jnp.abs(w)))
+    np.testing.assert_allclose(g, w, rtol=0, atol=rtol * scale_of, err_msg=name)
+
+
+def test_bfloat16_and_mixed_output_dtype_equal_pure_jax():
+  shape, axis = CASES["nhwc-tail"]
+  x, dy = _data(shape, jnp.bfloat16, offset=3.0)
+  scale, bias = jnp.full(33, 1.5, jnp.float32), jnp.full(33, 0.25, jnp.float32)
+  for out in (None, jnp.float32):
+    g = dy if out is None else dy.astype(out)
+    got = _bn_outputs(x, scale, bias, g, axis, True, dtype=out)
+    want = _bn_outputs(x, scale, bias, g, axis, False, dtype=out)
+    for name, a, b in zip(("y", "mean", "var", "dx", "dscale", "dbias"), got, want):
+      assert a.dtype == b.dtype, name
+      top = float(jnp.max(jnp.abs(b.astype(jnp.float32))))
+      # y and dx: elementwise in float32, so within 2 roundings of their dtype; the rest are
+      # float32 sums over 105 values, added in a different order.
+      atol = (2 * float(jnp.finfo(a.dtype).eps) if name in ("y", "dx") else 1e-5) * top
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                 rtol=0, atol=atol + 1e-6, err_msg=f"{name}, out={out}")
+
+
+def test_large_offset_float32_forward_keeps_its_digits():
+  # x = 1e4 + N(0, 1): summing x in float32 would move μ by more than σ/100.
+  rng = np.random.default_rng(3)
+  x64 = 1e4 + rng.standard_normal((4096, 8))
+  y, stats = jaxbn.batch_norm(jnp.asarray(x64, jnp.float32), use_cpu_kernel=True)
+  x32 = np.asarray(jnp.asarray(x64, jnp.float32), np.float64)
+  truth = (x32 - x32.mean(0)) / np.sqrt(x32.var(0) + 1e-5)
+  # The pure-JAX path's error here is 3.4e-7 (a few float32 ulps of |y| ≤ 4).
+  assert np.max(np.abs(np.asarray(y, np.float64) - truth)) < 1e-6
+
+
+def test_second_order_derivatives_go_through_the_twins():
+  shape, axis = CASES["nchw"]
+  x, dy = _data(shape, jnp.float64, offset=1.0)
+  scale, bias = jnp.linspace(0.5, 2, 6), jnp.linspace(-1, 1, 6)
+  v = jnp.asarray(np.random.default_rng(4).standard_normal(shape))
+
+  def hvp(use_cpu_kernel):
+    def loss(x):
+      y, _ = jaxbn.batch_norm(x, scale, bias, axis=axis, use_cpu_kernel=use_cpu_kernel)
+      return jnp.sum(jnp.sin(y) * dy)
+    return jax.jvp(jax.grad(loss), (x,), (v,))[1]
+
+  np.testing.assert_allclose(hvp(True), hvp(False), rtol=1e-10, atol=1e-12)
+
+
+def test_vmap_runs_each_instance_on_its_own():
+  x, _ = _data((3, 20, 5), jnp.float32, offset=1.0)
+  per = jax.vmap(lambda x: jaxbn.batch_norm(x, use_cpu_kernel=True)[0])(x)
+  loop = jnp.stack([jaxbn.batch_norm(v, use_cpu_kernel=False)[0] for v in x])
+  np.testing.assert_allclose(per, loop, rtol=0, atol=2e-6)
+
+
+def test_compiled_training_step_uses_four_kernels_and_gpu_lowering_none():
+  x = jnp.ones((8, 4, 4, 16))
+
+  def step(x):
+    return jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x)[0] ** 3))(x)
+
+  traced = jax.jit(step).trace(x)
+  cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+  assert sorted(t for t in kernels._native_build.TARGETS if t in cpu) == sorted(
+      kernels._native_build.TARGETS)
+  # On other platforms the pure-JAX path is compiled in: no CPU custom call at all.
+  assert "jaxbn_" not in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"mask": jnp.ones((6, 1), bool)}, "mask"),
+    ({"axis": (0, 2)}, "not contiguous"),
+    ({"gradient": "autodiff"}, "autodiff"),
+    ({"use_fast_variance": True}, "use_fast_variance"),
+])
+def test_use_cpu_kernel_true_refuses_calls_it_cannot_serve(kwargs, message):
+  x = jnp.ones((6, 4, 3))
+  with pytest.raises(ValueError, match=message):
+    jaxbn.batch_norm(x, use_cpu_kernel=True, **kwargs)
+  with pytest.raises(ValueError, match="float16"):
+    jaxbn.batch_norm(x.astype(jnp.float16), use_cpu_kernel=True)
+  with pytest.raises(TypeError, match="use_cpu_kernel"):
+    jaxbn.batch_norm(x, use_cpu_kernel="yes")
+
+
+_FALLBACK = """
+import jax, jax.numpy as jnp, numpy as np, jaxbn
+from jaxbn import kernels
+status = kernels.status()
+assert not status.available
+print(status.reason)
+x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 3)))
+auto = jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x)[0] ** 3))(x)
+pure = jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, use_cpu_kernel=False)[0] ** 3))(x)
+assert np.array_equal(auto, pure)
+try:
+  jaxbn.batch_norm(x, use_cpu_kernel=True)
+except ValueError as e:
+  print(e)
+"""
+
+
+@pytest.mark.parametrize("env,reason", [
+    ({"CXX": "/nonexistent/c++"}, "build or load failed"),
+    ({"JAXBN_CPU_KERNEL": "0"}, "disabled by JAXBN_CPU_KERNEL=0"),
+])
+def test_without_kernels_jaxbn_takes_the_pure_jax_path(tmp_path, env, reason):
+  result = subprocess.run(
+      [sys.executable, "-c", _FALLBACK], capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAXBN_CACHE_DIR": str(tmp_path), **env})
+  assert result.returncode == 0, result.stderr
+  assert reason in result.stdout
+  assert "use_cpu_kernel=True, but the kernels are unavailable" in result.stdout
+  assert not list(tmp_path.glob("*.partial")), "a failed build left a partial file behind"
