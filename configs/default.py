@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.init_std = 0.0  # > 0: N(0, init_std²) weights; 0: LeCun normal
   config.model.cnn_features = (16, 32)
   config.model.bn_momentum = 0.99
-  config.model.bn_impl = "jaxbn"  # jaxbn | jaxbn-fast (one-pass variance) | flax
+  config.model.bn_impl = "jaxbn"  # jaxbn | jaxbn-xla (no C++ kernels) | jaxbn-fast (one-pass variance) | flax
   config.model.gradient = "analytic"  # analytic | autodiff
 
   config.optimizer = ml_collections.ConfigDict()

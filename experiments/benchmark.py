@@ -30,7 +30,7 @@ from experiments import allocator, bench_ops, models, plots, workdir as workdir_
 
 IMPLEMENTATIONS = {
     "jaxbn analytic": {"bn_impl": "jaxbn", "gradient": "analytic"},
-    "jaxbn analytic, one-pass var": {"bn_impl": "jaxbn-fast", "gradient": "analytic"},
+    "jaxbn analytic, pure JAX": {"bn_impl": "jaxbn-xla", "gradient": "analytic"},
     "jaxbn autodiff": {"bn_impl": "jaxbn", "gradient": "autodiff"},
     "flax.linen": {"bn_impl": "flax", "gradient": "analytic"},
 }

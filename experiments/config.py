@@ -16,7 +16,7 @@ CHOICES = {
     "data.name": data.NAMES,
     "model.name": ("mlp", "cnn"),
     "model.activation": ("sigmoid", "relu"),
-    "model.bn_impl": ("jaxbn", "jaxbn-fast", "flax"),
+    "model.bn_impl": ("jaxbn", "jaxbn-xla", "jaxbn-fast", "flax"),
     "model.gradient": ("analytic", "autodiff"),
     "optimizer.name": ("sgd", "adam"),
     "optimizer.schedule": ("constant", "cosine"),

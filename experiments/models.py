@@ -16,12 +16,14 @@ ACTIVATIONS = {"sigmoid": nn.sigmoid, "relu": nn.relu}
 
 
 def _batch_norm(impl: str, train: bool, momentum: float, gradient: str):
-  """jaxbn's module ("jaxbn"; "jaxbn-fast" with the one-pass variance) or Flax's ("flax",
-  whose default is the one-pass variance)."""
+  """jaxbn's module ("jaxbn"; "jaxbn-xla" without the C++ CPU kernels; "jaxbn-fast" with the
+  one-pass variance, which is pure JAX too) or Flax's ("flax", whose default is the one-pass
+  variance)."""
   if impl == "flax":
     return nn.BatchNorm(use_running_average=not train, momentum=momentum)
   return jaxbn.linen.BatchNorm(use_running_average=not train, momentum=momentum,
-                               gradient=gradient, use_fast_variance=impl == "jaxbn-fast")
+                               gradient=gradient, use_fast_variance=impl == "jaxbn-fast",
+                               use_cpu_kernel=False if impl == "jaxbn-xla" else None)
 
 
 def _kernel_init(init_std: float | None):

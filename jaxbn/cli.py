@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from jaxbn import checks
+from jaxbn import checks, kernels
 
 
 def _numeric_table(results: Sequence[checks.Comparison]) -> Table:
@@ -47,7 +47,11 @@ def _check(args: argparse.Namespace, console: Console) -> int:
   if args.quick:
     cases = [c for c in cases if c.layout == "dense"]
   with console.status("running the numeric grid...", spinner="dots"):
+    kernel_status = kernels.status()
     numeric = checks.run_checks(cases)
+  # Unmasked analytic cases run through the C++ CPU kernels when they are available.
+  console.print("CPU kernels: " + ("in use for unmasked cases" if kernel_status.available
+                                   else f"not in use ({kernel_status.reason})"))
   console.print(_numeric_table(numeric))
   failed = sum(not r.passed for r in numeric)
   if args.symbolic:

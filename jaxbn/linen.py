@@ -71,6 +71,8 @@ class BatchNorm(nn.Module):
     gradient: "analytic" (the custom_vjp) or "autodiff" (JAX differentiates the forward).
     unbiased_running_var: keep the running variance unbiased, m/(m − 1)·var (the BN paper's
       Algorithm 2 and PyTorch) instead of biased (Flax).
+    use_cpu_kernel: jaxbn's fused C++ kernels on CPU: None (default) wherever the call
+      allows, True to require them, False for pure JAX (see `jaxbn.batch_norm`).
   """
 
   use_running_average: bool | None = None
@@ -89,6 +91,7 @@ class BatchNorm(nn.Module):
   force_float32_reductions: bool = True
   gradient: Literal["analytic", "autodiff"] = "analytic"
   unbiased_running_var: bool = False
+  use_cpu_kernel: bool | None = None
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *,
@@ -134,7 +137,8 @@ class BatchNorm(nn.Module):
         # As in Flax, init runs outside the parallel context, so the axis may not exist.
         axis_name=None if initializing else self.axis_name,
         axis_index_groups=None if initializing else self.axis_index_groups,
-        use_fast_variance=self.use_fast_variance, gradient=self.gradient, dtype=out_dtype)
+        use_fast_variance=self.use_fast_variance, gradient=self.gradient, dtype=out_dtype,
+        use_cpu_kernel=self.use_cpu_kernel)
     if not initializing:
       if num_batches is not None:
         num_batches.value = num_batches.value + 1

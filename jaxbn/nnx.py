@@ -59,6 +59,8 @@ class BatchNorm(nnx.Module):
     scale_metadata: metadata for the scale Param.
     gradient: "analytic" (the custom_vjp) or "autodiff".
     unbiased_running_var: keep the running variance unbiased, m/(m − 1)·var.
+    use_cpu_kernel: jaxbn's fused C++ kernels on CPU: None (default) wherever the call
+      allows, True to require them, False for pure JAX (see `jaxbn.batch_norm`).
   """
 
   def __init__(
@@ -84,6 +86,7 @@ class BatchNorm(nnx.Module):
       scale_metadata: Mapping[str, Any] = MappingProxyType({}),
       gradient: Literal["analytic", "autodiff"] = "analytic",
       unbiased_running_var: bool = False,
+      use_cpu_kernel: bool | None = None,
   ):
     feature_shape = (num_features,)
     self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
@@ -109,6 +112,7 @@ class BatchNorm(nnx.Module):
     self.promote_dtype = promote_dtype
     self.gradient = gradient
     self.unbiased_running_var = unbiased_running_var
+    self.use_cpu_kernel = use_cpu_kernel
 
   def __call__(self, x, use_running_average: bool | None = None, *,
                mask: jax.Array | None = None):
@@ -136,7 +140,8 @@ class BatchNorm(nnx.Module):
     y, stats = ops.batch_norm(
         x, scale, bias, axis=self.axis, epsilon=self.epsilon, mask=mask,
         axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-        use_fast_variance=self.use_fast_variance, gradient=self.gradient)
+        use_fast_variance=self.use_fast_variance, gradient=self.gradient,
+        use_cpu_kernel=self.use_cpu_kernel)
     num_batches = None
     if hasattr(self, "count"):  # PyTorch's num_batches_tracked: momentum=None adds it
       self.count[...] = self.count[...] + 1

@@ -13,6 +13,7 @@ def test_check_passes_and_prints_the_table(capsys):
   assert "analytic vs finite differences" in out
   assert "closed form == dL/dx_i" in out
   assert "FAIL" not in out
+  assert "CPU kernels: in use" in out  # the grid's unmasked cases ran through them
 
 
 def test_check_exits_nonzero_on_a_failure(monkeypatch, capsys):

@@ -33,6 +33,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -187,6 +188,8 @@ ffi::Error DispatchType(ffi::DataType dtype, const char* what, Fn&& fn) {
 
 class ParallelFor {
  public:
+  static constexpr int kSpinsBeforeSleep = 20000;
+
   static int64_t Workers(ffi::ThreadPool& pool) {
     return std::max<int64_t>(1, pool.num_threads());
   }
@@ -205,6 +208,10 @@ class ParallelFor {
       pool.Schedule([state] { Work(*state); });
     }
     Work(*state);
+    // The other tasks usually finish within microseconds of ours: spin briefly before
+    // sleeping, since a futex wake-up costs more than a small kernel's whole run.
+    for (int spin = 0; spin < kSpinsBeforeSleep && state->done.load() != num_tasks; ++spin)
+      std::this_thread::yield();
     std::unique_lock<std::mutex> lock(state->mu);
     state->cv.wait(lock, [&] { return state->done.load() == num_tasks; });
   }
