@@ -250,5 +250,7 @@ def plot_op_benchmark(rows: list[dict], bandwidth: float, path: pathlib.Path) ->
                                    rotation=20, fontsize=7)
     axes[0, column].set(title=f"{dtype}: forward + backward", ylabel="ms", yscale="log")
     axes[1, column].set(title=f"{dtype}: fraction of streaming bandwidth", ylabel="fraction")
+    axes[1, column].axhline(0.7, color="grey", linestyle=":", linewidth=1)  # the 70% target
     axes[0, column].legend(fontsize=7)
+  fig.subplots_adjust(hspace=0.45)
   _save(fig, path)
