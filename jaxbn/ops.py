@@ -259,24 +259,31 @@ def _kernel_layout(x, features, mask, static: _Static, gradient: str,
     raise TypeError(f"use_cpu_kernel must be None, True or False, got {use_cpu_kernel!r}.")
   if use_cpu_kernel is False:
     return None
-  first, last = features[0], features[-1]
-  refusal = (
-      "gradient='autodiff' differentiates the pure-JAX forward" if gradient != "analytic"
-      else "a mask needs the pure-JAX path" if mask is not None
-      else "use_fast_variance=True is the pure-JAX one-pass formula" if static.use_fast_variance
-      else f"feature axes {features} are not contiguous" if features != tuple(range(first, last + 1))
-      else f"dtypes {x.dtype} -> {static.out_dtype} are not float32/bfloat16/float64"
-      if not kernels.supports(x.dtype, static.out_dtype)
-      else None
-  )
-  if refusal is None and not kernels.available():
-    refusal = f"the kernels are unavailable: {kernels.status().reason}"
+  refusal = _kernel_refusal(x, features, mask, static, gradient)
   if refusal is not None:
     if use_cpu_kernel:
       raise ValueError(f"use_cpu_kernel=True, but {refusal}.")
     return None
+  first, last = features[0], features[-1]
   return kernels.Layout(features=math.prod(x.shape[first:last + 1]),
                         inner=math.prod(x.shape[last + 1:]))
+
+
+def _kernel_refusal(x, features, mask, static: _Static, gradient: str) -> str | None:
+  """Why this call cannot use the kernels, or None if it can."""
+  if gradient != "analytic":
+    return "gradient='autodiff' differentiates the pure-JAX forward"
+  if mask is not None:
+    return "a mask needs the pure-JAX path"
+  if static.use_fast_variance:
+    return "use_fast_variance=True is the pure-JAX one-pass formula"
+  if features != tuple(range(features[0], features[-1] + 1)):
+    return f"feature axes {features} are not contiguous"
+  if not kernels.supports(x.dtype, static.out_dtype):
+    return f"dtypes {x.dtype} -> {static.out_dtype} are not float32/bfloat16/float64"
+  if not kernels.available():
+    return f"the kernels are unavailable: {kernels.status().reason}"
+  return None
 
 
 # ----------------------------------------------------------------------------------------

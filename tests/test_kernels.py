@@ -161,7 +161,7 @@ def test_large_offset_float32_forward_keeps_its_digits():
   # x = 1e4 + N(0, 1): summing x in float32 would move μ by more than σ/100.
   rng = np.random.default_rng(3)
   x64 = 1e4 + rng.standard_normal((4096, 8))
-  y, stats = jaxbn.batch_norm(jnp.asarray(x64, jnp.float32), use_cpu_kernel=True)
+  y, _ = jaxbn.batch_norm(jnp.asarray(x64, jnp.float32), use_cpu_kernel=True)
   x32 = np.asarray(jnp.asarray(x64, jnp.float32), np.float64)
   truth = (x32 - x32.mean(0)) / np.sqrt(x32.var(0) + 1e-5)
   # The pure-JAX path's error here is 3.4e-7 (a few float32 ulps of |y| ≤ 4).
@@ -243,7 +243,7 @@ except ValueError as e:
 ])
 def test_without_kernels_jaxbn_takes_the_pure_jax_path(tmp_path, env, reason):
   result = subprocess.run(
-      [sys.executable, "-c", _FALLBACK], capture_output=True, text=True, timeout=300,
+      [sys.executable, "-c", _FALLBACK], capture_output=True, text=True, timeout=300, check=False,
       env={**os.environ, "JAXBN_CACHE_DIR": str(tmp_path), **env})
   assert result.returncode == 0, result.stderr
   assert reason in result.stdout
