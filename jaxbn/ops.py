@@ -114,8 +114,10 @@ def batch_norm(
     use_cpu_kernel: run the passes over x and dy as jaxbn's fused C++ kernels when on CPU.
       None (default): wherever the call allows — analytic gradient, no mask, two-pass
       variance, contiguous feature axes, float32/bfloat16/float64 — and the kernels could be
-      built (`jaxbn.kernels.status()`); True: the same, but raise if this call cannot use
-      them; False: pure JAX. Other platforms always take the pure-JAX path.
+      built (`jaxbn.kernels.status()`), and x not explicitly sharded under jit; True: the
+      same, but raise if this call cannot use them; False: pure JAX. Other platforms always
+      take the pure-JAX path. XLA cannot partition the kernels' custom calls: under jit with
+      a batch sharded on an auto-mode mesh (invisible here) pass False, or use shard_map.
 
   Returns:
     `(y, stats)`: y with x's shape and `dtype`, and the batch `BatchStats` (gradients do not
@@ -279,6 +281,11 @@ def _kernel_refusal(x, features, mask, static: _Static, gradient: str) -> str | 
     return "use_fast_variance=True is the pure-JAX one-pass formula"
   if features != tuple(range(features[0], features[-1] + 1)):
     return f"feature axes {features} are not contiguous"
+  spec = getattr(jax.typeof(x).sharding, "spec", ())
+  if any(axes is not None for axes in spec):
+    # XLA cannot partition a custom call: it would gather x onto every device.
+    return (f"x is sharded across devices ({spec}); use shard_map with axis_name for "
+            "data-parallel kernels")
   if not kernels.supports(x.dtype, static.out_dtype):
     return f"dtypes {x.dtype} -> {static.out_dtype} are not float32/bfloat16/float64"
   if not kernels.available():

@@ -249,3 +249,25 @@ def test_without_kernels_jaxbn_takes_the_pure_jax_path(tmp_path, env, reason):
   assert reason in result.stdout
   assert "use_cpu_kernel=True, but the kernels are unavailable" in result.stdout
   assert not list(tmp_path.glob("*.partial")), "a failed build left a partial file behind"
+
+
+def test_sharded_jit_keeps_the_pure_jax_path_and_shard_map_uses_the_kernels(mesh):
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  # Explicit sharding: x's type says it is split across devices, so the default can see it.
+  explicit = jax.make_mesh((len(mesh.devices),), ("data",), axis_types=(AxisType.Explicit,))
+  x = jax.device_put(jnp.asarray(_data((64, 16), jnp.float32)[0]),
+                     NamedSharding(explicit, P("data")))
+
+  def grad(axis_name=None):
+    return jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, axis_name=axis_name)[0] ** 3))
+
+  # Under jit the (unpartitionable) custom calls would gather a sharded x onto every
+  # device, so the default keeps XLA's partitioned pure-JAX path there...
+  compiled = jax.jit(grad()).lower(x).compile().as_text()
+  assert "jaxbn_" not in compiled and "all-gather" not in compiled
+  with pytest.raises(ValueError, match="sharded across devices"):
+    jax.jit(lambda x: jaxbn.batch_norm(x, use_cpu_kernel=True)[0]).lower(x)
+  # ...while shard_map hands each device its own rows: the kernels run there.
+  per_device = jax.jit(jax.shard_map(grad("data"), mesh=explicit, in_specs=P("data"),
+                                     out_specs=P("data")))
+  assert "jaxbn_" in per_device.lower(x).compile().as_text()
