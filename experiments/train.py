@@ -77,6 +77,7 @@ class Context:
     self.replicated = replicated
     self.batch_sharding = (NamedSharding(self.mesh, P("data")) if config.data_parallel
                            else replicated)
+    self.sharded_batch = config.data_parallel and jax.device_count() > 1
     put = lambda a: jax.device_put(a, replicated)
     self.x_train, self.y_train = put(dataset.x_train), put(dataset.y_train)
     self.x_test, self.y_test = dataset.x_test, dataset.y_test
@@ -326,7 +327,8 @@ def train_run(run: Run, ctx: Context) -> dict:
   config = ctx.config
   key = (run.batch_norm, run.gradient)
   if key not in ctx.compiled:
-    model = models.create(config.model, batch_norm=run.batch_norm, gradient=run.gradient)
+    model = models.create(config.model, batch_norm=run.batch_norm, gradient=run.gradient,
+                          sharded_batch=ctx.sharded_batch)
     tx = make_optimizer(config.optimizer, config.num_steps)
     test, diagnostics = make_evaluate(model, ctx), make_diagnostics(model, ctx)
     state = _initial_state(model, tx, ctx, config.optimizer.learning_rate)
@@ -374,8 +376,10 @@ def study_gradient_agreement(ctx: Context) -> dict:
   the backward and not the drift between trajectories.
   """
   config = ctx.config
-  analytic = models.create(config.model, batch_norm=True, gradient="analytic")
-  autodiff = models.create(config.model, batch_norm=True, gradient="autodiff")
+  analytic = models.create(config.model, batch_norm=True, gradient="analytic",
+                           sharded_batch=ctx.sharded_batch)
+  autodiff = models.create(config.model, batch_norm=True, gradient="autodiff",
+                           sharded_batch=ctx.sharded_batch)
   tx = make_optimizer(config.optimizer, config.num_steps)
   lr = config.optimizer.learning_rate
   init = init_state(analytic, tx, ctx.x_grad, config.seed, lr)
