@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -69,8 +70,8 @@ def status() -> Status:
 def _load() -> Status:
   if os.environ.get("JAXBN_CPU_KERNEL", "1") == "0":
     return Status(False, "disabled by JAXBN_CPU_KERNEL=0")
-  compiler = os.environ.get("CXX") or next(
-      (c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+  compiler = shlex.split(os.environ.get("CXX", "")) or next(
+      ([c] for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
   if compiler is None:
     return Status(False, "no C++ compiler found (set CXX or install g++)")
   try:
@@ -92,9 +93,9 @@ def cache_dir() -> Path:
   return Path(base) / "jaxbn"
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: list[str]) -> Path:
   include = jax.ffi.include_dir()
-  command = [compiler, *FLAGS, f"-I{include}"]
+  command = [*compiler, *FLAGS, f"-I{include}"]
   key = hashlib.sha256()
   for part in (SOURCE.read_bytes(), " ".join(command).encode(), _compiler_version(compiler),
                jaxlib.__version__.encode(), platform.machine().encode(), _cpu_flags()):
@@ -113,7 +114,9 @@ def _build(compiler: str) -> Path:
                             text=True, timeout=COMPILE_TIMEOUT_S, check=False)
     if result.returncode != 0:
       raise subprocess.SubprocessError(
-          f"{compiler} exited with {result.returncode}: {result.stderr.strip()[-2000:]}")
+          f"{' '.join(compiler)} exited with {result.returncode}: "
+          f"{result.stderr.strip()[-2000:]}")
+    os.chmod(partial, 0o755)  # mkstemp made it 0600: a shared cache must be loadable by all
     os.replace(partial, library)
   finally:
     if os.path.exists(partial):
@@ -121,8 +124,8 @@ def _build(compiler: str) -> Path:
   return library
 
 
-def _compiler_version(compiler: str) -> bytes:
-  return subprocess.run([compiler, "--version"], capture_output=True, timeout=60,
+def _compiler_version(compiler: list[str]) -> bytes:
+  return subprocess.run([*compiler, "--version"], capture_output=True, timeout=60,
                         check=False).stdout
 
 

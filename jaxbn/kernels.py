@@ -66,6 +66,9 @@ def _vector(x: jax.Array, layout: Layout) -> jax.ShapeDtypeStruct:
 
 
 def _call(target: str, results, *args, layout: Layout):
+  status = _native_build.status()  # builds and registers the targets on first use
+  if not status.available:
+    raise RuntimeError(f"jaxbn's CPU kernels are unavailable: {status.reason}")
   # Under shard_map every operand and result must vary over the same manual mesh axes: x
   # varies, per-feature vectors that came out of a psum do not, so they are cast first.
   varying = frozenset().union(*(jax.typeof(a).manual_axis_type.varying for a in args))
@@ -144,17 +147,37 @@ def grad_input_xla(layout: Layout, x, dy, hi, lo, a, b, k):
 # The kernels.
 
 
+def _check(layout: Layout, x, dy=None, **vectors):
+  """The C++ trusts its operands' sizes and dtypes: check them here, at trace time."""
+  if x.size % (layout.features * layout.inner):
+    raise ValueError(f"x of shape {x.shape} does not split into (outer, {layout.features}, "
+                     f"{layout.inner}).")
+  if not supports(x.dtype) or (dy is not None and not supports(dy.dtype)):
+    raise TypeError(f"the kernels take float32, bfloat16 or float64, got {x.dtype}"
+                    + ("" if dy is None else f" and dy {dy.dtype}") + ".")
+  if dy is not None and dy.shape != x.shape:
+    raise ValueError(f"dy has shape {dy.shape}, x {x.shape}.")
+  want = _vector(x, layout)
+  for name, v in vectors.items():
+    if v.shape != want.shape or v.dtype != want.dtype:
+      raise ValueError(f"{name} must be {want.dtype}{list(want.shape)} for x of dtype "
+                       f"{x.dtype}, got {v.dtype}{list(v.shape)}.")
+
+
 def _moments(layout: Layout, x):
+  _check(layout, x)
   v = _vector(x, layout)
   return tuple(_call("jaxbn_moments", (v, v, v), x, layout=layout))
 
 
 def _grad_sums(layout: Layout, x, dy, hi, lo):
+  _check(layout, x, dy, hi=hi, lo=lo)
   v = _vector(x, layout)
   return tuple(_call("jaxbn_grad_sums", (v, v), x, dy, hi, lo, layout=layout))
 
 
 def _grad_input(layout: Layout, x, dy, hi, lo, a, b, k):
+  _check(layout, x, dy, hi=hi, lo=lo, a=a, b=b, k=k)
   return _call("jaxbn_grad_input", jax.ShapeDtypeStruct(x.shape, x.dtype),
                x, dy, hi, lo, a, b, k, layout=layout)
 
@@ -177,6 +200,9 @@ def normalize(layout: Layout, x, hi, lo, a, b, out_dtype=None):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _normalize(layout: Layout, out_dtype, x, hi, lo, a, b):
+  _check(layout, x, hi=hi, lo=lo, a=a, b=b)
+  if not supports(out_dtype):
+    raise TypeError(f"the kernels write float32, bfloat16 or float64, got {out_dtype}.")
   return _call("jaxbn_normalize", jax.ShapeDtypeStruct(x.shape, out_dtype),
                x, hi, lo, a, b, layout=layout)
 

@@ -56,6 +56,31 @@ def _data(shape, dtype, offset=0.0, seed=0):
 def test_kernels_build_here():
   # A build failure must fail CI, not fall back silently to the slower path.
   assert kernels.available(), kernels.status().reason
+  # A shared cache directory must hold a library every user can load.
+  assert kernels.status().library.stat().st_mode & 0o005 == 0o005
+
+
+def test_kernels_run_in_a_fresh_process_without_batch_norm_first():
+  code = ("import jax.numpy as jnp; from jaxbn import kernels; "
+          "print(kernels.moments(kernels.Layout(3, 1), jnp.arange(12.0).reshape(4, 3))[0])")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert result.returncode == 0, result.stderr
+  assert "[4.5 5.5 6.5]" in result.stdout
+
+
+def test_kernels_check_their_operands_at_trace_time():
+  x = jnp.ones((4, 3), jnp.float32)
+  layout = kernels.Layout(3, 1)
+  v = jnp.ones(3, jnp.float32)
+  with pytest.raises(ValueError, match="hi must be float32"):
+    kernels.grad_sums(layout, x, x, jnp.ones(3, jnp.float64), v)
+  with pytest.raises(ValueError, match="b must be float32"):
+    kernels.normalize(layout, x, v, v, v, jnp.ones(4, jnp.float32))
+  with pytest.raises(ValueError, match="does not split"):
+    kernels.moments(kernels.Layout(5, 1), x)
+  with pytest.raises(TypeError, match="float16"):
+    kernels.moments(layout, x.astype(jnp.float16))
 
 
 @pytest.mark.parametrize("case", CASES)

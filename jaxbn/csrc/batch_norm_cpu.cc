@@ -709,11 +709,6 @@ ffi::Error GradInputImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, 
   });
 }
 
-ffi::Error NumThreadsImpl(ffi::ThreadPool pool, ffi::Result<ffi::BufferR0<ffi::DataType::S32>> out) {
-  *out->typed_data() = static_cast<int32_t>(pool.num_threads());
-  return ffi::Error::Success();
-}
-
 }  // namespace
 }  // namespace jaxbn
 
@@ -764,8 +759,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnGradInput, jaxbn::GradInputImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnNumThreads, jaxbn::NumThreadsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Ret<ffi::BufferR0<ffi::DataType::S32>>());
