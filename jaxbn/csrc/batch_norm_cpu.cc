@@ -34,6 +34,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -115,11 +116,6 @@ template <typename A>
 using Simd = typename SimdOf<A>::V;
 template <typename A>
 constexpr int kLanes = SimdOf<A>::kLanes;
-
-template <typename A>
-inline Simd<A> Splat(A a) {
-  return Simd<A>{} + a;
-}
 
 // LoadV<A>(p): kLanes<A> elements from p as a vector of A; StoreV does the reverse.
 template <typename A, typename T>
