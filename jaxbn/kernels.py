@@ -96,14 +96,16 @@ def _per_feature(v: jax.Array) -> jax.Array:
   return v.reshape(1, -1, 1)
 
 
-def _with_twin_derivatives(kernel, twin):
-  """kernel's values, twin's derivatives: jvp (and so vjp) rules for an FFI call."""
-  fn = jax.custom_jvp(kernel, nondiff_argnums=(0,))
+def _with_twin_derivatives(kernel, twin, num_static: int = 1):
+  """kernel's values, twin's derivatives: jvp (and so vjp) rules for an FFI call. The first
+  `num_static` arguments (the layout, ...) are static for both."""
+  fn = jax.custom_jvp(kernel, nondiff_argnums=tuple(range(num_static)))
 
   @fn.defjvp
-  def _jvp(layout, primals, tangents):
-    _, tangent_out = jax.jvp(functools.partial(twin, layout), primals, tangents)
-    return kernel(layout, *primals), tangent_out
+  def _jvp(*args):
+    *static, primals, tangents = args
+    _, tangent_out = jax.jvp(functools.partial(twin, *static), primals, tangents)
+    return kernel(*static, *primals), tangent_out
 
   return fn
 
@@ -192,13 +194,6 @@ grad_input = _with_twin_derivatives(_grad_input, grad_input_xla)
 grad_input.__doc__ = "dx = a·dy + b + k·(x − μ), the closed form of eq. (7)."
 
 
-def normalize(layout: Layout, x, hi, lo, a, b, out_dtype=None):
-  """y = ((x − hi) − lo)·a + b in `out_dtype` (default x's), eqs. (3)-(4)."""
-  out_dtype = np.dtype(out_dtype or x.dtype)
-  return _normalize(layout, out_dtype, x, hi, lo, a, b)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _normalize(layout: Layout, out_dtype, x, hi, lo, a, b):
   _check(layout, x, hi=hi, lo=lo, a=a, b=b)
   if not supports(out_dtype):
@@ -207,8 +202,13 @@ def _normalize(layout: Layout, out_dtype, x, hi, lo, a, b):
                x, hi, lo, a, b, layout=layout)
 
 
-@_normalize.defjvp
-def _normalize_jvp(layout, out_dtype, primals, tangents):
-  twin = functools.partial(normalize_xla, layout, out_dtype=out_dtype)
-  _, tangent_out = jax.jvp(twin, primals, tangents)
-  return _normalize(layout, out_dtype, *primals), tangent_out
+_normalize_with_derivatives = _with_twin_derivatives(
+    _normalize, lambda layout, out_dtype, *args: normalize_xla(layout, *args,
+                                                              out_dtype=out_dtype),
+    num_static=2)
+
+
+def normalize(layout: Layout, x, hi, lo, a, b, out_dtype=None):
+  """y = ((x − hi) − lo)·a + b in `out_dtype` (default x's), eqs. (3)-(4)."""
+  out_dtype = np.dtype(out_dtype or x.dtype)
+  return _normalize_with_derivatives(layout, out_dtype, x, hi, lo, a, b)
