@@ -18,4 +18,9 @@ def get_config():
   config.steps_per_call = {"mlp": 200, "cnn": 5}
   config.dataset_size = 2048
   config.repeats = 15
+  # BN layer alone: each round, each implementation first runs untimed for op_settle_s
+  # (PyTorch's OpenMP workers keep spinning for several ms after a call and slow whatever
+  # runs next), then a timed sample of back-to-back calls lasting about op_sample_s.
+  config.op_settle_s = 0.02
+  config.op_sample_s = 0.002
   return config

@@ -1,14 +1,18 @@
 """The BN layer alone: training forward + backward, and what it saves for the backward.
 
 For each shape and dtype, every implementation computes y, dx, dγ, dβ from x, γ, β and a
-given dy, jitted, timed as the median of `repeats` calls after a warm-up, implementations
-interleaved. Bytes-moved model (stated in docs/performance.md): 8 activation-sized transfers
+given dy, jitted. Implementations are interleaved: each round, each one first runs untimed
+for `settle_s` (what the previous one left behind — PyTorch's OpenMP workers spin for ~3 ms
+after a call, XLA's pool threads too — lands there), then a timed sample of back-to-back
+calls lasting about `sample_s`, as in a training loop; a row is the median over `repeats`
+rounds of the time per call. Bytes-moved model (stated in docs/performance.md): 8 activation-sized transfers
 per call — read x for the statistics; read x, write y; read x and dy for Σdy and Σdy·x̂;
 read x and dy, write dx — so the attained bandwidth is 8·size·itemsize / time.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -96,7 +100,14 @@ def _torch_step(shape, dtype):
   return step
 
 
-def time_ops(shapes, dtypes, repeats: int) -> list[dict]:
+def _calls_per_sample(run: Callable, sample_s: float) -> int:
+  start = time.perf_counter()
+  run()
+  return max(1, math.ceil(sample_s / max(time.perf_counter() - start, 1e-7)))
+
+
+def time_ops(shapes, dtypes, repeats: int, settle_s: float = 5e-3,
+             sample_s: float = 2e-3) -> list[dict]:
   rows = []
   for dtype in dtypes:
     for shape in shapes:
@@ -113,16 +124,18 @@ def time_ops(shapes, dtypes, repeats: int) -> list[dict]:
         torch_step()
         runners["torch"] = torch_step
         compile_s["torch"] = 0.0
+      calls = {name: _calls_per_sample(run, sample_s) for name, run in runners.items()}
       times = {name: [] for name in runners}
       for _ in range(repeats):
         for name, run in runners.items():
-          # An untimed call first: what the previous implementation left behind (PyTorch's
-          # OpenMP workers spin for a while after a call, stealing the cores; cache contents)
-          # lands on it, not on the timed call, which runs warm as in a training loop.
+          settled = time.perf_counter() + settle_s
           run()
+          while time.perf_counter() < settled:
+            run()
           start = time.perf_counter()
-          run()
-          times[name].append(time.perf_counter() - start)
+          for _ in range(calls[name]):
+            run()
+          times[name].append((time.perf_counter() - start) / calls[name])
       nbytes = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
       for name, samples in times.items():
         median = statistics.median(samples)
@@ -164,8 +177,10 @@ def residual_bytes(shape=(64, 56, 56, 128), dtype="float32") -> list[dict]:
 def markdown(rows: list[dict], residuals: list[dict], bandwidth: float, meta: dict) -> str:
   lines = [f"Machine: {meta['machine']}; JAX {meta['jax']}; allocator {meta['allocator']}. "
            f"Streaming bandwidth (jitted 2x+1, both cores): {bandwidth:.1f} GB/s. BN forward + "
-           f"backward, median of {meta['repeats']} calls, interleaved; GB/s = "
-           f"{TRANSFERS}·size/time.", "",
+           f"backward: median over {meta['repeats']} interleaved rounds of the time per call "
+           f"(each round, each implementation runs untimed for {meta['op_settle_s'] * 1e3:g} "
+           f"ms, then back-to-back calls for ≥ {meta['op_sample_s'] * 1e3:g} ms, timed); "
+           f"GB/s = {TRANSFERS}·size/time.", "",
            "| shape | dtype | implementation | ms | GB/s | % of bandwidth | compile s |",
            "|---|---|---|---|---|---|---|"]
   for r in rows:

@@ -197,13 +197,16 @@ def run(config, workdir: pathlib.Path) -> str:
   into `workdir`, returns the markdown."""
   meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "jax": jax.__version__,
           "device": jax.devices()[0].device_kind, "allocator": allocator.describe(),
-          "repeats": config.repeats}
+          "repeats": config.repeats, "op_settle_s": config.op_settle_s,
+          "op_sample_s": config.op_sample_s}
   results: dict = {"meta": meta}
   parts = []
   if "ops" in config.sections:
     results["bandwidth_gb_per_s"] = bench_ops.streaming_bandwidth()
     results["ops"] = bench_ops.time_ops([tuple(s) for s in config.op_shapes],
-                                        tuple(config.op_dtypes), config.repeats)
+                                        tuple(config.op_dtypes), config.repeats,
+                                        settle_s=config.op_settle_s,
+                                        sample_s=config.op_sample_s)
     results["residuals"] = bench_ops.residual_bytes(tuple(config.residual_shape))
     parts.append(bench_ops.markdown(results["ops"], results["residuals"],
                                     results["bandwidth_gb_per_s"], meta))

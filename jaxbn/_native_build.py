@@ -39,6 +39,8 @@ TARGETS = {
     "jaxbn_normalize": "JaxbnNormalize",
     "jaxbn_grad_sums": "JaxbnGradSums",
     "jaxbn_grad_input": "JaxbnGradInput",
+    "jaxbn_forward": "JaxbnForward",
+    "jaxbn_backward": "JaxbnBackward",
 }
 # -march=native: the library is built on (and cached for) the CPU that runs it.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")

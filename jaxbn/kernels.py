@@ -1,4 +1,4 @@
-"""The four streaming passes of batch normalization, as fused C++ CPU kernels.
+"""Batch normalization's passes over the activations, as fused C++ CPU kernels.
 
 Each array is viewed as (outer, C, inner) — C features, reduced over outer and inner — with
 C and inner given as static `Layout` (NHWC with axis=-1: (N·H·W, C, 1); NCHW with axis=1:
@@ -10,6 +10,13 @@ activations, float64 for float64). μ travels as a pair hi + lo, so that x − �
     normalize(x, hi, lo, a, b)          → ((x − hi) − lo)·a + b        eqs. (3)-(4)
     grad_sums(x, dy, hi, lo)            → Σ dy, Σ dy·(x − μ)           eqs. (5)-(6)
     grad_input(x, dy, hi, lo, a, b, k)  → a·dy + b + k·(x − μ)         closed form of (7)
+
+and each direction whole, for a batch on one device (no pooling across devices), in one call:
+
+    forward(x, γ, β)                    → y, hi, lo, var, 1/σ          eqs. (1)-(4)
+    backward(x, dy, hi, lo, 1/σ, γ)     → dx, ∂L/∂γ, ∂L/∂β             eqs. (5)-(7)
+
+The per-feature formulas between the passes are `jaxbn._per_feature`'s; the C++ repeats them.
 
 Every kernel has a pure-JAX twin here (`*_xla`) that computes the same thing. The twins are
 the kernels' derivatives (a `jax.custom_jvp` takes the tangent of the twin, so second-order
@@ -27,10 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn import _native_build
+from jaxbn import _native_build, _per_feature
 
-__all__ = ["Layout", "available", "grad_input", "grad_sums", "moments", "normalize",
-           "status", "supports"]
+__all__ = ["Layout", "available", "backward", "forward", "grad_input", "grad_sums", "moments",
+           "normalize", "status", "supports"]
 
 # The dtypes the kernels are compiled for, as activations, dy and outputs.
 DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float64))
@@ -60,12 +67,17 @@ def _attrs(layout: Layout) -> dict:
   return {"features": np.int64(layout.features), "inner": np.int64(layout.inner)}
 
 
+def _count(x: jax.Array, layout: Layout) -> int:
+  """m: the values behind each feature's statistics."""
+  return x.size // layout.features
+
+
 def _vector(x: jax.Array, layout: Layout) -> jax.ShapeDtypeStruct:
   dtype = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
   return jax.ShapeDtypeStruct((layout.features,), dtype)
 
 
-def _call(target: str, results, *args, layout: Layout):
+def _call(target: str, results, *args, layout: Layout, **attrs):
   status = _native_build.status()  # builds and registers the targets on first use
   if not status.available:
     raise RuntimeError(f"jaxbn's CPU kernels are unavailable: {status.reason}")
@@ -80,7 +92,8 @@ def _call(target: str, results, *args, layout: Layout):
         lambda r: jax.ShapeDtypeStruct(r.shape, r.dtype, sharding=sharding,
                                        manual_axis_type=aval.manual_axis_type), results)
   # "sequential": under vmap each instance is its own call on its own (outer, C, inner) view.
-  return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*args, **_attrs(layout))
+  return jax.ffi.ffi_call(target, results, vmap_method="sequential")(
+      *args, **_attrs(layout), **attrs)
 
 
 def _varying(value: jax.Array, axes: frozenset) -> jax.Array:
@@ -92,7 +105,7 @@ def _as3(v: jax.Array, layout: Layout) -> jax.Array:
   return v.reshape(-1, layout.features, layout.inner)
 
 
-def _per_feature(v: jax.Array) -> jax.Array:
+def _column(v: jax.Array) -> jax.Array:
   return v.reshape(1, -1, 1)
 
 
@@ -126,23 +139,39 @@ def moments_xla(layout: Layout, x: jax.Array):
 
 def normalize_xla(layout: Layout, x, hi, lo, a, b, *, out_dtype=None):
   x3 = _as3(x, layout).astype(hi.dtype)
-  y = ((x3 - _per_feature(hi)) - _per_feature(lo)) * _per_feature(a) + _per_feature(b)
+  y = ((x3 - _column(hi)) - _column(lo)) * _column(a) + _column(b)
   return y.reshape(x.shape).astype(out_dtype or x.dtype)
 
 
 def grad_sums_xla(layout: Layout, x, dy, hi, lo):
   x3 = _as3(x, layout).astype(hi.dtype)
   g = _as3(dy, layout).astype(hi.dtype)
-  centred = (x3 - _per_feature(hi)) - _per_feature(lo)
+  centred = (x3 - _column(hi)) - _column(lo)
   return jnp.sum(g, axis=(0, 2)), jnp.sum(g * centred, axis=(0, 2))
 
 
 def grad_input_xla(layout: Layout, x, dy, hi, lo, a, b, k):
   x3 = _as3(x, layout).astype(hi.dtype)
   g = _as3(dy, layout).astype(hi.dtype)
-  centred = (x3 - _per_feature(hi)) - _per_feature(lo)
-  dx = _per_feature(a) * g + _per_feature(b) + _per_feature(k) * centred
+  centred = (x3 - _column(hi)) - _column(lo)
+  dx = _column(a) * g + _column(b) + _column(k) * centred
   return dx.reshape(x.shape).astype(x.dtype)
+
+
+def forward_xla(layout: Layout, x, scale, bias, *, epsilon: float, out_dtype=None):
+  hi, lo, m2 = moments_xla(layout, x)
+  var = _per_feature.variance(m2, _count(x, layout))
+  inv_std = _per_feature.inverse_std(var, epsilon)
+  y = normalize_xla(layout, x, hi, lo, scale * inv_std, bias, out_dtype=out_dtype)
+  return y, hi, lo, var, inv_std
+
+
+def backward_xla(layout: Layout, x, dy, hi, lo, inv_std, scale):
+  sum_g, sum_g_centred = grad_sums_xla(layout, x, dy, hi, lo)
+  d_scale, d_bias = _per_feature.parameter_gradients(sum_g, sum_g_centred, inv_std)
+  a, b, k = _per_feature.dx_coefficients(scale, inv_std, _count(x, layout), sum_g,
+                                         sum_g_centred)
+  return grad_input_xla(layout, x, dy, hi, lo, a, b, k), d_scale, d_bias
 
 
 # ---------------------------------------------------------------------------------------
@@ -164,6 +193,11 @@ def _check(layout: Layout, x, dy=None, **vectors):
     if v.shape != want.shape or v.dtype != want.dtype:
       raise ValueError(f"{name} must be {want.dtype}{list(want.shape)} for x of dtype "
                        f"{x.dtype}, got {v.dtype}{list(v.shape)}.")
+
+
+def _check_out_dtype(out_dtype):
+  if not supports(out_dtype):
+    raise TypeError(f"the kernels write float32, bfloat16 or float64, got {out_dtype}.")
 
 
 def _moments(layout: Layout, x):
@@ -196,8 +230,7 @@ grad_input.__doc__ = "dx = a·dy + b + k·(x − μ), the closed form of eq. (7)
 
 def _normalize(layout: Layout, out_dtype, x, hi, lo, a, b):
   _check(layout, x, hi=hi, lo=lo, a=a, b=b)
-  if not supports(out_dtype):
-    raise TypeError(f"the kernels write float32, bfloat16 or float64, got {out_dtype}.")
+  _check_out_dtype(out_dtype)
   return _call("jaxbn_normalize", jax.ShapeDtypeStruct(x.shape, out_dtype),
                x, hi, lo, a, b, layout=layout)
 
@@ -212,3 +245,39 @@ def normalize(layout: Layout, x, hi, lo, a, b, out_dtype=None):
   """y = ((x − hi) − lo)·a + b in `out_dtype` (default x's), eqs. (3)-(4)."""
   out_dtype = np.dtype(out_dtype or x.dtype)
   return _normalize_with_derivatives(layout, out_dtype, x, hi, lo, a, b)
+
+
+def _forward(layout: Layout, epsilon: float, out_dtype, x, scale, bias):
+  _check(layout, x, scale=scale, bias=bias)
+  _check_out_dtype(out_dtype)
+  v = _vector(x, layout)
+  return tuple(_call("jaxbn_forward", (jax.ShapeDtypeStruct(x.shape, out_dtype), v, v, v, v),
+                     x, scale, bias, layout=layout, epsilon=np.float64(epsilon)))
+
+
+_forward_with_derivatives = _with_twin_derivatives(
+    _forward, lambda layout, epsilon, out_dtype, *args: forward_xla(
+        layout, *args, epsilon=epsilon, out_dtype=out_dtype), num_static=3)
+
+
+def forward(layout: Layout, x, scale, bias, *, epsilon: float, out_dtype=None):
+  """The training forward of a batch on one device, eqs. (1)-(4), in one call.
+
+  Returns (y, hi, lo, var, inv_std): y = γ(x − μ)/σ + β in `out_dtype` (default x's), μ as
+  hi + lo, the biased variance without ε, and 1/σ. `scale` (γ) and `bias` (β) are
+  per-feature vectors in the compute dtype.
+  """
+  out_dtype = np.dtype(out_dtype or x.dtype)
+  return _forward_with_derivatives(layout, float(epsilon), out_dtype, x, scale, bias)
+
+
+def _backward(layout: Layout, x, dy, hi, lo, inv_std, scale):
+  _check(layout, x, dy, hi=hi, lo=lo, inv_std=inv_std, scale=scale)
+  v = _vector(x, layout)
+  return tuple(_call("jaxbn_backward", (jax.ShapeDtypeStruct(x.shape, x.dtype), v, v),
+                     x, dy, hi, lo, inv_std, scale, layout=layout))
+
+
+backward = _with_twin_derivatives(_backward, backward_xla)
+backward.__doc__ = """(dx, ∂L/∂γ, ∂L/∂β) of a batch on one device from x, dy, μ = hi + lo, 1/σ and γ,
+eqs. (5)-(7), in one call; dx has x's dtype."""

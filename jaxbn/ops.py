@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxbn import _args, kernels
+from jaxbn import _args, _per_feature, kernels
 
 __all__ = ["BatchStats", "batch_norm", "batch_norm_inference", "update_running_stats"]
 
@@ -367,7 +367,7 @@ def _pooled_kernel_moments(hi, lo, m2, local_count, static: _Static):
   mean and M2 — no sum of x itself, so |μ| ≫ σ keeps its digits here too.
   """
   if static.axis_name is None:
-    return local_count, hi, lo, jnp.maximum(m2 / local_count, 0)
+    return local_count, hi, lo, _per_feature.variance(m2, local_count)
   count = _psum(static, local_count)
   shift = _psum(static, local_count * hi) / count
   offset = (hi - shift) + lo  # this device's mean − shift
@@ -376,13 +376,27 @@ def _pooled_kernel_moments(hi, lo, m2, local_count, static: _Static):
   return count, shift, delta, jnp.maximum(sum_dd / count - delta * delta, 0)
 
 
+# Where a call may use the kernels, `lax.platform_dependent` compiles them for CPU and the
+# pure-JAX path for any other platform. Its branches are traced apart from vmap's axis names,
+# so collectives stay outside them: pooled statistics (axis_name) run each pass per device
+# through `_on_cpu`, with the psums between passes in plain JAX.
+
+
+def _on_cpu(kernel, twin, layout: kernels.Layout, *arrays, **static):
+  """kernel(layout, *arrays) on CPU, its pure-JAX twin on other platforms."""
+  return lax.platform_dependent(*arrays, cpu=functools.partial(kernel, layout, **static),
+                                default=functools.partial(twin, layout, **static))
+
+
 def _forward(x, scale, bias, mask, static: _Static):
   """Eqs. (1)-(4). Returns (y, stats, residuals for the analytic backward)."""
   if static.kernel_layout is None:
     return _forward_xla(x, scale, bias, mask, static)
+  if static.axis_name is not None:
+    return _forward_pooled(x, scale, bias, static)
   return lax.platform_dependent(
       x, scale, bias,
-      cpu=functools.partial(_forward_kernel, static=static),
+      cpu=functools.partial(_forward_fused, static=static),
       default=functools.partial(_forward_xla, mask=None, static=static))
 
 
@@ -392,7 +406,7 @@ def _forward_xla(x, scale, bias, mask, static: _Static):
   # autodiff multiply a zero cotangent by a NaN partial (0 · NaN = NaN).
   x_c = _masked(mask, x.astype(cdt))
   count, shift, delta, var = _statistics(x_c, _local_count(x, mask, static, cdt), mask, static)
-  inv_std = lax.rsqrt(var + static.epsilon)  # 1/σ, eq. (2)-(3): ε sits inside σ²
+  inv_std = _per_feature.inverse_std(var, static.epsilon)
   gamma = scale.astype(cdt).reshape(static.broadcast_shape)
   beta = bias.astype(cdt).reshape(static.broadcast_shape)
   centred = (x_c - shift) - delta  # x − μ, formed without cancellation
@@ -401,16 +415,30 @@ def _forward_xla(x, scale, bias, mask, static: _Static):
                   inv_std, static)
 
 
-def _forward_kernel(x, scale, bias, static: _Static):
+def _forward_fused(x, scale, bias, static: _Static):
+  """The whole forward in one kernel call: XLA runs nothing between the passes over x."""
   layout, cdt = static.kernel_layout, _args.compute_dtype(x)
-  as_broadcast = functools.partial(jnp.reshape, shape=static.broadcast_shape)
-  hi, lo, m2 = map(as_broadcast, kernels.moments(layout, x))  # eqs. (1)-(2), one read of x
+  y, shift, delta, var, inv_std = kernels.forward(
+      layout, x, scale.astype(cdt).ravel(), bias.astype(cdt).ravel(), epsilon=static.epsilon,
+      out_dtype=static.out_dtype)
+  shift, delta, var, inv_std = (v.reshape(static.broadcast_shape)
+                                for v in (shift, delta, var, inv_std))
+  return _outputs(y, x, None, scale, bias, _local_count(x, None, static, cdt), shift, delta,
+                  var, inv_std, static)
+
+
+def _forward_pooled(x, scale, bias, static: _Static):
+  """Statistics pooled over `axis_name`: this device's moments, pooled in JAX, then y."""
+  layout, cdt = static.kernel_layout, _args.compute_dtype(x)
+  hi, lo, m2 = (v.reshape(static.broadcast_shape)  # eqs. (1)-(2), one read of x
+                for v in _on_cpu(kernels.moments, kernels.moments_xla, layout, x))
   count, shift, delta, var = _pooled_kernel_moments(
       hi, lo, m2, _local_count(x, None, static, cdt), static)
-  inv_std = lax.rsqrt(var + static.epsilon)
+  inv_std = _per_feature.inverse_std(var, static.epsilon)
   a = scale.astype(cdt).reshape(static.broadcast_shape) * inv_std
-  y = kernels.normalize(layout, x, shift.ravel(), delta.ravel(), a.ravel(),
-                        bias.astype(cdt).ravel(), out_dtype=static.out_dtype)  # eqs. (3)-(4)
+  y = _on_cpu(kernels.normalize, kernels.normalize_xla, layout, x, shift.ravel(),
+              delta.ravel(), a.ravel(), bias.astype(cdt).ravel(),
+              out_dtype=static.out_dtype)  # eqs. (3)-(4)
   return _outputs(y, x, None, scale, bias, count, shift, delta, var, inv_std, static)
 
 
@@ -455,9 +483,11 @@ def _batch_norm_analytic_bwd(static: _Static, residuals, cotangents):
   dy, _ = cotangents  # stats leave through stop_gradient, so their cotangent is always 0
   if static.kernel_layout is None:
     return _backward_xla(static, residuals, dy)
+  if static.axis_name is not None:
+    return _backward_pooled(static, residuals, dy)
   return lax.platform_dependent(
       residuals, dy,
-      cpu=functools.partial(_backward_kernel, static),
+      cpu=functools.partial(_backward_fused, static),
       default=functools.partial(_backward_xla, static))
 
 
@@ -472,41 +502,48 @@ def _backward_xla(static: _Static, residuals, dy):
   d_scale, d_bias, a, b, k = _gradient_coefficients(
       static, scale, inv_std, count, sum_g, sum_g_centred)
   dx = _masked(mask, a * g + b + k * centred)
-  return _cotangents(static, x, scale, bias, dx.astype(x.dtype), d_scale, d_bias)
+  return _cotangents(scale, bias, dx.astype(x.dtype), d_scale, d_bias)
 
 
-def _backward_kernel(static: _Static, residuals, dy):
+def _backward_fused(static: _Static, residuals, dy):
+  """The whole backward in one kernel call; eq. (7)'s sums are this batch's own."""
+  x, _, scale, bias, shift, delta, inv_std, _ = residuals
+  dx, d_scale, d_bias = kernels.backward(
+      static.kernel_layout, x, dy, shift.ravel(), delta.ravel(), inv_std.ravel(),
+      scale.astype(inv_std.dtype).ravel())
+  return _cotangents(scale, bias, dx, d_scale, d_bias)
+
+
+def _backward_pooled(static: _Static, residuals, dy):
+  """Eq. (7) with sums pooled over `axis_name`: this device's sums, pooled in JAX, then dx."""
   x, _, scale, bias, shift, delta, inv_std, count = residuals
   layout = static.kernel_layout
   sum_g, sum_g_centred = (
       v.reshape(static.broadcast_shape)
-      for v in kernels.grad_sums(layout, x, dy, shift.ravel(), delta.ravel()))
+      for v in _on_cpu(kernels.grad_sums, kernels.grad_sums_xla, layout, x, dy, shift.ravel(),
+                       delta.ravel()))
   d_scale, d_bias, a, b, k = _gradient_coefficients(
       static, scale, inv_std, count, sum_g, sum_g_centred)
-  dx = kernels.grad_input(layout, x, dy, shift.ravel(), delta.ravel(),
-                          a.ravel(), b.ravel(), k.ravel())
-  return _cotangents(static, x, scale, bias, dx, d_scale, d_bias)
+  dx = _on_cpu(kernels.grad_input, kernels.grad_input_xla, layout, x, dy, shift.ravel(),
+               delta.ravel(), a.ravel(), b.ravel(), k.ravel())
+  return _cotangents(scale, bias, dx, d_scale, d_bias)
 
 
 def _gradient_coefficients(static: _Static, scale, inv_std, count, sum_g, sum_g_centred):
   """∂L/∂γ, ∂L/∂β and the per-feature a, b, k of ∂L/∂x = a·dy + b + k·(x − μ), from this
   device's Σ dy and Σ dy·(x − μ)."""
-  d_bias = sum_g  # eq. (6)
-  d_scale = sum_g_centred * inv_std  # eq. (5): Σ dy x̂, with 1/σ taken out of the sum
-  sum_g, sum_g_centred = _psum(static, (sum_g, sum_g_centred))
-  # Closed form of (7) with x̂ = centred/σ: a = γ/σ, b = −a·(1/m)Σ dy and
-  # k = −a·(1/σ²)·(1/m)Σ dy (x − μ).
-  a = scale.astype(inv_std.dtype).reshape(static.broadcast_shape) * inv_std
-  b = -a * (sum_g / count)
-  k = -a * (inv_std * inv_std) * (sum_g_centred / count)
+  d_scale, d_bias = _per_feature.parameter_gradients(sum_g, sum_g_centred, inv_std)
+  sum_g, sum_g_centred = _psum(static, (sum_g, sum_g_centred))  # eq. (7)'s sums are global
+  gamma = scale.astype(inv_std.dtype).reshape(static.broadcast_shape)
+  a, b, k = _per_feature.dx_coefficients(gamma, inv_std, count, sum_g, sum_g_centred)
   return d_scale, d_bias, a, b, k
 
 
-def _cotangents(static: _Static, x, scale, bias, dx, d_scale, d_bias):
+def _cotangents(scale, bias, dx, d_scale, d_bias):
   return (
       dx,
-      _squeeze(d_scale, static).astype(scale.dtype),
-      _squeeze(d_bias, static).astype(bias.dtype),
+      d_scale.reshape(scale.shape).astype(scale.dtype),
+      d_bias.reshape(bias.shape).astype(bias.dtype),
       None,
   )
 

@@ -206,6 +206,7 @@ def test_benchmark_runs_tiny_and_reports_every_column(tmp_path):
   config.steps_per_call = {"mlp": 2, "cnn": 1}
   config.dataset_size = 16
   config.repeats = 2
+  config.op_settle_s = 1e-3
   text = benchmark.run(config, tmp_path)
   results = json.loads((tmp_path / "benchmark.json").read_text())
   implementations = set(bench_ops.FORWARDS)

@@ -81,6 +81,12 @@ def test_kernels_check_their_operands_at_trace_time():
     kernels.moments(kernels.Layout(5, 1), x)
   with pytest.raises(TypeError, match="float16"):
     kernels.moments(layout, x.astype(jnp.float16))
+  with pytest.raises(ValueError, match="scale must be float32"):
+    kernels.forward(layout, x, jnp.ones(4, jnp.float32), v, epsilon=1e-5)
+  with pytest.raises(TypeError, match="write float32, bfloat16 or float64"):
+    kernels.forward(layout, x, v, v, epsilon=1e-5, out_dtype=jnp.int32)
+  with pytest.raises(ValueError, match="inv_std must be float32"):
+    kernels.backward(layout, x, x, v, v, v.astype(jnp.bfloat16), v)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -137,6 +143,34 @@ def test_kernels_match_their_twins(case, dtype):
   np.testing.assert_allclose(sum_g, g3.sum(axis=(0, 2)), rtol=0, atol=1e-6 * scale.max())
   np.testing.assert_allclose(sum_gc, (g3 * centred).sum(axis=(0, 2)), rtol=0,
                              atol=1e-6 * (np.abs(g3 * centred).sum(axis=(0, 2))).max())
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64])
+def test_fused_forward_and_backward_match_their_twins(case, dtype):
+  shape, axis = CASES[case]
+  layout = _layout(shape, axis)
+  x, dy = _data(shape, dtype, offset=2.0)
+  cdt = jnp.float64 if dtype == jnp.float64 else jnp.float32
+  rng = np.random.default_rng(5)
+  scale, bias = (jnp.asarray(rng.uniform(0.5, 2, layout.features), cdt) for _ in range(2))
+  got = kernels.forward(layout, x, scale, bias, epsilon=1e-3)
+  want = kernels.forward_xla(layout, x, scale, bias, epsilon=1e-3)
+  hi, lo, inv_std = got[1], got[2], got[4]
+  got += kernels.backward(layout, x, dy, hi, lo, inv_std, scale)
+  want += kernels.backward_xla(layout, x, dy, hi, lo, inv_std, scale)
+  eps = float(jnp.finfo(cdt).eps)
+  names = ("y", "hi", "lo", "var", "inv_std", "dx", "d_scale", "d_bias")
+  for name, g, w in zip(names, got, want):
+    assert g.dtype == w.dtype and g.shape == w.shape, name
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    if name == "lo":  # μ = hi + lo as a whole; the split between the two may differ
+      g, w = g + np.asarray(hi, np.float64), w + np.asarray(hi, np.float64)
+    # Per-element results within a few roundings of their dtype; sums (and what is formed
+    # from them) added in another order, so within a few ulps of the largest term.
+    tol = 8 * float(jnp.finfo(x.dtype).eps if name in ("y", "dx") else eps)
+    np.testing.assert_allclose(g, w, rtol=0, atol=tol * max(np.abs(w).max(), 1.0),
+                               err_msg=name)
 
 
 def _bn_outputs(x, scale, bias, dy, axis, use_cpu_kernel, **kwargs):
@@ -215,18 +249,45 @@ def test_vmap_runs_each_instance_on_its_own():
   np.testing.assert_allclose(per, loop, rtol=0, atol=2e-6)
 
 
-def test_compiled_training_step_uses_four_kernels_and_gpu_lowering_none():
+def _kernels_in(hlo: str) -> list[str]:
+  return sorted(t for t in kernels._native_build.TARGETS if f"{t}\"" in hlo)
+
+
+def test_a_training_step_is_two_kernel_calls_and_gpu_lowering_has_none():
   x = jnp.ones((8, 4, 4, 16))
 
   def step(x):
     return jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x)[0] ** 3))(x)
 
-  traced = jax.jit(step).trace(x)
-  cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
-  assert sorted(t for t in kernels._native_build.TARGETS if t in cpu) == sorted(
-      kernels._native_build.TARGETS)
+  compiled = jax.jit(step).lower(x).compile().as_text()
+  # The whole forward and the whole backward, each one call, nothing of XLA's between passes.
+  assert _kernels_in(compiled) == ["jaxbn_backward", "jaxbn_forward"]
+  assert compiled.count("custom-call(") == 2
   # On other platforms the pure-JAX path is compiled in: no CPU custom call at all.
+  traced = jax.jit(step).trace(x)
   assert "jaxbn_" not in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_pooled_statistics_use_the_four_pass_kernels_with_twin_derivatives():
+  # Under an axis name the statistics are pooled between the passes, in JAX: vmap over a
+  # named axis stands in for devices here.
+  x, dy = _data((3, 40, 6), jnp.float64, offset=1.0)
+  v = jnp.asarray(np.random.default_rng(6).standard_normal(x.shape))
+
+  def hvp(use_cpu_kernel):
+    def loss(x):
+      y = jax.vmap(lambda x: jaxbn.batch_norm(x, axis_name="batch",
+                                               use_cpu_kernel=use_cpu_kernel)[0],
+                   axis_name="batch")(x)
+      return jnp.sum(jnp.sin(y) * dy)
+    return jax.jvp(jax.grad(loss), (x,), (v,))
+
+  traced = jax.jit(lambda x: hvp(True)[0]).trace(x)
+  assert _kernels_in(traced.lower().compile().as_text()) == [
+      "jaxbn_grad_input", "jaxbn_grad_sums", "jaxbn_moments", "jaxbn_normalize"]
+  assert "jaxbn_" not in traced.lower(lowering_platforms=("cuda",)).as_text()
+  for got, want in zip(hvp(True), hvp(False)):
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("kwargs,message", [

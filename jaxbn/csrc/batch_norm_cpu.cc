@@ -25,13 +25,13 @@
 // reassociating a sum.
 
 #include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -178,59 +178,117 @@ ffi::Error DispatchType(ffi::DataType dtype, const char* what, Fn&& fn) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Parallel loop on XLA's intra-op thread pool. The calling thread takes tasks too, so the
-// loop finishes even when no pool thread is free; a pool thread that starts after every task
-// is taken finds nothing to do and touches only the shared counter block.
+// Parallel loops on XLA's intra-op thread pool. A Team is the calling thread plus pool
+// threads ("helpers") that stay for every loop of one kernel call: the fused Forward and
+// Backward run two loops with serial per-feature work between them, and waking a sleeping
+// pool thread costs more than a 1 MB kernel's whole run, so each helper is woken once per
+// call, not once per loop.
+//
+// The caller takes tasks too, so a loop finishes even when no pool thread is free. Tasks are
+// claimed with one compare-and-swap on a ticket that holds (loop, task count, first and last
+// unclaimed task), so a helper can never take a task of a loop that has moved on; the caller
+// claims from the front and helpers from the back, so that with two threads each keeps the
+// same rows in every loop of a call, still in its own cache. A helper that starts after the
+// call has ended, or waits too long for the next loop, just leaves.
 
-class ParallelFor {
+class Team {
  public:
-  static constexpr int kSpinsBeforeSleep = 20000;
+  // Yields a helper waits for the next loop before leaving, and the caller waits for the
+  // helpers' last tasks before sleeping in between checks.
+  static constexpr int kSpins = 20000;
+  static constexpr int64_t kMaxTasks = 0xffff;
 
-  static int64_t Workers(ffi::ThreadPool& pool) {
-    return std::max<int64_t>(1, pool.num_threads());
-  }
+  explicit Team(ffi::ThreadPool& pool) : pool_(pool), state_(std::make_shared<State>()) {}
+  ~Team() { state_->ticket.store(kFinished, std::memory_order_release); }
+  Team(const Team&) = delete;
+  Team& operator=(const Team&) = delete;
 
+  int64_t Workers() const { return std::max<int64_t>(1, pool_.num_threads()); }
+
+  // Runs fn(0), ..., fn(num_tasks - 1), in parallel; returns when all have finished.
   template <typename Fn>
-  static void Run(ffi::ThreadPool& pool, int64_t num_tasks, Fn&& fn) {
+  void Run(int64_t num_tasks, Fn&& fn) {
     if (num_tasks <= 1) {
       if (num_tasks == 1) fn(0);
       return;
     }
+    num_tasks = std::min(num_tasks, kMaxTasks);
+    State& s = *state_;
     std::function<void(int64_t)> task = fn;
-    auto state = std::make_shared<State>();
-    state->num_tasks = num_tasks;
-    state->task = &task;
-    for (int64_t t = 1; t < num_tasks; ++t) {
-      pool.Schedule([state] { Work(*state); });
+    ++loop_;
+    s.task[loop_ & 1].store(&task, std::memory_order_relaxed);
+    s.done.store(0, std::memory_order_relaxed);
+    s.ticket.store(Pack(loop_, num_tasks, 0, num_tasks), std::memory_order_release);
+    const int64_t wanted = std::min(num_tasks, Workers()) - 1;
+    for (int64_t h = s.helpers.load(); h < wanted; ++h) {
+      s.helpers.fetch_add(1);
+      pool_.Schedule([state = state_] { Help(*state); });
     }
-    Work(*state);
-    // The other tasks usually finish within microseconds of ours: spin briefly before
-    // sleeping, since a futex wake-up costs more than a small kernel's whole run.
-    for (int spin = 0; spin < kSpinsBeforeSleep && state->done.load() != num_tasks; ++spin)
-      std::this_thread::yield();
-    std::unique_lock<std::mutex> lock(state->mu);
-    state->cv.wait(lock, [&] { return state->done.load() == num_tasks; });
-  }
-
- private:
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    int64_t num_tasks = 0;
-    const std::function<void(int64_t)>* task = nullptr;  // valid while tasks remain
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-
-  static void Work(State& s) {
-    for (int64_t i; (i = s.next.fetch_add(1)) < s.num_tasks;) {
-      (*s.task)(i);
-      if (s.done.fetch_add(1) + 1 == s.num_tasks) {
-        std::lock_guard<std::mutex> lock(s.mu);
-        s.cv.notify_all();
+    while (Claim(s, loop_, /*from_front=*/true)) {
+    }
+    for (int spin = 0; s.done.load(std::memory_order_acquire) != num_tasks; ++spin) {
+      // Claimed tasks are running; the wait is usually microseconds.
+      if (spin < kSpins) {
+        std::this_thread::yield();
+      } else {
+        std::this_thread::sleep_for(std::chrono::microseconds(20));
       }
     }
   }
+
+ private:
+  static constexpr uint64_t kFinished = ~uint64_t{0};
+
+  struct State {
+    std::atomic<uint64_t> ticket{0};  // loop | task count | first | end of the unclaimed
+    std::atomic<int64_t> done{0};
+    std::atomic<int64_t> helpers{0};
+    // The loops' bodies, by loop parity: a claimed task's loop cannot end, and so its slot
+    // cannot be reused, before the task is done.
+    std::atomic<const std::function<void(int64_t)>*> task[2] = {nullptr, nullptr};
+  };
+
+  static uint64_t Pack(uint64_t loop, int64_t num_tasks, int64_t first, int64_t end) {
+    return ((loop & 0xffff) << 48) | (static_cast<uint64_t>(num_tasks) << 32) |
+           (static_cast<uint64_t>(first) << 16) | static_cast<uint64_t>(end);
+  }
+  static uint64_t Field(uint64_t ticket, int shift) { return (ticket >> shift) & 0xffff; }
+
+  // Takes and runs one task of `loop` (of the current loop if loop == 0), the first or the
+  // last unclaimed one; false if none is left.
+  static bool Claim(State& s, uint64_t loop, bool from_front) {
+    uint64_t t = s.ticket.load(std::memory_order_acquire);
+    for (;;) {
+      if (t == kFinished || (loop != 0 && Field(t, 48) != (loop & 0xffff))) return false;
+      const int64_t first = static_cast<int64_t>(Field(t, 16));
+      const int64_t end = static_cast<int64_t>(Field(t, 0));
+      if (first >= end) return false;
+      const int64_t task = from_front ? first : end - 1;
+      const uint64_t claimed = Pack(Field(t, 48), static_cast<int64_t>(Field(t, 32)),
+                                    from_front ? first + 1 : first, from_front ? end : end - 1);
+      if (s.ticket.compare_exchange_weak(t, claimed, std::memory_order_acq_rel)) {
+        (*s.task[Field(t, 48) & 1].load(std::memory_order_relaxed))(task);
+        s.done.fetch_add(1, std::memory_order_release);
+        return true;
+      }
+    }
+  }
+
+  static void Help(State& s) {
+    for (int idle = 0; idle < kSpins; ++idle) {
+      if (s.ticket.load(std::memory_order_acquire) == kFinished) break;
+      if (Claim(s, 0, /*from_front=*/false)) {
+        idle = 0;
+      } else {
+        std::this_thread::yield();
+      }
+    }
+    s.helpers.fetch_sub(1);
+  }
+
+  ffi::ThreadPool& pool_;
+  std::shared_ptr<State> state_;
+  uint64_t loop_ = 0;
 };
 
 // Splits [0, n) into `parts` contiguous ranges whose boundaries are multiples of `align`.
@@ -254,10 +312,15 @@ constexpr int64_t kPieceElements = 1024;
 // block (64 KiB in float32) stays in cache between the two sweeps of the moments.
 constexpr int64_t kBlockFeatures = 1024;
 
-int64_t NumParts(ffi::ThreadPool& pool, int64_t elements) {
-  return std::max<int64_t>(1, std::min(ParallelFor::Workers(pool), elements / kMinElementsPerThread));
+int64_t NumParts(const Team& team, int64_t elements) {
+  return std::max<int64_t>(1, std::min(team.Workers(), elements / kMinElementsPerThread));
 }
 
+
+// x viewed as (outer, C, inner).
+struct Shape3 {
+  int64_t outer, features, inner;
+};
 
 // ---------------------------------------------------------------------------------------
 // Running (count, mean, M2) per feature, merged pairwise (Chan, Golub & LeVeque).
@@ -307,17 +370,17 @@ struct Moments {
 // Channels-last (inner == 1): rows × C, vectorized across features. Each chunk of rows is
 // swept twice (sum, then Σd and Σd²) while it is in cache.
 template <typename T>
-void MomentsRows(ffi::ThreadPool& pool, const T* x, int64_t rows, int64_t features,
+void MomentsRows(Team& team, const T* x, int64_t rows, int64_t features,
                  Moments& out) {
   using A = Compute<T>;
   using V = Simd<A>;
   constexpr int L = kLanes<A>;
   const int64_t block = std::min(features, kBlockFeatures);
   const int64_t chunk = kChunkRows;
-  const int64_t parts = NumParts(pool, rows * features);
+  const int64_t parts = NumParts(team, rows * features);
   const Split split{rows, parts, chunk};
   std::vector<Moments> partial(parts, Moments(features));
-  ParallelFor::Run(pool, parts, [&](int64_t p) {
+  team.Run(parts, [&](int64_t p) {
     const int64_t tiles = block / L;
     std::vector<V> s(tiles), shift(tiles), sd(tiles), sdd(tiles);
     std::vector<A> s1(L), shift1(L), sd1(L), sdd1(L);  // the < L features left over
@@ -391,15 +454,15 @@ struct Pieces {
 };
 
 template <typename T>
-void MomentsSegments(ffi::ThreadPool& pool, const T* x, int64_t outer, int64_t features,
+void MomentsSegments(Team& team, const T* x, int64_t outer, int64_t features,
                      int64_t inner, Moments& out) {
   using A = Compute<T>;
   const Pieces pieces(inner);
   const int64_t items = outer * features * pieces.per_segment;
-  const int64_t parts = NumParts(pool, outer * features * inner);
+  const int64_t parts = NumParts(team, outer * features * inner);
   const Split split{items, parts, 1};
   std::vector<Moments> partial(parts, Moments(features));
-  ParallelFor::Run(pool, parts, [&](int64_t p) {
+  team.Run(parts, [&](int64_t p) {
     for (int64_t item = split.Begin(p); item < split.End(p); ++item) {
       const int64_t segment = item / pieces.per_segment;
       const int64_t start = (item % pieces.per_segment) * pieces.size;
@@ -423,9 +486,22 @@ void MomentsSegments(ffi::ThreadPool& pool, const T* x, int64_t outer, int64_t f
   for (const Moments& m : partial) out.Merge(m);
 }
 
-struct Shape3 {
-  int64_t outer, features, inner;
-};
+template <typename T>
+void BatchMoments(Team& team, const T* x, Shape3 s, Moments& out) {
+  if (s.inner == 1) {
+    MomentsRows(team, x, s.outer, s.features, out);
+  } else {
+    MomentsSegments(team, x, s.outer, s.features, s.inner, out);
+  }
+}
+
+// μ of feature c as the float pair hi + lo.
+template <typename A>
+void SplitMean(const Moments& moments, int64_t c, A* hi, A* lo) {
+  const A h = static_cast<A>(moments.mean[c]);
+  hi[c] = h;
+  lo[c] = static_cast<A>(moments.mean[c] - static_cast<double>(h));
+}
 
 // The (outer, C, inner) view of x, whatever its rank: JAX passes C and inner as attributes,
 // so no reshape (which XLA:CPU may turn into a copy) comes between x and the kernel.
@@ -454,23 +530,15 @@ ffi::Error MomentsImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, ff
                        ffi::Result<ffi::AnyBuffer> lo, ffi::Result<ffi::AnyBuffer> m2) {
   Shape3 shape;
   if (!AsShape3(x, features, inner, &shape)) return BadShape();
-  const int64_t outer = shape.outer;
+  Team team(pool);
   return DispatchType(x.element_type(), "x", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using A = Compute<T>;
     Moments moments(features);
-    if (inner == 1) {
-      MomentsRows(pool, Data<T>(x), outer, features, moments);
-    } else {
-      MomentsSegments(pool, Data<T>(x), outer, features, inner, moments);
-    }
-    A* hi_out = Data<A>(hi);
-    A* lo_out = Data<A>(lo);
+    BatchMoments(team, Data<T>(x), shape, moments);
     A* m2_out = Data<A>(m2);
     for (int64_t c = 0; c < features; ++c) {
-      const A h = static_cast<A>(moments.mean[c]);
-      hi_out[c] = h;
-      lo_out[c] = static_cast<A>(moments.mean[c] - static_cast<double>(h));
+      SplitMean(moments, c, Data<A>(hi), Data<A>(lo));
       m2_out[c] = static_cast<A>(moments.m2[c]);
     }
     return ffi::Error::Success();
@@ -487,17 +555,17 @@ struct FeatureSums {
 };
 
 template <typename T, typename G>
-void GradSumsRows(ffi::ThreadPool& pool, const T* x, const G* g, int64_t rows, int64_t features,
+void GradSumsRows(Team& team, const T* x, const G* g, int64_t rows, int64_t features,
                   const Compute<T>* hi, const Compute<T>* lo, FeatureSums& out) {
   using A = Compute<T>;
   using V = Simd<A>;
   constexpr int L = kLanes<A>;
   const int64_t block = std::min(features, kBlockFeatures);
   const int64_t chunk = kChunkRows;
-  const int64_t parts = NumParts(pool, rows * features);
+  const int64_t parts = NumParts(team, rows * features);
   const Split split{rows, parts, chunk};
   std::vector<FeatureSums> partial(parts, FeatureSums(features));
-  ParallelFor::Run(pool, parts, [&](int64_t p) {
+  team.Run(parts, [&](int64_t p) {
     const int64_t tiles = block / L;
     std::vector<V> sg(tiles), sgc(tiles), h(tiles), l(tiles);
     std::vector<A> sg1(L), sgc1(L);
@@ -550,16 +618,16 @@ void GradSumsRows(ffi::ThreadPool& pool, const T* x, const G* g, int64_t rows, i
 }
 
 template <typename T, typename G>
-void GradSumsSegments(ffi::ThreadPool& pool, const T* x, const G* g, int64_t outer,
+void GradSumsSegments(Team& team, const T* x, const G* g, int64_t outer,
                       int64_t features, int64_t inner, const Compute<T>* hi,
                       const Compute<T>* lo, FeatureSums& out) {
   using A = Compute<T>;
   const Pieces pieces(inner);
   const int64_t items = outer * features * pieces.per_segment;
-  const int64_t parts = NumParts(pool, outer * features * inner);
+  const int64_t parts = NumParts(team, outer * features * inner);
   const Split split{items, parts, 1};
   std::vector<FeatureSums> partial(parts, FeatureSums(features));
-  ParallelFor::Run(pool, parts, [&](int64_t p) {
+  team.Run(parts, [&](int64_t p) {
     for (int64_t item = split.Begin(p); item < split.End(p); ++item) {
       const int64_t segment = item / pieces.per_segment;
       const int64_t c = segment % features;
@@ -586,25 +654,29 @@ void GradSumsSegments(ffi::ThreadPool& pool, const T* x, const G* g, int64_t out
     }
 }
 
+template <typename T, typename G>
+void BatchGradSums(Team& team, const T* x, const G* g, Shape3 s, const Compute<T>* hi,
+                   const Compute<T>* lo, FeatureSums& out) {
+  if (s.inner == 1) {
+    GradSumsRows(team, x, g, s.outer, s.features, hi, lo, out);
+  } else {
+    GradSumsSegments(team, x, g, s.outer, s.features, s.inner, hi, lo, out);
+  }
+}
+
 ffi::Error GradSumsImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, ffi::AnyBuffer x, ffi::AnyBuffer g,
                         ffi::AnyBuffer hi, ffi::AnyBuffer lo,
                         ffi::Result<ffi::AnyBuffer> sum_g, ffi::Result<ffi::AnyBuffer> sum_gc) {
   Shape3 shape;
   if (!AsShape3(x, features, inner, &shape)) return BadShape();
-  const int64_t outer = shape.outer;
+  Team team(pool);
   return DispatchType(x.element_type(), "x", [&](auto* xtag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
     return DispatchType(g.element_type(), "dy", [&](auto* gtag) {
       using G = std::remove_pointer_t<decltype(gtag)>;
       using A = Compute<T>;
       FeatureSums sums(features);
-      if (inner == 1) {
-        GradSumsRows(pool, Data<T>(x), Data<G>(g), outer, features, Data<A>(hi), Data<A>(lo),
-                     sums);
-      } else {
-        GradSumsSegments(pool, Data<T>(x), Data<G>(g), outer, features, inner, Data<A>(hi),
-                         Data<A>(lo), sums);
-      }
+      BatchGradSums(team, Data<T>(x), Data<G>(g), shape, Data<A>(hi), Data<A>(lo), sums);
       A* sg_out = Data<A>(sum_g);
       A* sgc_out = Data<A>(sum_gc);
       for (int64_t c = 0; c < features; ++c) {
@@ -629,13 +701,13 @@ struct Coefficients {
 };
 
 template <typename A, typename T, typename G, typename O, int N, typename Op>
-void Map(ffi::ThreadPool& pool, const T* x, const G* g, O* out, Shape3 s,
+void Map(Team& team, const T* x, const G* g, O* out, Shape3 s,
          Coefficients<A, N> coef, Op&& op) {
   using V = Simd<A>;
   constexpr int L = kLanes<A>;
-  const int64_t parts = NumParts(pool, s.outer * s.features * s.inner);
+  const int64_t parts = NumParts(team, s.outer * s.features * s.inner);
   const Split split{s.outer, parts, 1};
-  ParallelFor::Run(pool, parts, [&](int64_t p) {
+  team.Run(parts, [&](int64_t p) {
     for (int64_t o = split.Begin(p); o < split.End(p); ++o) {
       if (s.inner == 1) {
         const int64_t base = o * s.features;
@@ -666,19 +738,35 @@ void Map(ffi::ThreadPool& pool, const T* x, const G* g, O* out, Shape3 s,
   });
 }
 
+template <typename A, typename T, typename Y>
+void NormalizeMap(Team& team, const T* x, Y* y, Shape3 s, const A* hi, const A* lo,
+                  const A* a, const A* b) {
+  Map<A>(team, x, x, y, s, Coefficients<A, 4>{{hi, lo, a, b}},
+         [](auto xv, auto, const auto* k) { return ((xv - k[0]) - k[1]) * k[2] + k[3]; });
+}
+
+template <typename A, typename T, typename G>
+void GradInputMap(Team& team, const T* x, const G* g, T* dx, Shape3 s, const A* hi,
+                  const A* lo, const A* a, const A* b, const A* k) {
+  Map<A>(team, x, g, dx, s, Coefficients<A, 5>{{hi, lo, a, b, k}},
+         [](auto xv, auto gv, const auto* c) {
+           return c[2] * gv + c[3] + c[4] * ((xv - c[0]) - c[1]);
+         });
+}
+
 ffi::Error NormalizeImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, ffi::AnyBuffer x, ffi::AnyBuffer hi,
                          ffi::AnyBuffer lo, ffi::AnyBuffer a, ffi::AnyBuffer b,
                          ffi::Result<ffi::AnyBuffer> y) {
   Shape3 shape;
   if (!AsShape3(x, features, inner, &shape)) return BadShape();
+  Team team(pool);
   return DispatchType(x.element_type(), "x", [&](auto* xtag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
     return DispatchType(y->element_type(), "y", [&](auto* ytag) {
       using Y = std::remove_pointer_t<decltype(ytag)>;
       using A = Compute<T>;
-      Coefficients<A, 4> coef{{Data<A>(hi), Data<A>(lo), Data<A>(a), Data<A>(b)}};
-      Map<A>(pool, Data<T>(x), Data<T>(x), Data<Y>(y), shape, coef,
-             [](auto xv, auto, const auto* k) { return ((xv - k[0]) - k[1]) * k[2] + k[3]; });
+      NormalizeMap(team, Data<T>(x), Data<Y>(y), shape, Data<A>(hi), Data<A>(lo), Data<A>(a),
+                   Data<A>(b));
       return ffi::Error::Success();
     });
   });
@@ -689,17 +777,99 @@ ffi::Error GradInputImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, 
                          ffi::AnyBuffer b, ffi::AnyBuffer k, ffi::Result<ffi::AnyBuffer> dx) {
   Shape3 shape;
   if (!AsShape3(x, features, inner, &shape)) return BadShape();
+  Team team(pool);
   return DispatchType(x.element_type(), "x", [&](auto* xtag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
     return DispatchType(g.element_type(), "dy", [&](auto* gtag) {
       using G = std::remove_pointer_t<decltype(gtag)>;
       using A = Compute<T>;
       // dx has x's dtype (JAX checks that against the ffi_call's declared result).
-      Coefficients<A, 5> coef{{Data<A>(hi), Data<A>(lo), Data<A>(a), Data<A>(b), Data<A>(k)}};
-      Map<A>(pool, Data<T>(x), Data<G>(g), Data<T>(dx), shape, coef,
-             [](auto xv, auto gv, const auto* c) {
-               return c[2] * gv + c[3] + c[4] * ((xv - c[0]) - c[1]);
-             });
+      GradInputMap(team, Data<T>(x), Data<G>(g), Data<T>(dx), shape, Data<A>(hi), Data<A>(lo),
+                   Data<A>(a), Data<A>(b), Data<A>(k));
+      return ffi::Error::Success();
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// The whole training forward and the whole backward of a batch on one device, one call
+// each. Between the passes the per-feature formulas of jaxbn/_per_feature.py run here, in
+// the same order of operations in the compute type, so XLA runs nothing between them: on
+// CPU each XLA op between two custom calls costs tens of microseconds of hand-off between
+// threads, more than the passes themselves over a 1 MB batch. (Under axis_name the
+// statistics are pooled across devices between the passes, in JAX, with the kernels above.)
+//
+//   Forward:   moments; var = max(M2/m, 0); 1/σ = 1/√(var + ε); y = ((x − hi) − lo)·(γ/σ) + β
+//   Backward:  Σ dy, Σ dy·(x − μ); ∂L/∂β = Σ dy, ∂L/∂γ = Σ dy·(x − μ)/σ, and dx with
+//              a = γ/σ, b = −a·(Σ dy)/m, k = −a/σ²·(Σ dy·(x − μ))/m
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, double epsilon,
+                       ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::AnyBuffer bias,
+                       ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> hi,
+                       ffi::Result<ffi::AnyBuffer> lo, ffi::Result<ffi::AnyBuffer> var,
+                       ffi::Result<ffi::AnyBuffer> inv_std) {
+  Shape3 shape;
+  if (!AsShape3(x, features, inner, &shape)) return BadShape();
+  Team team(pool);
+  return DispatchType(x.element_type(), "x", [&](auto* xtag) {
+    using T = std::remove_pointer_t<decltype(xtag)>;
+    return DispatchType(y->element_type(), "y", [&](auto* ytag) {
+      using Y = std::remove_pointer_t<decltype(ytag)>;
+      using A = Compute<T>;
+      Moments moments(features);
+      BatchMoments(team, Data<T>(x), shape, moments);  // eqs. (1)-(2)
+      const A count = static_cast<A>(shape.outer * shape.inner);
+      const A eps = static_cast<A>(epsilon);
+      const A* gamma = Data<A>(scale);
+      A* var_out = Data<A>(var);
+      A* inv_out = Data<A>(inv_std);
+      std::vector<A> a(features);
+      for (int64_t c = 0; c < features; ++c) {
+        SplitMean(moments, c, Data<A>(hi), Data<A>(lo));
+        var_out[c] = std::max(static_cast<A>(moments.m2[c]) / count, A(0));
+        inv_out[c] = A(1) / std::sqrt(var_out[c] + eps);
+        a[c] = gamma[c] * inv_out[c];
+      }
+      NormalizeMap(team, Data<T>(x), Data<Y>(y), shape, Data<A>(hi), Data<A>(lo), a.data(),
+                   Data<A>(bias));  // eqs. (3)-(4)
+      return ffi::Error::Success();
+    });
+  });
+}
+
+ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, ffi::AnyBuffer x,
+                        ffi::AnyBuffer g, ffi::AnyBuffer hi, ffi::AnyBuffer lo,
+                        ffi::AnyBuffer inv_std, ffi::AnyBuffer scale,
+                        ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> d_scale,
+                        ffi::Result<ffi::AnyBuffer> d_bias) {
+  Shape3 shape;
+  if (!AsShape3(x, features, inner, &shape)) return BadShape();
+  Team team(pool);
+  return DispatchType(x.element_type(), "x", [&](auto* xtag) {
+    using T = std::remove_pointer_t<decltype(xtag)>;
+    return DispatchType(g.element_type(), "dy", [&](auto* gtag) {
+      using G = std::remove_pointer_t<decltype(gtag)>;
+      using A = Compute<T>;
+      const A* mu_hi = Data<A>(hi);
+      const A* mu_lo = Data<A>(lo);
+      FeatureSums sums(features);
+      BatchGradSums(team, Data<T>(x), Data<G>(g), shape, mu_hi, mu_lo, sums);
+      const A count = static_cast<A>(shape.outer * shape.inner);
+      const A* inv = Data<A>(inv_std);
+      const A* gamma = Data<A>(scale);
+      A* d_scale_out = Data<A>(d_scale);
+      A* d_bias_out = Data<A>(d_bias);
+      std::vector<A> a(features), b(features), k(features);
+      for (int64_t c = 0; c < features; ++c) {
+        const A sum_g = static_cast<A>(sums.g[c]), sum_gc = static_cast<A>(sums.gc[c]);
+        d_bias_out[c] = sum_g;              // eq. (6)
+        d_scale_out[c] = sum_gc * inv[c];  // eq. (5)
+        a[c] = gamma[c] * inv[c];          // closed form of (7)
+        b[c] = -a[c] * (sum_g / count);
+        k[c] = -a[c] * (inv[c] * inv[c]) * (sum_gc / count);
+      }
+      GradInputMap(team, Data<T>(x), Data<G>(g), Data<T>(dx), shape, mu_hi, mu_lo, a.data(),
+                   b.data(), k.data());
       return ffi::Error::Success();
     });
   });
@@ -754,4 +924,34 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnGradInput, jaxbn::GradInputImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnForward, jaxbn::ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<int64_t>("features")
+                                  .Attr<int64_t>("inner")
+                                  .Attr<double>("epsilon")
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBackward, jaxbn::BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Attr<int64_t>("features")
+                                  .Attr<int64_t>("inner")
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());

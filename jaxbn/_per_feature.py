@@ -1,0 +1,42 @@
+"""The per-feature formulas that sit between batch normalization's passes over the activations.
+
+One definition for every path: `jaxbn.ops` (pure JAX, and the four-kernel path under
+`axis_name`) and `jaxbn.kernels`' pure-JAX twins call these; the fused C++ kernels
+(`jaxbn/csrc/batch_norm_cpu.cc`, Forward and Backward) repeat them in the same order of
+operations, and the tests hold the two to each other.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def variance(m2: jax.Array, count) -> jax.Array:
+  """Eq. (2) without ε: M2/m, where M2 = Σ (x − μ)²; never below 0."""
+  return jnp.maximum(m2 / count, 0)
+
+
+def inverse_std(var: jax.Array, epsilon: float) -> jax.Array:
+  """1/σ of eqs. (2)-(3): ε sits inside σ², so 1/σ is finite even for a constant feature."""
+  return lax.rsqrt(var + epsilon)
+
+
+def parameter_gradients(sum_g: jax.Array, sum_g_centred: jax.Array, inv_std: jax.Array):
+  """(∂L/∂γ, ∂L/∂β) from Σ dy and Σ dy·(x − μ): eq. (5) is Σ dy x̂ with 1/σ taken out of the
+  sum, eq. (6) is Σ dy."""
+  return sum_g_centred * inv_std, sum_g
+
+
+def dx_coefficients(scale: jax.Array, inv_std: jax.Array, count, sum_g: jax.Array,
+                    sum_g_centred: jax.Array):
+  """Per-feature a, b, k of ∂L/∂x = a·dy + b + k·(x − μ), the closed form of eq. (7).
+
+  With x̂ = (x − μ)/σ, eq. (7) is γ/σ · (dy − (1/m)Σ dy − x̂ (1/m)Σ dy x̂), so a = γ/σ,
+  b = −a·(1/m)Σ dy and k = −a·(1/σ²)·(1/m)Σ dy (x − μ). `scale` is in the compute dtype.
+  """
+  a = scale * inv_std
+  b = -a * (sum_g / count)
+  k = -a * (inv_std * inv_std) * (sum_g_centred / count)
+  return a, b, k
