@@ -32,6 +32,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -162,18 +163,24 @@ inline A HorizontalSum(Simd<A> v) {
   return s;
 }
 
-// Calls fn(tag) with a null pointer of the C++ type of `dtype`.
+// Calls fn(tag) with a null pointer of the C++ type of `dtype`. Every handler goes through
+// here, so this is also where an exception (std::bad_alloc from a scratch vector) becomes an
+// XLA error instead of unwinding into XLA's C caller.
 template <typename Fn>
 ffi::Error DispatchType(ffi::DataType dtype, const char* what, Fn&& fn) {
-  switch (dtype) {
-    case ffi::DataType::F32:
-      return fn(static_cast<float*>(nullptr));
-    case ffi::DataType::F64:
-      return fn(static_cast<double*>(nullptr));
-    case ffi::DataType::BF16:
-      return fn(static_cast<BF16*>(nullptr));
-    default:
-      return ffi::Error::InvalidArgument(std::string("jaxbn: unsupported dtype for ") + what);
+  try {
+    switch (dtype) {
+      case ffi::DataType::F32:
+        return fn(static_cast<float*>(nullptr));
+      case ffi::DataType::F64:
+        return fn(static_cast<double*>(nullptr));
+      case ffi::DataType::BF16:
+        return fn(static_cast<BF16*>(nullptr));
+      default:
+        return ffi::Error::InvalidArgument(std::string("jaxbn: unsupported dtype for ") + what);
+    }
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("jaxbn: ") + e.what());
   }
 }
 
@@ -205,25 +212,31 @@ class Team {
 
   int64_t Workers() const { return std::max<int64_t>(1, pool_.num_threads()); }
 
-  // Runs fn(0), ..., fn(num_tasks - 1), in parallel; returns when all have finished.
+  // Runs fn(0), ..., fn(n - 1), in parallel; returns when all have finished, and throws
+  // std::runtime_error if any of them threw.
   template <typename Fn>
-  void Run(int64_t num_tasks, Fn&& fn) {
-    if (num_tasks <= 1) {
-      if (num_tasks == 1) fn(0);
+  void Run(int64_t n, Fn&& fn) {
+    if (n <= 1) {
+      if (n == 1) fn(0);
       return;
     }
-    num_tasks = std::min(num_tasks, kMaxTasks);
+    // More indices than a ticket can count run in strides over kMaxTasks tasks.
+    const int64_t num_tasks = std::min(n, kMaxTasks);
+    std::function<void(int64_t)> task = [&fn, n, num_tasks](int64_t t) {
+      for (int64_t i = t; i < n; i += num_tasks) fn(i);
+    };
     State& s = *state_;
-    std::function<void(int64_t)> task = fn;
     ++loop_;
     s.task[loop_ & 1].store(&task, std::memory_order_relaxed);
     s.done.store(0, std::memory_order_relaxed);
     s.ticket.store(Pack(loop_, num_tasks, 0, num_tasks), std::memory_order_release);
     const int64_t wanted = std::min(num_tasks, Workers()) - 1;
+    scheduling_ = true;  // Schedule may run a helper inline, on this thread (see Help)
     for (int64_t h = s.helpers.load(); h < wanted; ++h) {
       s.helpers.fetch_add(1);
       pool_.Schedule([state = state_] { Help(*state); });
     }
+    scheduling_ = false;
     while (Claim(s, loop_, /*from_front=*/true)) {
     }
     for (int spin = 0; s.done.load(std::memory_order_acquire) != num_tasks; ++spin) {
@@ -234,6 +247,10 @@ class Team {
         std::this_thread::sleep_for(std::chrono::microseconds(20));
       }
     }
+    if (s.failed.load(std::memory_order_acquire)) {
+      s.failed.store(false, std::memory_order_relaxed);
+      throw std::runtime_error("a parallel task failed (out of memory?)");
+    }
   }
 
  private:
@@ -243,6 +260,7 @@ class Team {
     std::atomic<uint64_t> ticket{0};  // loop | task count | first | end of the unclaimed
     std::atomic<int64_t> done{0};
     std::atomic<int64_t> helpers{0};
+    std::atomic<bool> failed{false};  // a task threw: its loop still ends, Run then throws
     // The loops' bodies, by loop parity: a claimed task's loop cannot end, and so its slot
     // cannot be reused, before the task is done.
     std::atomic<const std::function<void(int64_t)>*> task[2] = {nullptr, nullptr};
@@ -267,7 +285,11 @@ class Team {
       const uint64_t claimed = Pack(Field(t, 48), static_cast<int64_t>(Field(t, 32)),
                                     from_front ? first + 1 : first, from_front ? end : end - 1);
       if (s.ticket.compare_exchange_weak(t, claimed, std::memory_order_acq_rel)) {
-        (*s.task[Field(t, 48) & 1].load(std::memory_order_relaxed))(task);
+        try {
+          (*s.task[Field(t, 48) & 1].load(std::memory_order_relaxed))(task);
+        } catch (...) {
+          s.failed.store(true, std::memory_order_release);
+        }
         s.done.fetch_add(1, std::memory_order_release);
         return true;
       }
@@ -275,6 +297,14 @@ class Team {
   }
 
   static void Help(State& s) {
+    if (scheduling_) {
+      // Run inline by a failed Schedule: waiting here for the next loop would stall the
+      // caller, which cannot publish it until this returns.
+      while (Claim(s, 0, /*from_front=*/false)) {
+      }
+      s.helpers.fetch_sub(1);
+      return;
+    }
     for (int idle = 0; idle < kSpins; ++idle) {
       if (s.ticket.load(std::memory_order_acquire) == kFinished) break;
       if (Claim(s, 0, /*from_front=*/false)) {
@@ -286,6 +316,7 @@ class Team {
     s.helpers.fetch_sub(1);
   }
 
+  static inline thread_local bool scheduling_ = false;
   ffi::ThreadPool& pool_;
   std::shared_ptr<State> state_;
   uint64_t loop_ = 0;
