@@ -15,9 +15,10 @@ and, given dy = ∂L/∂y, the backward the seed derives term by term and leaves
 
 `docs/derivation.md` derives the closed form; `jaxbn.reference` computes it the seed's way.
 
-On CPU the four passes over the activations (statistics, normalize, the two backward sums,
-dx) run as fused C++ kernels (`jaxbn.kernels`) when the call allows it; every per-feature
-formula stays here, and the pure-JAX path computes the same quantities the same way.
+On CPU the passes over the activations (statistics, normalize, the two backward sums, dx)
+run as fused C++ kernels (`jaxbn.kernels`) when the call allows it — one call for the
+forward and one for the backward, or one per pass when statistics are pooled across devices.
+The per-feature formulas between the passes are `jaxbn._per_feature`'s, for both paths.
 """
 
 from __future__ import annotations

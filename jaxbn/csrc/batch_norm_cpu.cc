@@ -1,13 +1,17 @@
-// jaxbn's CPU kernels: the four passes over activations that batch normalization needs.
+// jaxbn's CPU kernels: the passes over activations that batch normalization needs.
 //
 // XLA:CPU compiles jaxbn's pure-JAX batch norm to 15 activation-sized transfers where the
 // maths needs 8 (docs/performance.md says why). These kernels do the streaming parts in as
-// few passes as the maths allows; every per-feature formula stays in JAX (jaxbn/ops.py):
+// few passes as the maths allows:
 //
 //   Moments     reads x once        → per feature μ (as hi + lo) and M2 = Σ (x − μ)²   eqs. (1)-(2)
 //   Normalize   reads x, writes y   → y = ((x − hi) − lo)·a + b                       eqs. (3)-(4)
 //   GradSums    reads x and dy      → Σ dy, Σ dy·(x − μ)                              eqs. (5)-(6)
 //   GradInput   reads x, dy, writes dx → dx = a·dy + b + k·(x − μ)                    closed form of (7)
+//
+// Forward (Moments, then Normalize) and Backward (GradSums, then GradInput) are each one call
+// for a batch on one device, with jaxbn/_per_feature.py's formulas between the passes; under
+// axis_name JAX calls the four passes separately and pools across devices between them.
 //
 // Every array is viewed as (outer, C, inner): C features, reduced over outer and inner
 // (NHWC with axis=-1 is (N·H·W, C, 1); NCHW is (N, C, H·W)).
@@ -25,9 +29,9 @@
 // reassociating a sum.
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <functional>
