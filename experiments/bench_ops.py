@@ -106,7 +106,7 @@ def _calls_per_sample(run: Callable, sample_s: float) -> int:
   return max(1, math.ceil(sample_s / max(time.perf_counter() - start, 1e-7)))
 
 
-def time_ops(shapes, dtypes, repeats: int, settle_s: float = 5e-3,
+def time_ops(shapes, dtypes, repeats: int, settle_s: float = 0.02,
              sample_s: float = 2e-3) -> list[dict]:
   rows = []
   for dtype in dtypes:
@@ -179,7 +179,7 @@ def markdown(rows: list[dict], residuals: list[dict], bandwidth: float, meta: di
            f"Streaming bandwidth (jitted 2x+1, both cores): {bandwidth:.1f} GB/s. BN forward + "
            f"backward: median over {meta['repeats']} interleaved rounds of the time per call "
            f"(each round, each implementation runs untimed for {meta['op_settle_s'] * 1e3:g} "
-           f"ms, then back-to-back calls for ≥ {meta['op_sample_s'] * 1e3:g} ms, timed); "
+           f"ms, then back-to-back calls for about {meta['op_sample_s'] * 1e3:g} ms, timed); "
            f"GB/s = {TRANSFERS}·size/time.", "",
            "| shape | dtype | implementation | ms | GB/s | % of bandwidth | compile s |",
            "|---|---|---|---|---|---|---|"]

@@ -3,7 +3,8 @@
 One definition for every path: `jaxbn.ops` (pure JAX, and the four-kernel path under
 `axis_name`) and `jaxbn.kernels`' pure-JAX twins call these; the fused C++ kernels
 (`jaxbn/csrc/batch_norm_cpu.cc`, Forward and Backward) repeat them in the same order of
-operations, and the tests hold the two to each other.
+operations (with 1/√ where JAX has rsqrt: within an ulp), and the tests hold the two to each
+other.
 """
 
 from __future__ import annotations

@@ -367,8 +367,6 @@ def _pooled_kernel_moments(hi, lo, m2, local_count, static: _Static):
   shift near the global μ, then each device's Σ(x − shift) and Σ(x − shift)² from its own
   mean and M2 — no sum of x itself, so |μ| ≫ σ keeps its digits here too.
   """
-  if static.axis_name is None:
-    return local_count, hi, lo, _per_feature.variance(m2, local_count)
   count = _psum(static, local_count)
   shift = _psum(static, local_count * hi) / count
   offset = (hi - shift) + lo  # this device's mean − shift

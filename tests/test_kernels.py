@@ -20,13 +20,14 @@ pytestmark = pytest.mark.skipif(
 
 # (shape, feature axes, Layout). The sizes reach every code path of the kernels: feature
 # counts that are not a multiple of the SIMD width (tails), more rows than one chunk, enough
-# elements for two threads, channels-first runs longer than one chunk, one row.
+# elements for two threads, channels-first runs longer than one chunk, a batch of one, one row.
 CASES = {
     "nhwc-tail": ((7, 5, 3, 33), -1),
     "dense-two-threads": ((3000, 70), -1),
     "dense-wide": ((96, 1100), -1),
     "nchw": ((4, 6, 9, 10), 1),
     "nchw-long-runs": ((2, 3, 70001), 1),
+    "nchw-one-example": ((1, 2, 90001), 1),  # one example: threads split within a segment
     "two-axes": ((5, 6, 7), (1, 2)),
     "one-row-of-pairs": ((2, 17), -1),
 }
@@ -150,7 +151,7 @@ def test_kernels_match_their_twins(case, dtype):
 def test_fused_forward_and_backward_match_their_twins(case, dtype):
   shape, axis = CASES[case]
   layout = _layout(shape, axis)
-  x, dy = _data(shape, dtype, offset=2.0)
+  x, dy = _data(shape, dtype, offset=100.0)
   cdt = jnp.float64 if dtype == jnp.float64 else jnp.float32
   rng = np.random.default_rng(5)
   scale, bias = (jnp.asarray(rng.uniform(0.5, 2, layout.features), cdt) for _ in range(2))
@@ -160,15 +161,29 @@ def test_fused_forward_and_backward_match_their_twins(case, dtype):
   got += kernels.backward(layout, x, dy, hi, lo, inv_std, scale)
   want += kernels.backward_xla(layout, x, dy, hi, lo, inv_std, scale)
   eps = float(jnp.finfo(cdt).eps)
+  # μ = hi + lo as a whole, against long-double truth to a few ulps of σ (not of |μ|): lo
+  # carries what hi cannot, so an all-zero lo would fail this in float32.
+  mean, m2_true = _truth_moments(x, layout)
+  sigma = np.sqrt(m2_true / (x.size / layout.features))
+  mean_k = np.asarray(hi, np.longdouble) + np.asarray(lo, np.longdouble)
+  np.testing.assert_array_less(
+      np.abs(mean_k - mean), 8 * eps * (sigma + (np.abs(mean) if cdt == jnp.float64 else 0)))
+  # The variance too, against truth (the bound of test_moments_match_float64_truth): here
+  # the twin's own float32 sums are the less exact.
+  np.testing.assert_array_less(np.abs(np.asarray(got[3], np.longdouble) - sigma**2),
+                               64 * eps * sigma**2)
   names = ("y", "hi", "lo", "var", "inv_std", "dx", "d_scale", "d_bias")
   for name, g, w in zip(names, got, want):
     assert g.dtype == w.dtype and g.shape == w.shape, name
     g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
-    if name == "lo":  # μ = hi + lo as a whole; the split between the two may differ
-      g, w = g + np.asarray(hi, np.float64), w + np.asarray(hi, np.float64)
+    if name in ("lo", "var"):  # checked against truth above (lo as part of hi + lo)
+      continue
     # Per-element results within a few roundings of their dtype; sums (and what is formed
-    # from them) added in another order, so within a few ulps of the largest term.
+    # from them) added in another order, so within a few ulps of the largest term. A float64
+    # μ is a single float64 (lo = 0), whose rounding ε·|μ| moves x − μ by up to ε·|μ|/σ.
     tol = 8 * float(jnp.finfo(x.dtype).eps if name in ("y", "dx") else eps)
+    if cdt == jnp.float64:
+      tol *= 1 + float(np.max(np.abs(mean) / sigma))
     np.testing.assert_allclose(g, w, rtol=0, atol=tol * max(np.abs(w).max(), 1.0),
                                err_msg=name)
 
@@ -240,6 +255,14 @@ def test_second_order_derivatives_go_through_the_twins():
     return jax.jvp(jax.grad(loss), (x,), (v,))[1]
 
   np.testing.assert_allclose(hvp(True), hvp(False), rtol=1e-10, atol=1e-12)
+
+  def grad_of_grad(use_cpu_kernel):  # reverse over reverse: the twins' JVPs, transposed
+    def loss(x):
+      y, _ = jaxbn.batch_norm(x, scale, bias, axis=axis, use_cpu_kernel=use_cpu_kernel)
+      return jnp.sum(jnp.sin(y) * dy)
+    return jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x), v))(x)
+
+  np.testing.assert_allclose(grad_of_grad(True), grad_of_grad(False), rtol=1e-10, atol=1e-12)
 
 
 def test_vmap_runs_each_instance_on_its_own():

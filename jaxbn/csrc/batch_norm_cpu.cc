@@ -741,10 +741,10 @@ void Map(Team& team, const T* x, const G* g, O* out, Shape3 s,
   using V = Simd<A>;
   constexpr int L = kLanes<A>;
   const int64_t parts = NumParts(team, s.outer * s.features * s.inner);
-  const Split split{s.outer, parts, 1};
-  team.Run(parts, [&](int64_t p) {
-    for (int64_t o = split.Begin(p); o < split.End(p); ++o) {
-      if (s.inner == 1) {
+  if (s.inner == 1) {  // channels-last: rows, vectorized across features
+    const Split split{s.outer, parts, 1};
+    team.Run(parts, [&](int64_t p) {
+      for (int64_t o = split.Begin(p); o < split.End(p); ++o) {
         const int64_t base = o * s.features;
         int64_t c = 0;
         for (; c + L <= s.features; c += L) {
@@ -757,18 +757,28 @@ void Map(Team& team, const T* x, const G* g, O* out, Shape3 s,
           for (int j = 0; j < N; ++j) k[j] = coef.v[j][c];
           Store<A>(out, base + c, op(Load<A>(x, base + c), Load<A>(g, base + c), k));
         }
-      } else {
-        for (int64_t c = 0; c < s.features; ++c) {
-          const int64_t base = (o * s.features + c) * s.inner;
-          A k[N];
-          for (int j = 0; j < N; ++j) k[j] = coef.v[j][c];
-          int64_t i = 0;
-          for (; i + L <= s.inner; i += L)
-            StoreV<A>(out + base + i, op(LoadV<A>(x + base + i), LoadV<A>(g + base + i), k));
-          for (; i < s.inner; ++i)
-            Store<A>(out, base + i, op(Load<A>(x, base + i), Load<A>(g, base + i), k));
-        }
       }
+    });
+    return;
+  }
+  // Channels-first: the same pieces of the same split as MomentsSegments and
+  // GradSumsSegments, so every thread meets the values it summed, still in its cache, and
+  // one long segment (N = 1) is spread over all threads.
+  const Pieces pieces(s.inner);
+  const Split split{s.outer * s.features * pieces.per_segment, parts, 1};
+  team.Run(parts, [&](int64_t p) {
+    for (int64_t item = split.Begin(p); item < split.End(p); ++item) {
+      const int64_t segment = item / pieces.per_segment;
+      const int64_t c = segment % s.features;
+      const int64_t start = (item % pieces.per_segment) * pieces.size;
+      const int64_t len = std::min(pieces.size, s.inner - start);
+      const int64_t base = segment * s.inner + start;
+      A k[N];
+      for (int j = 0; j < N; ++j) k[j] = coef.v[j][c];
+      int64_t i = 0;
+      for (; i + L <= len; i += L)
+        StoreV<A>(out + base + i, op(LoadV<A>(x + base + i), LoadV<A>(g + base + i), k));
+      for (; i < len; ++i) Store<A>(out, base + i, op(Load<A>(x, base + i), Load<A>(g, base + i), k));
     }
   });
 }
