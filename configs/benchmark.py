@@ -10,6 +10,8 @@ def get_config():
   config.sections = ("ops", "throughput", "memory")
   config.op_shapes = ((256, 1024), (4096, 1024), (128, 32, 32, 64), (64, 56, 56, 128),
                       (32, 112, 112, 64))
+  # Features on axis 1 (PyTorch's layout), against PyTorch's kernel on contiguous NCHW.
+  config.op_channels_first_shapes = ((64, 128, 56, 56),)
   config.op_dtypes = ("float32", "bfloat16")
   config.residual_shape = (64, 56, 56, 128)
   config.nets = ("mlp", "cnn")

@@ -27,66 +27,75 @@ import jaxbn
 TRANSFERS = 8  # activation-sized reads and writes of a fused BN training step (see above)
 
 
-def naive_batch_norm(x, scale, bias, epsilon=1e-5):
+def naive_batch_norm(x, scale, bias, axis=-1, epsilon=1e-5):
   """Eqs. (1)-(4) written directly, statistics in x's dtype promoted to f32: the baseline a
   user writes before reaching for a library."""
-  axes = tuple(range(x.ndim - 1))
+  axes = tuple(a for a in range(x.ndim) if a != axis % x.ndim)
   xf = x.astype(jnp.float32)
-  mu = jnp.mean(xf, axes)  # (1)
-  var = jnp.mean((xf - mu) ** 2, axes)  # (2)
-  y = scale * (xf - mu) / jnp.sqrt(var + epsilon) + bias  # (3), (4)
+  mu = jnp.mean(xf, axes, keepdims=True)  # (1)
+  var = jnp.mean((xf - mu) ** 2, axes, keepdims=True)  # (2)
+  shape = [1] * x.ndim
+  shape[axis] = -1
+  y = scale.reshape(shape) * (xf - mu) / jnp.sqrt(var + epsilon) + bias.reshape(shape)  # (3)-(4)
   return y.astype(x.dtype)
 
 
-def _flax_batch_norm(x, scale, bias):
-  y, _ = nn.BatchNorm(use_running_average=False).apply(
+def _flax_batch_norm(x, scale, bias, axis=-1):
+  y, _ = nn.BatchNorm(use_running_average=False, axis=axis).apply(
       {"params": {"scale": scale, "bias": bias},
        "batch_stats": {"mean": jnp.zeros_like(scale), "var": jnp.ones_like(scale)}},
       x, mutable=["batch_stats"])
   return y
 
 
+# Each takes (x, γ, β, axis): the feature axis is -1 (NHWC, dense) or 1 (NCHW).
 FORWARDS: dict[str, Callable] = {
-    "jaxbn analytic": lambda x, s, b: jaxbn.batch_norm(x, s, b)[0],
-    "jaxbn analytic, pure JAX": lambda x, s, b: jaxbn.batch_norm(x, s, b, use_cpu_kernel=False)[0],
-    "jaxbn autodiff": lambda x, s, b: jaxbn.batch_norm(x, s, b, gradient="autodiff")[0],
+    "jaxbn analytic": lambda x, s, b, axis: jaxbn.batch_norm(x, s, b, axis=axis)[0],
+    "jaxbn analytic, pure JAX": lambda x, s, b, axis: jaxbn.batch_norm(
+        x, s, b, axis=axis, use_cpu_kernel=False)[0],
+    "jaxbn autodiff": lambda x, s, b, axis: jaxbn.batch_norm(
+        x, s, b, axis=axis, gradient="autodiff")[0],
     "naive autodiff": naive_batch_norm,
     "flax.linen": _flax_batch_norm,
 }
 
+# Shapes given channels-first in a config are labelled so in every table and plot.
+CHANNELS_FIRST = " NCHW"
 
-def training_step(forward: Callable) -> Callable:
+
+def training_step(forward: Callable, axis: int = -1) -> Callable:
   """(x, γ, β, dy) -> (y, dx, dγ, dβ), jitted."""
   @jax.jit
   def step(x, scale, bias, dy):
-    y, vjp = jax.vjp(forward, x, scale, bias)
+    y, vjp = jax.vjp(lambda *a: forward(*a, axis), x, scale, bias)
     return (y, *vjp(dy.astype(y.dtype)))  # Flax returns float32 for bf16 x, f32 params
   return step
 
 
-def _inputs(shape, dtype, seed=0):
+def _inputs(shape, dtype, seed=0, axis=-1):
   rng = np.random.default_rng(seed)
-  c = shape[-1]
+  c = shape[axis]
   x = jnp.asarray(rng.standard_normal(shape, np.float32) * 2 + 1, dtype)
   dy = jnp.asarray(rng.standard_normal(shape, np.float32), dtype)
   return x, jnp.ones((c,), jnp.float32), jnp.zeros((c,), jnp.float32), dy
 
 
-def _torch_step(shape, dtype):
-  """torch.nn.functional.batch_norm, channels-last for NHWC, or None without torch."""
+def _torch_step(shape, dtype, channels_first=False):
+  """torch.nn.functional.batch_norm — on NHWC data through a channels-last tensor, on NCHW
+  data as is — or None without torch."""
   try:
     import torch
   except ImportError:
     return None
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
   rng = np.random.default_rng(0)
-  c = shape[-1]
-  nhwc = rng.standard_normal(shape, np.float32) * 2 + 1
-  if len(shape) == 4:  # NHWC data as an NCHW tensor in channels_last memory: no copy
-    x = torch.from_numpy(nhwc).permute(0, 3, 1, 2).to(torch_dtype)
+  c = shape[1] if channels_first else shape[-1]
+  data = rng.standard_normal(shape, np.float32) * 2 + 1
+  if len(shape) == 4 and not channels_first:  # NHWC data, NCHW tensor, channels_last memory
+    x = torch.from_numpy(data).permute(0, 3, 1, 2).to(torch_dtype)
     x = x.contiguous(memory_format=torch.channels_last)
   else:
-    x = torch.from_numpy(nhwc).to(torch_dtype)
+    x = torch.from_numpy(data).to(torch_dtype)
   dy = torch.randn_like(x)
   weight = torch.ones(c, requires_grad=True)
   bias = torch.zeros(c, requires_grad=True)
@@ -107,19 +116,22 @@ def _calls_per_sample(run: Callable, sample_s: float) -> int:
 
 
 def time_ops(shapes, dtypes, repeats: int, settle_s: float = 0.02,
-             sample_s: float = 2e-3) -> list[dict]:
+             sample_s: float = 2e-3, channels_first_shapes=()) -> list[dict]:
+  """Rows for `shapes` (features last) and `channels_first_shapes` (features on axis 1)."""
   rows = []
+  cases = [(s, False) for s in shapes] + [(s, True) for s in channels_first_shapes]
   for dtype in dtypes:
-    for shape in shapes:
-      args = _inputs(shape, dtype)
+    for shape, channels_first in cases:
+      axis = 1 if channels_first else -1
+      args = _inputs(shape, dtype, axis=axis)
       runners, compile_s = {}, {}
       for name, forward in FORWARDS.items():
         start = time.perf_counter()
-        compiled = training_step(forward).lower(*args).compile()
+        compiled = training_step(forward, axis).lower(*args).compile()
         compile_s[name] = time.perf_counter() - start
         jax.block_until_ready(compiled(*args))  # warm-up
         runners[name] = lambda c=compiled: jax.block_until_ready(c(*args))
-      torch_step = _torch_step(shape, dtype)
+      torch_step = _torch_step(shape, dtype, channels_first)
       if torch_step is not None:
         torch_step()
         runners["torch"] = torch_step
@@ -139,7 +151,8 @@ def time_ops(shapes, dtypes, repeats: int, settle_s: float = 0.02,
       nbytes = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
       for name, samples in times.items():
         median = statistics.median(samples)
-        rows.append({"shape": "x".join(map(str, shape)), "dtype": dtype, "implementation": name,
+        label = "x".join(map(str, shape)) + (CHANNELS_FIRST if channels_first else "")
+        rows.append({"shape": label, "dtype": dtype, "implementation": name,
                      "median_ms": 1e3 * median, "compile_s": compile_s[name],
                      "gb_per_s": TRANSFERS * nbytes / median / 1e9})
   return rows
@@ -164,7 +177,7 @@ def residual_bytes(shape=(64, 56, 56, 128), dtype="float32") -> list[dict]:
   x, scale, bias, _ = _inputs(shape, dtype)
   rows = []
   for name, forward in FORWARDS.items():
-    _, vjp = jax.vjp(forward, x, scale, bias)
+    _, vjp = jax.vjp(lambda *a, f=forward: f(*a, -1), x, scale, bias)
     leaves = [leaf for leaf in jax.tree.leaves(vjp) if hasattr(leaf, "nbytes")]
     activation = [leaf for leaf in leaves if leaf.size == x.size]
     rows.append({"implementation": name, "shape": "x".join(map(str, shape)), "dtype": dtype,

@@ -206,7 +206,9 @@ def run(config, workdir: pathlib.Path) -> str:
     results["ops"] = bench_ops.time_ops([tuple(s) for s in config.op_shapes],
                                         tuple(config.op_dtypes), config.repeats,
                                         settle_s=config.op_settle_s,
-                                        sample_s=config.op_sample_s)
+                                        sample_s=config.op_sample_s,
+                                        channels_first_shapes=[
+                                            tuple(s) for s in config.op_channels_first_shapes])
     results["residuals"] = bench_ops.residual_bytes(tuple(config.residual_shape))
     parts.append(bench_ops.markdown(results["ops"], results["residuals"],
                                     results["bandwidth_gb_per_s"], meta))

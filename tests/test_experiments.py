@@ -199,6 +199,7 @@ def test_benchmark_runs_tiny_and_reports_every_column(tmp_path):
 
   config = benchmark_config.get_config()
   config.op_shapes = ((8, 4), (2, 3, 3, 4))
+  config.op_channels_first_shapes = ((2, 4, 3, 3),)
   config.residual_shape = (4, 2, 2, 3)
   config.model.hidden = (8, 8)
   config.model.cnn_features = (4,)
@@ -211,7 +212,7 @@ def test_benchmark_runs_tiny_and_reports_every_column(tmp_path):
   results = json.loads((tmp_path / "benchmark.json").read_text())
   implementations = set(bench_ops.FORWARDS)
   for dtype in config.op_dtypes:
-    for shape in ("8x4", "2x3x3x4"):
+    for shape in ("8x4", "2x3x3x4", "2x4x3x3 NCHW"):
       found = {r["implementation"] for r in results["ops"]
                if r["dtype"] == dtype and r["shape"] == shape}
       assert implementations <= found
