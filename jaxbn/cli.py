@@ -3,6 +3,9 @@
     jaxbn check                 numeric grid + symbolic proof; exit status 1 on any failure
     jaxbn check --no-symbolic   numeric grid only (no sympy needed)
     jaxbn check --quick         float64 and float32 on the dense layout only
+    jaxbn kernels               build (once per machine) and load the C++ CPU kernels, and say
+                                where they are or why they are unavailable; exit status 1 if
+                                they are (e.g. `RUN jaxbn kernels` in an image, ahead of time)
 """
 
 from __future__ import annotations
@@ -70,6 +73,15 @@ def _check(args: argparse.Namespace, console: Console) -> int:
   return 0
 
 
+def _kernels(console: Console) -> int:
+  status = kernels.status()  # builds on first use
+  if status.available:
+    console.print(f"CPU kernels: {status.reason}: {status.library}")
+    return 0
+  console.print(f"[bold red]CPU kernels unavailable[/]: {status.reason}")
+  return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="jaxbn", description=__doc__.split("\n")[0])
   commands = parser.add_subparsers(dest="command", required=True)
@@ -80,9 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   check.add_argument(
       "--no-symbolic", dest="symbolic", action="store_false", help="skip the sympy proof"
   )
+  commands.add_parser(
+      "kernels", help="build and load the C++ CPU kernels now, and report where they are")
   args = parser.parse_args(argv)
   # Off a terminal (CI logs, pipes) rich would squeeze the table into 80 columns.
   console = Console(width=None if sys.stdout.isatty() else 160)
+  if args.command == "kernels":
+    return _kernels(console)
   return _check(args, console)
 
 

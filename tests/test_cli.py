@@ -1,4 +1,5 @@
-"""The `jaxbn check` command: prints the tables, and its exit status reports failures."""
+"""The `jaxbn` command: `check` prints the tables and its exit status reports failures;
+`kernels` reports the CPU kernels."""
 
 import dataclasses
 
@@ -26,3 +27,14 @@ def test_check_exits_nonzero_on_a_failure(monkeypatch, capsys):
   monkeypatch.setattr(checks, "check_case", one_failure)
   assert cli.main(["check", "--quick", "--no-symbolic"]) == 1
   assert "FAIL" in capsys.readouterr().out
+
+
+def test_kernels_command_reports_the_library_or_why_not(monkeypatch, capsys):
+  from jaxbn import _native_build, kernels
+
+  assert cli.main(["kernels"]) == 0
+  assert str(kernels.status().library) in capsys.readouterr().out
+  monkeypatch.setattr(kernels, "status",
+                      lambda: _native_build.Status(False, "disabled by JAXBN_CPU_KERNEL=0"))
+  assert cli.main(["kernels"]) == 1
+  assert "unavailable: disabled by JAXBN_CPU_KERNEL=0" in capsys.readouterr().out
