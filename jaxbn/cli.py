@@ -52,8 +52,9 @@ def _check(args: argparse.Namespace, console: Console) -> int:
   with console.status("running the numeric grid...", spinner="dots"):
     kernel_status = kernels.status()
     numeric = checks.run_checks(cases)
-  # Unmasked analytic cases run through the C++ CPU kernels when they are available.
-  console.print("CPU kernels: " + ("in use for unmasked cases" if kernel_status.available
+  # The analytic side of every case (the grid's masks pad whole examples) runs through the
+  # C++ CPU kernels when they are available.
+  console.print("CPU kernels: " + ("in use for the analytic gradients" if kernel_status.available
                                    else f"not in use ({kernel_status.reason})"))
   console.print(_numeric_table(numeric))
   failed = sum(not r.passed for r in numeric)

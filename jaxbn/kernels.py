@@ -13,10 +13,12 @@ activations, float64 for float64). μ travels as a pair hi + lo, so that x − �
 
 and each direction whole, for a batch on one device (no pooling across devices), in one call:
 
-    forward(x, γ, β)                    → y, hi, lo, var, 1/σ          eqs. (1)-(4)
+    forward(x, γ, β)                    → y, hi, lo, var, 1/σ, m       eqs. (1)-(4)
     backward(x, dy, hi, lo, 1/σ, γ)     → dx, ∂L/∂γ, ∂L/∂β             eqs. (5)-(7)
 
 The per-feature formulas between the passes are `jaxbn._per_feature`'s; the C++ repeats them.
+Every kernel takes an optional mask shared by all features (padding: masked values take no
+part in the statistics or sums, and their outputs are 0 whatever x holds).
 
 Every kernel has a pure-JAX twin here (`*_xla`) that computes the same thing. The twins are
 the kernels' derivatives (a `jax.custom_jvp` takes the tangent of the twin, so second-order
@@ -127,58 +129,83 @@ def _with_twin_derivatives(kernel, twin, num_static: int = 1):
 # Pure-JAX twins.
 
 
-def moments_xla(layout: Layout, x: jax.Array):
-  x3 = _as3(x, layout).astype(_vector(x, layout).dtype)
-  n = x3.shape[0] * x3.shape[2]
-  hi = jnp.mean(x3, axis=(0, 2), keepdims=True)
-  d = x3 - hi
-  lo = jnp.mean(d, axis=(0, 2), keepdims=True)
-  m2 = jnp.sum(d * d, axis=(0, 2)) - n * jnp.square(lo.ravel())
-  return hi.ravel(), lo.ravel(), m2
+def _kept(mask, layout: Layout):
+  """The mask as (outer, 1, inner), or None."""
+  return None if mask is None else mask.reshape(-1, 1, layout.inner)
 
 
-def normalize_xla(layout: Layout, x, hi, lo, a, b, *, out_dtype=None):
-  x3 = _as3(x, layout).astype(hi.dtype)
-  y = ((x3 - _column(hi)) - _column(lo)) * _column(a) + _column(b)
+def _where(keep, v):
+  # `where`, not multiplication: 0 · NaN is NaN, and padding may hold anything.
+  return v if keep is None else jnp.where(keep, v, jnp.zeros((), v.dtype))
+
+
+def _counts(x, layout: Layout, keep, dtype):
+  """m per feature: unmasked values (all of outer·inner without a mask)."""
+  if keep is None:
+    return jnp.full((layout.features,), _count(x, layout), dtype)
+  return jnp.broadcast_to(jnp.sum(keep, axis=(0, 2), dtype=dtype), (layout.features,))
+
+
+def _x3(x, layout: Layout, keep, dtype):
+  return _where(keep, _as3(x, layout).astype(dtype))
+
+
+def moments_xla(layout: Layout, x: jax.Array, mask=None):
+  keep = _kept(mask, layout)
+  x3 = _x3(x, layout, keep, _vector(x, layout).dtype)
+  count = _counts(x, layout, keep, x3.dtype)
+  m = jnp.maximum(count, 1)  # a feature with no values: μ = 0, M2 = 0
+  hi = jnp.sum(x3, axis=(0, 2)) / m
+  d = _where(keep, x3 - _column(hi))
+  lo = jnp.sum(d, axis=(0, 2)) / m
+  m2 = jnp.sum(d * d, axis=(0, 2)) - count * jnp.square(lo)
+  return hi, lo, m2
+
+
+def normalize_xla(layout: Layout, x, hi, lo, a, b, mask=None, *, out_dtype=None):
+  keep = _kept(mask, layout)
+  x3 = _x3(x, layout, keep, hi.dtype)
+  y = _where(keep, ((x3 - _column(hi)) - _column(lo)) * _column(a) + _column(b))
   return y.reshape(x.shape).astype(out_dtype or x.dtype)
 
 
-def grad_sums_xla(layout: Layout, x, dy, hi, lo):
-  x3 = _as3(x, layout).astype(hi.dtype)
-  g = _as3(dy, layout).astype(hi.dtype)
-  centred = (x3 - _column(hi)) - _column(lo)
+def grad_sums_xla(layout: Layout, x, dy, hi, lo, mask=None):
+  keep = _kept(mask, layout)
+  x3, g = (_x3(v, layout, keep, hi.dtype) for v in (x, dy))
+  centred = _where(keep, (x3 - _column(hi)) - _column(lo))
   return jnp.sum(g, axis=(0, 2)), jnp.sum(g * centred, axis=(0, 2))
 
 
-def grad_input_xla(layout: Layout, x, dy, hi, lo, a, b, k):
-  x3 = _as3(x, layout).astype(hi.dtype)
-  g = _as3(dy, layout).astype(hi.dtype)
+def grad_input_xla(layout: Layout, x, dy, hi, lo, a, b, k, mask=None):
+  keep = _kept(mask, layout)
+  x3, g = (_x3(v, layout, keep, hi.dtype) for v in (x, dy))
   centred = (x3 - _column(hi)) - _column(lo)
-  dx = _column(a) * g + _column(b) + _column(k) * centred
+  dx = _where(keep, _column(a) * g + _column(b) + _column(k) * centred)
   return dx.reshape(x.shape).astype(x.dtype)
 
 
-def forward_xla(layout: Layout, x, scale, bias, *, epsilon: float, out_dtype=None):
-  hi, lo, m2 = moments_xla(layout, x)
-  var = _per_feature.variance(m2, _count(x, layout))
+def forward_xla(layout: Layout, x, scale, bias, mask=None, *, epsilon: float, out_dtype=None):
+  hi, lo, m2 = moments_xla(layout, x, mask)
+  count = _counts(x, layout, _kept(mask, layout), hi.dtype)
+  var = _per_feature.variance(m2, jnp.maximum(count, 1))
   inv_std = _per_feature.inverse_std(var, epsilon)
-  y = normalize_xla(layout, x, hi, lo, scale * inv_std, bias, out_dtype=out_dtype)
-  return y, hi, lo, var, inv_std
+  y = normalize_xla(layout, x, hi, lo, scale * inv_std, bias, mask, out_dtype=out_dtype)
+  return y, hi, lo, var, inv_std, count
 
 
-def backward_xla(layout: Layout, x, dy, hi, lo, inv_std, scale):
-  sum_g, sum_g_centred = grad_sums_xla(layout, x, dy, hi, lo)
+def backward_xla(layout: Layout, x, dy, hi, lo, inv_std, scale, mask=None):
+  sum_g, sum_g_centred = grad_sums_xla(layout, x, dy, hi, lo, mask)
   d_scale, d_bias = _per_feature.parameter_gradients(sum_g, sum_g_centred, inv_std)
-  a, b, k = _per_feature.dx_coefficients(scale, inv_std, _count(x, layout), sum_g,
-                                         sum_g_centred)
-  return grad_input_xla(layout, x, dy, hi, lo, a, b, k), d_scale, d_bias
+  count = jnp.maximum(_counts(x, layout, _kept(mask, layout), hi.dtype), 1)
+  a, b, k = _per_feature.dx_coefficients(scale, inv_std, count, sum_g, sum_g_centred)
+  return grad_input_xla(layout, x, dy, hi, lo, a, b, k, mask), d_scale, d_bias
 
 
 # ---------------------------------------------------------------------------------------
 # The kernels.
 
 
-def _check(layout: Layout, x, dy=None, **vectors):
+def _check(layout: Layout, x, dy=None, mask=None, **vectors):
   """The C++ trusts its operands' sizes and dtypes: check them here, at trace time."""
   if x.size % (layout.features * layout.inner):
     raise ValueError(f"x of shape {x.shape} does not split into (outer, {layout.features}, "
@@ -188,6 +215,9 @@ def _check(layout: Layout, x, dy=None, **vectors):
                     + ("" if dy is None else f" and dy {dy.dtype}") + ".")
   if dy is not None and dy.shape != x.shape:
     raise ValueError(f"dy has shape {dy.shape}, x {x.shape}.")
+  if mask is not None and (mask.dtype != jnp.bool_ or mask.size != _count(x, layout)):
+    raise ValueError(f"mask must be boolean with one value per (outer, inner) position "
+                     f"({_count(x, layout)}), got {mask.dtype}{list(mask.shape)}.")
   want = _vector(x, layout)
   for name, v in vectors.items():
     if v.shape != want.shape or v.dtype != want.dtype:
@@ -200,39 +230,50 @@ def _check_out_dtype(out_dtype):
     raise TypeError(f"the kernels write float32, bfloat16 or float64, got {out_dtype}.")
 
 
-def _moments(layout: Layout, x):
-  _check(layout, x)
+def _mask_operand(mask):
+  # The FFI handlers take an empty mask for "no mask".
+  return jnp.zeros((0,), jnp.bool_) if mask is None else mask.ravel()
+
+
+def _moments(layout: Layout, x, mask=None):
+  _check(layout, x, mask=mask)
   v = _vector(x, layout)
-  return tuple(_call("jaxbn_moments", (v, v, v), x, layout=layout))
+  return tuple(_call("jaxbn_moments", (v, v, v), x, _mask_operand(mask), layout=layout))
 
 
-def _grad_sums(layout: Layout, x, dy, hi, lo):
-  _check(layout, x, dy, hi=hi, lo=lo)
+def _grad_sums(layout: Layout, x, dy, hi, lo, mask=None):
+  _check(layout, x, dy, mask, hi=hi, lo=lo)
   v = _vector(x, layout)
-  return tuple(_call("jaxbn_grad_sums", (v, v), x, dy, hi, lo, layout=layout))
+  return tuple(_call("jaxbn_grad_sums", (v, v), x, dy, _mask_operand(mask), hi, lo,
+                     layout=layout))
 
 
-def _grad_input(layout: Layout, x, dy, hi, lo, a, b, k):
-  _check(layout, x, dy, hi=hi, lo=lo, a=a, b=b, k=k)
+def _grad_input(layout: Layout, x, dy, hi, lo, a, b, k, mask=None):
+  _check(layout, x, dy, mask, hi=hi, lo=lo, a=a, b=b, k=k)
   return _call("jaxbn_grad_input", jax.ShapeDtypeStruct(x.shape, x.dtype),
-               x, dy, hi, lo, a, b, k, layout=layout)
+               x, dy, _mask_operand(mask), hi, lo, a, b, k, layout=layout)
 
+
+_MASK_DOC = ("`mask` (optional): one bool per (outer, inner) position — x's shape with the "
+             "feature axes set to 1 — shared by every feature; masked values take no part in "
+             "the sums and their outputs are 0.")
 
 moments = _with_twin_derivatives(_moments, moments_xla)
-moments.__doc__ = "Per-feature (hi, lo, M2) of x: μ = hi + lo and M2 = Σ (x − μ)², eqs. (1)-(2)."
+moments.__doc__ = ("Per-feature (hi, lo, M2) of x: μ = hi + lo and M2 = Σ (x − μ)², eqs. (1)-(2). "
+                   + _MASK_DOC)
 
 grad_sums = _with_twin_derivatives(_grad_sums, grad_sums_xla)
-grad_sums.__doc__ = "Per-feature Σ dy and Σ dy·(x − μ), eqs. (5)-(6) before the 1/σ."
+grad_sums.__doc__ = "Per-feature Σ dy and Σ dy·(x − μ), eqs. (5)-(6) before the 1/σ. " + _MASK_DOC
 
 grad_input = _with_twin_derivatives(_grad_input, grad_input_xla)
-grad_input.__doc__ = "dx = a·dy + b + k·(x − μ), the closed form of eq. (7)."
+grad_input.__doc__ = "dx = a·dy + b + k·(x − μ), the closed form of eq. (7). " + _MASK_DOC
 
 
-def _normalize(layout: Layout, out_dtype, x, hi, lo, a, b):
-  _check(layout, x, hi=hi, lo=lo, a=a, b=b)
+def _normalize(layout: Layout, out_dtype, x, hi, lo, a, b, mask=None):
+  _check(layout, x, mask=mask, hi=hi, lo=lo, a=a, b=b)
   _check_out_dtype(out_dtype)
   return _call("jaxbn_normalize", jax.ShapeDtypeStruct(x.shape, out_dtype),
-               x, hi, lo, a, b, layout=layout)
+               x, _mask_operand(mask), hi, lo, a, b, layout=layout)
 
 
 _normalize_with_derivatives = _with_twin_derivatives(
@@ -241,18 +282,23 @@ _normalize_with_derivatives = _with_twin_derivatives(
     num_static=2)
 
 
-def normalize(layout: Layout, x, hi, lo, a, b, out_dtype=None):
+def normalize(layout: Layout, x, hi, lo, a, b, mask=None, *, out_dtype=None):
   """y = ((x − hi) − lo)·a + b in `out_dtype` (default x's), eqs. (3)-(4)."""
   out_dtype = np.dtype(out_dtype or x.dtype)
-  return _normalize_with_derivatives(layout, out_dtype, x, hi, lo, a, b)
+  return _normalize_with_derivatives(layout, out_dtype, x, hi, lo, a, b, mask)
 
 
-def _forward(layout: Layout, epsilon: float, out_dtype, x, scale, bias):
-  _check(layout, x, scale=scale, bias=bias)
+normalize.__doc__ += " " + _MASK_DOC
+
+
+def _forward(layout: Layout, epsilon: float, out_dtype, x, scale, bias, mask=None):
+  _check(layout, x, mask=mask, scale=scale, bias=bias)
   _check_out_dtype(out_dtype)
   v = _vector(x, layout)
-  return tuple(_call("jaxbn_forward", (jax.ShapeDtypeStruct(x.shape, out_dtype), v, v, v, v),
-                     x, scale, bias, layout=layout, epsilon=np.float64(epsilon)))
+  return tuple(_call("jaxbn_forward",
+                     (jax.ShapeDtypeStruct(x.shape, out_dtype), v, v, v, v, v),
+                     x, _mask_operand(mask), scale, bias, layout=layout,
+                     epsilon=np.float64(epsilon)))
 
 
 _forward_with_derivatives = _with_twin_derivatives(
@@ -260,24 +306,27 @@ _forward_with_derivatives = _with_twin_derivatives(
         layout, *args, epsilon=epsilon, out_dtype=out_dtype), num_static=3)
 
 
-def forward(layout: Layout, x, scale, bias, *, epsilon: float, out_dtype=None):
+def forward(layout: Layout, x, scale, bias, mask=None, *, epsilon: float, out_dtype=None):
   """The training forward of a batch on one device, eqs. (1)-(4), in one call.
 
-  Returns (y, hi, lo, var, inv_std): y = γ(x − μ)/σ + β in `out_dtype` (default x's), μ as
-  hi + lo, the biased variance without ε, and 1/σ. `scale` (γ) and `bias` (β) are
-  per-feature vectors in the compute dtype.
+  Returns (y, hi, lo, var, inv_std, count): y = γ(x − μ)/σ + β in `out_dtype` (default x's),
+  μ as hi + lo, the biased variance without ε, 1/σ, and m, the values behind each feature's
+  statistics. `scale` (γ) and `bias` (β) are per-feature vectors in the compute dtype.
   """
   out_dtype = np.dtype(out_dtype or x.dtype)
-  return _forward_with_derivatives(layout, float(epsilon), out_dtype, x, scale, bias)
+  return _forward_with_derivatives(layout, float(epsilon), out_dtype, x, scale, bias, mask)
 
 
-def _backward(layout: Layout, x, dy, hi, lo, inv_std, scale):
-  _check(layout, x, dy, hi=hi, lo=lo, inv_std=inv_std, scale=scale)
+forward.__doc__ += _MASK_DOC + "\n"
+
+
+def _backward(layout: Layout, x, dy, hi, lo, inv_std, scale, mask=None):
+  _check(layout, x, dy, mask, hi=hi, lo=lo, inv_std=inv_std, scale=scale)
   v = _vector(x, layout)
   return tuple(_call("jaxbn_backward", (jax.ShapeDtypeStruct(x.shape, x.dtype), v, v),
-                     x, dy, hi, lo, inv_std, scale, layout=layout))
+                     x, dy, _mask_operand(mask), hi, lo, inv_std, scale, layout=layout))
 
 
 backward = _with_twin_derivatives(_backward, backward_xla)
-backward.__doc__ = """(dx, ∂L/∂γ, ∂L/∂β) of a batch on one device from x, dy, μ = hi + lo, 1/σ and γ,
-eqs. (5)-(7), in one call; dx has x's dtype."""
+backward.__doc__ = ("(dx, ∂L/∂γ, ∂L/∂β) of a batch on one device from x, dy, μ = hi + lo, 1/σ "
+                    "and γ, eqs. (5)-(7), in one call; dx has x's dtype. " + _MASK_DOC)

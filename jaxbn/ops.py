@@ -113,7 +113,8 @@ def batch_norm(
     gradient: "analytic" or "autodiff".
     dtype: the output dtype; default x's dtype.
     use_cpu_kernel: run the passes over x and dy as jaxbn's fused C++ kernels when on CPU.
-      None (default): wherever the call allows — analytic gradient, no mask, two-pass
+      None (default): wherever the call allows — analytic gradient, no mask or one that
+      does not vary across the feature axes (padding positions or examples), two-pass
       variance, contiguous feature axes, float32/bfloat16/float64 — and the kernels could be
       built (`jaxbn.kernels.status()`), and x not explicitly sharded under jit; True: the
       same, but raise if this call cannot use them; False: pure JAX. Other platforms always
@@ -276,8 +277,8 @@ def _kernel_refusal(x, features, mask, static: _Static, gradient: str) -> str | 
   """Why this call cannot use the kernels, or None if it can."""
   if gradient != "analytic":
     return "gradient='autodiff' differentiates the pure-JAX forward"
-  if mask is not None:
-    return "a mask needs the pure-JAX path"
+  if mask is not None and any(mask.shape[a] != 1 for a in features):
+    return "a mask that varies across the feature axes needs the pure-JAX path"
   if static.use_fast_variance:
     return "use_fast_variance=True is the pure-JAX one-pass formula"
   if features != tuple(range(features[0], features[-1] + 1)):
@@ -368,11 +369,21 @@ def _pooled_kernel_moments(hi, lo, m2, local_count, static: _Static):
   mean and M2 — no sum of x itself, so |μ| ≫ σ keeps its digits here too.
   """
   count = _psum(static, local_count)
-  shift = _psum(static, local_count * hi) / count
+  m = _at_least_one(count)
+  shift = _psum(static, local_count * hi) / m
   offset = (hi - shift) + lo  # this device's mean − shift
   sum_d, sum_dd = _psum(static, (local_count * offset, m2 + local_count * offset * offset))
-  delta = sum_d / count
-  return count, shift, delta, jnp.maximum(sum_dd / count - delta * delta, 0)
+  delta = sum_d / m
+  return count, shift, delta, jnp.maximum(sum_dd / m - delta * delta, 0)
+
+
+def _kernel_mask(mask: jax.Array | None, x: jax.Array, static: _Static) -> jax.Array | None:
+  """The mask as the kernels take it: one bool per (outer, inner) position, i.e. x's shape
+  with the feature axes set to 1 (`_kernel_refusal` ensured it does not vary along them)."""
+  if mask is None:
+    return None
+  return jnp.broadcast_to(mask, tuple(n if a in static.reduction_axes else 1
+                                      for a, n in enumerate(x.shape)))
 
 
 # Where a call may use the kernels, `lax.platform_dependent` compiles them for CPU and the
@@ -392,11 +403,11 @@ def _forward(x, scale, bias, mask, static: _Static):
   if static.kernel_layout is None:
     return _forward_xla(x, scale, bias, mask, static)
   if static.axis_name is not None:
-    return _forward_pooled(x, scale, bias, static)
+    return _forward_pooled(x, scale, bias, mask, static)
   return lax.platform_dependent(
-      x, scale, bias,
+      x, scale, bias, mask,
       cpu=functools.partial(_forward_fused, static=static),
-      default=functools.partial(_forward_xla, mask=None, static=static))
+      default=functools.partial(_forward_xla, static=static))
 
 
 def _forward_xla(x, scale, bias, mask, static: _Static):
@@ -414,31 +425,32 @@ def _forward_xla(x, scale, bias, mask, static: _Static):
                   inv_std, static)
 
 
-def _forward_fused(x, scale, bias, static: _Static):
+def _forward_fused(x, scale, bias, mask, static: _Static):
   """The whole forward in one kernel call: XLA runs nothing between the passes over x."""
   layout, cdt = static.kernel_layout, _args.compute_dtype(x)
-  y, shift, delta, var, inv_std = kernels.forward(
-      layout, x, scale.astype(cdt).ravel(), bias.astype(cdt).ravel(), epsilon=static.epsilon,
-      out_dtype=static.out_dtype)
-  shift, delta, var, inv_std = (v.reshape(static.broadcast_shape)
-                                for v in (shift, delta, var, inv_std))
-  return _outputs(y, x, None, scale, bias, _local_count(x, None, static, cdt), shift, delta,
-                  var, inv_std, static)
+  y, *vectors = kernels.forward(
+      layout, x, scale.astype(cdt).ravel(), bias.astype(cdt).ravel(),
+      _kernel_mask(mask, x, static), epsilon=static.epsilon, out_dtype=static.out_dtype)
+  shift, delta, var, inv_std, count = (v.reshape(static.broadcast_shape) for v in vectors)
+  if mask is None:  # m is then known at trace time: a constant, not an op after the call
+    count = _local_count(x, None, static, cdt)
+  return _outputs(y, x, mask, scale, bias, count, shift, delta, var, inv_std, static)
 
 
-def _forward_pooled(x, scale, bias, static: _Static):
+def _forward_pooled(x, scale, bias, mask, static: _Static):
   """Statistics pooled over `axis_name`: this device's moments, pooled in JAX, then y."""
   layout, cdt = static.kernel_layout, _args.compute_dtype(x)
+  kernel_mask = _kernel_mask(mask, x, static)
   hi, lo, m2 = (v.reshape(static.broadcast_shape)  # eqs. (1)-(2), one read of x
-                for v in _on_cpu(kernels.moments, kernels.moments_xla, layout, x))
+                for v in _on_cpu(kernels.moments, kernels.moments_xla, layout, x, kernel_mask))
   count, shift, delta, var = _pooled_kernel_moments(
-      hi, lo, m2, _local_count(x, None, static, cdt), static)
+      hi, lo, m2, _local_count(x, mask, static, cdt), static)
   inv_std = _per_feature.inverse_std(var, static.epsilon)
   a = scale.astype(cdt).reshape(static.broadcast_shape) * inv_std
   y = _on_cpu(kernels.normalize, kernels.normalize_xla, layout, x, shift.ravel(),
-              delta.ravel(), a.ravel(), bias.astype(cdt).ravel(),
+              delta.ravel(), a.ravel(), bias.astype(cdt).ravel(), kernel_mask,
               out_dtype=static.out_dtype)  # eqs. (3)-(4)
-  return _outputs(y, x, None, scale, bias, count, shift, delta, var, inv_std, static)
+  return _outputs(y, x, mask, scale, bias, count, shift, delta, var, inv_std, static)
 
 
 def _outputs(y, x, mask, scale, bias, count, shift, delta, var, inv_std, static: _Static):
@@ -506,25 +518,25 @@ def _backward_xla(static: _Static, residuals, dy):
 
 def _backward_fused(static: _Static, residuals, dy):
   """The whole backward in one kernel call; eq. (7)'s sums are this batch's own."""
-  x, _, scale, bias, shift, delta, inv_std, _ = residuals
+  x, mask, scale, bias, shift, delta, inv_std, _ = residuals
   dx, d_scale, d_bias = kernels.backward(
       static.kernel_layout, x, dy, shift.ravel(), delta.ravel(), inv_std.ravel(),
-      scale.astype(inv_std.dtype).ravel())
+      scale.astype(inv_std.dtype).ravel(), _kernel_mask(mask, x, static))
   return _cotangents(scale, bias, dx, d_scale, d_bias)
 
 
 def _backward_pooled(static: _Static, residuals, dy):
   """Eq. (7) with sums pooled over `axis_name`: this device's sums, pooled in JAX, then dx."""
-  x, _, scale, bias, shift, delta, inv_std, count = residuals
-  layout = static.kernel_layout
+  x, mask, scale, bias, shift, delta, inv_std, count = residuals
+  layout, kernel_mask = static.kernel_layout, _kernel_mask(mask, x, static)
   sum_g, sum_g_centred = (
       v.reshape(static.broadcast_shape)
       for v in _on_cpu(kernels.grad_sums, kernels.grad_sums_xla, layout, x, dy, shift.ravel(),
-                       delta.ravel()))
+                       delta.ravel(), kernel_mask))
   d_scale, d_bias, a, b, k = _gradient_coefficients(
       static, scale, inv_std, count, sum_g, sum_g_centred)
   dx = _on_cpu(kernels.grad_input, kernels.grad_input_xla, layout, x, dy, shift.ravel(),
-               delta.ravel(), a.ravel(), b.ravel(), k.ravel())
+               delta.ravel(), a.ravel(), b.ravel(), k.ravel(), kernel_mask)
   return _cotangents(scale, bias, dx, d_scale, d_bias)
 
 

@@ -121,7 +121,7 @@ def test_kernels_match_their_twins(case, dtype):
   pairs = {
       "normalize": (kernels.normalize(layout, x, hi, lo, a, b),
                     kernels.normalize_xla(layout, x, hi, lo, a, b)),
-      "normalize to float32": (kernels.normalize(layout, x, hi, lo, a, b, jnp.float32),
+      "normalize to float32": (kernels.normalize(layout, x, hi, lo, a, b, out_dtype=jnp.float32),
                                kernels.normalize_xla(layout, x, hi, lo, a, b,
                                                      out_dtype=jnp.float32)),
       "grad_input": (kernels.grad_input(layout, x, dy, hi, lo, a, b, k),
@@ -172,7 +172,8 @@ def test_fused_forward_and_backward_match_their_twins(case, dtype):
   # the twin's own float32 sums are the less exact.
   np.testing.assert_array_less(np.abs(np.asarray(got[3], np.longdouble) - sigma**2),
                                64 * eps * sigma**2)
-  names = ("y", "hi", "lo", "var", "inv_std", "dx", "d_scale", "d_bias")
+  names = ("y", "hi", "lo", "var", "inv_std", "count", "dx", "d_scale", "d_bias")
+  np.testing.assert_array_equal(got[5], x.size // layout.features)
   for name, g, w in zip(names, got, want):
     assert g.dtype == w.dtype and g.shape == w.shape, name
     g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
@@ -186,6 +187,64 @@ def test_fused_forward_and_backward_match_their_twins(case, dtype):
       tol *= 1 + float(np.max(np.abs(mean) / sigma))
     np.testing.assert_allclose(g, w, rtol=0, atol=tol * max(np.abs(w).max(), 1.0),
                                err_msg=name)
+
+
+def _padding_mask(x, layout, seed=7):
+  """A random mask shared by all features, (outer, 1, inner), with one whole outer slice
+  masked; x gets NaN where masked (the kernels must not let it through)."""
+  rng = np.random.default_rng(seed)
+  outer = x.size // (layout.features * layout.inner)
+  keep = rng.random((outer, 1, layout.inner)) > 0.3
+  keep[outer // 2] = False
+  x3 = np.asarray(x, np.float64).reshape(outer, layout.features, layout.inner)
+  x3 = np.where(keep, x3, np.nan)
+  return jnp.asarray(x3.reshape(x.shape), x.dtype), jnp.asarray(keep)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_masked_kernels_match_their_twins_and_zero_the_padding(case):
+  shape, axis = CASES[case]
+  layout = _layout(shape, axis)
+  x, dy = _data(shape, jnp.float32, offset=3.0)
+  x, keep = _padding_mask(x, layout)
+  rng = np.random.default_rng(8)
+  scale, bias, a, b, k = (jnp.asarray(rng.uniform(0.5, 2, layout.features), jnp.float32)
+                          for _ in range(5))
+  fwd = kernels.forward(layout, x, scale, bias, keep, epsilon=1e-3)
+  hi, lo = fwd[1], fwd[2]
+  pairs = {
+      "forward": (fwd, kernels.forward_xla(layout, x, scale, bias, keep, epsilon=1e-3)),
+      "backward": (kernels.backward(layout, x, dy, hi, lo, fwd[4], scale, keep),
+                   kernels.backward_xla(layout, x, dy, hi, lo, fwd[4], scale, keep)),
+      "moments": (kernels.moments(layout, x, keep), kernels.moments_xla(layout, x, keep)),
+      "normalize": ((kernels.normalize(layout, x, hi, lo, a, b, keep),),
+                    (kernels.normalize_xla(layout, x, hi, lo, a, b, keep),)),
+      "grad_sums": (kernels.grad_sums(layout, x, dy, hi, lo, keep),
+                    kernels.grad_sums_xla(layout, x, dy, hi, lo, keep)),
+      "grad_input": ((kernels.grad_input(layout, x, dy, hi, lo, a, b, k, keep),),
+                     (kernels.grad_input_xla(layout, x, dy, hi, lo, a, b, k, keep),)),
+  }
+  padding = ~np.broadcast_to(np.asarray(keep), (keep.shape[0], layout.features, layout.inner))
+  for name, (got, want) in pairs.items():
+    for i, (g, w) in enumerate(zip(got, want)):
+      g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+      assert np.all(np.isfinite(g)), f"{name}[{i}] let NaN padding through"
+      if g.shape == x.shape:  # y or dx: exactly 0 where masked
+        assert not np.any(g.reshape(padding.shape)[padding]), f"{name}[{i}] padding not 0"
+      if name == "moments" and i == 1:  # lo: checked as part of hi + lo below
+        continue
+      np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * max(np.abs(w).max(), 1.0),
+                                 err_msg=f"{name}[{i}]")
+  # The statistics are those of the unmasked values alone (μ = var = 0 where there are
+  # none: the one-example case masks everything).
+  x3 = np.where(padding, 0.0, np.asarray(x, np.float64).reshape(padding.shape))
+  n = np.sum(~padding, axis=(0, 2))
+  mean = x3.sum(axis=(0, 2)) / np.maximum(n, 1)
+  var = np.where(padding, 0.0, (x3 - mean[None, :, None]) ** 2).sum(axis=(0, 2)) / np.maximum(n, 1)
+  np.testing.assert_allclose(np.asarray(hi, np.float64) + np.asarray(lo, np.float64), mean,
+                             rtol=0, atol=1e-5)
+  np.testing.assert_allclose(fwd[3], var, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(fwd[5], n)
 
 
 def _bn_outputs(x, scale, bias, dy, axis, use_cpu_kernel, **kwargs):
@@ -211,6 +270,30 @@ def test_batch_norm_with_kernels_equals_pure_jax(case, dtype, rtol):
   for name, g, w in zip(names, got, want):
     scale_of = float(jnp.max(jnp.abs(w)))
     np.testing.assert_allclose(g, w, rtol=0, atol=rtol * scale_of, err_msg=name)
+
+
+@pytest.mark.parametrize("shape,axis,mask_shape", [
+    ((6, 5, 4, 33), -1, (6, 5, 4, 1)),   # NHWC, positions masked
+    ((6, 5, 4, 33), -1, (6, 1, 1, 1)),   # NHWC, whole examples masked
+    ((5, 7, 9, 10), 1, (5, 1, 9, 10)),   # NCHW
+    ((40, 20), -1, (40, 1)),             # dense
+])
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float64, 1e-12), (jnp.float32, 2e-5)])
+def test_masked_batch_norm_with_kernels_equals_pure_jax(shape, axis, mask_shape, dtype, rtol):
+  x, dy = _data(shape, dtype, offset=5.0)
+  mask = np.random.default_rng(9).random(mask_shape) > 0.3
+  mask[0] = False  # a whole example of padding
+  x = jnp.where(mask, x, jnp.nan)  # padding may hold anything
+  c = shape[axis]
+  scale, bias = jnp.linspace(0.5, 2, c, dtype=dtype), jnp.linspace(-1, 1, c, dtype=dtype)
+  got = _bn_outputs(x, scale, bias, dy, axis, True, mask=mask)
+  want = _bn_outputs(x, scale, bias, dy, axis, False, mask=mask)
+  for name, g, w in zip(("y", "mean", "var", "dx", "dscale", "dbias"), got, want):
+    assert np.all(np.isfinite(g)), name
+    np.testing.assert_allclose(g, w, rtol=0, atol=rtol * float(jnp.max(jnp.abs(w))),
+                               err_msg=name)
+  traced = jax.jit(lambda x: _bn_outputs(x, scale, bias, dy, axis, None, mask=mask)).trace(x)
+  assert _kernels_in(traced.lower().compile().as_text()) == ["jaxbn_backward", "jaxbn_forward"]
 
 
 def test_bfloat16_and_mixed_output_dtype_equal_pure_jax():
@@ -314,7 +397,7 @@ def test_pooled_statistics_use_the_four_pass_kernels_with_twin_derivatives():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"mask": jnp.ones((6, 1), bool)}, "mask"),
+    ({"mask": jnp.arange(72).reshape(6, 4, 3) % 2 == 0}, "varies across the feature axes"),
     ({"axis": (0, 2)}, "not contiguous"),
     ({"gradient": "autodiff"}, "autodiff"),
     ({"use_fast_variance": True}, "use_fast_variance"),

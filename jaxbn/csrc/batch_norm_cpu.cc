@@ -167,6 +167,41 @@ inline A HorizontalSum(Simd<A> v) {
   return s;
 }
 
+// Masks: one byte per (outer, inner) position, shared by every feature (a mask that varies
+// across features takes the pure-JAX path); a null pointer means no mask. Masked values take
+// no part in any sum and their outputs are 0 whatever x holds, NaN included, so masked terms
+// are dropped with a select, never multiplied by 0.
+typedef int32_t I32V __attribute__((vector_size(64)));
+typedef int64_t I64V __attribute__((vector_size(64)));
+typedef uint8_t U8x16 __attribute__((vector_size(16)));
+typedef uint8_t U8x8 __attribute__((vector_size(8)));
+
+// Lane conditions for Keep: kLanes<A> mask bytes as integers as wide as A.
+inline I32V LoadKeep(const uint8_t* m, float*) {
+  U8x16 b;
+  std::memcpy(&b, m, sizeof b);
+  return __builtin_convertvector(b, I32V) != 0;
+}
+inline I64V LoadKeep(const uint8_t* m, double*) {
+  U8x8 b;
+  std::memcpy(&b, m, sizeof b);
+  return __builtin_convertvector(b, I64V) != 0;
+}
+template <typename A>
+inline auto LoadKeep(const uint8_t* m) { return LoadKeep(m, static_cast<A*>(nullptr)); }
+
+struct AllKept {};  // the condition when there is no mask
+template <typename V>
+inline V Keep(AllKept, V v) { return v; }
+template <typename K, typename V>
+inline V Keep(K keep, V v) { return keep ? v : V{}; }  // lane-wise for vectors
+
+inline int64_t CountKept(const uint8_t* m, int64_t len) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < len; ++i) n += m[i] != 0;
+  return n;
+}
+
 // Calls fn(tag) with a null pointer of the C++ type of `dtype`. Every handler goes through
 // here, so this is also where an exception (std::bad_alloc from a scratch vector) becomes an
 // XLA error instead of unwinding into XLA's C caller.
@@ -405,7 +440,7 @@ struct Moments {
 // Channels-last (inner == 1): rows × C, vectorized across features. Each chunk of rows is
 // swept twice (sum, then Σd and Σd²) while it is in cache.
 template <typename T>
-void MomentsRows(Team& team, const T* x, int64_t rows, int64_t features,
+void MomentsRows(Team& team, const T* x, const uint8_t* mask, int64_t rows, int64_t features,
                  Moments& out) {
   using A = Compute<T>;
   using V = Simd<A>;
@@ -419,9 +454,13 @@ void MomentsRows(Team& team, const T* x, int64_t rows, int64_t features,
     const int64_t tiles = block / L;
     std::vector<V> s(tiles), shift(tiles), sd(tiles), sdd(tiles);
     std::vector<A> s1(L), shift1(L), sd1(L), sdd1(L);  // the < L features left over
+    double seen = 0;  // rows taken so far by this part
     for (int64_t r0 = split.Begin(p); r0 < split.End(p); r0 += chunk) {
       const int64_t r1 = std::min(r0 + chunk, split.End(p));
-      const A n = static_cast<A>(r1 - r0);
+      const int64_t kept = mask ? CountKept(mask + r0, r1 - r0) : r1 - r0;
+      if (kept == 0) continue;
+      const A n = static_cast<A>(kept);
+      auto skip = [&](int64_t r) { return mask != nullptr && mask[r] == 0; };
       for (int64_t c0 = 0; c0 < features; c0 += block) {
         const int64_t width = std::min(block, features - c0);
         const int64_t full = width / L, rest = width - full * L;
@@ -432,6 +471,7 @@ void MomentsRows(Team& team, const T* x, int64_t rows, int64_t features,
         std::fill(sd1.begin(), sd1.end(), A(0));
         std::fill(sdd1.begin(), sdd1.end(), A(0));
         for (int64_t r = r0; r < r1; ++r) {
+          if (skip(r)) continue;
           const T* row = x + r * features + c0;
           for (int64_t t = 0; t < full; ++t) s[t] += LoadV<A>(row + t * L);
           for (int64_t c = 0; c < rest; ++c) s1[c] += Load<A>(row, full * L + c);
@@ -439,6 +479,7 @@ void MomentsRows(Team& team, const T* x, int64_t rows, int64_t features,
         for (int64_t t = 0; t < full; ++t) shift[t] = s[t] / n;
         for (int64_t c = 0; c < rest; ++c) shift1[c] = s1[c] / n;
         for (int64_t r = r0; r < r1; ++r) {
+          if (skip(r)) continue;
           const T* row = x + r * features + c0;
           for (int64_t t = 0; t < full; ++t) {
             V d = LoadV<A>(row + t * L) - shift[t];
@@ -451,30 +492,43 @@ void MomentsRows(Team& team, const T* x, int64_t rows, int64_t features,
             sdd1[c] += d * d;
           }
         }
-        const double done = static_cast<double>(r0 - split.Begin(p));
-        partial[p].AddChunks(c0, full * L, done, n, reinterpret_cast<const A*>(shift.data()),
+        partial[p].AddChunks(c0, full * L, seen, n, reinterpret_cast<const A*>(shift.data()),
                              reinterpret_cast<const A*>(sd.data()),
                              reinterpret_cast<const A*>(sdd.data()));
-        partial[p].AddChunks(c0 + full * L, rest, done, n, shift1.data(), sd1.data(),
+        partial[p].AddChunks(c0 + full * L, rest, seen, n, shift1.data(), sd1.data(),
                              sdd1.data());
       }
+      seen += kept;
     }
-    partial[p].SetCount(static_cast<double>(split.End(p) - split.Begin(p)));
+    partial[p].SetCount(seen);
   });
   for (const Moments& m : partial) out.Merge(m);
 }
 
-// Sweeps one contiguous run of len values of x (and of g, for two-input sums):
-// term(x, g, acc1, acc2) on vectors of kLanes<A> values, then on the leftover values one at
-// a time; term is generic, so one lambda serves both. Returns the accumulators' totals.
+// Sweeps one contiguous run of len values of x (and of g, for two-input sums), with their
+// mask bytes (or none): term(x, g, keep, acc1, acc2) on vectors of kLanes<A> values, then on
+// the leftover values one at a time; term is generic, so one lambda serves every case and
+// applies Keep(keep, ·) to what it adds. Returns the accumulators' totals.
 template <typename A, typename T, typename G, typename Fn>
-inline void SweepRun(const T* x, const G* g, int64_t len, Fn&& term, A* out1, A* out2) {
+inline void SweepRun(const T* x, const G* g, const uint8_t* mask, int64_t len, Fn&& term,
+                     A* out1, A* out2) {
   constexpr int L = kLanes<A>;
   Simd<A> a{}, b{};
   int64_t i = 0;
-  for (; i + L <= len; i += L) term(LoadV<A>(x + i), LoadV<A>(g + i), a, b);
+  if (mask == nullptr) {
+    for (; i + L <= len; i += L) term(LoadV<A>(x + i), LoadV<A>(g + i), AllKept{}, a, b);
+  } else {
+    for (; i + L <= len; i += L)
+      term(LoadV<A>(x + i), LoadV<A>(g + i), LoadKeep<A>(mask + i), a, b);
+  }
   A s1 = HorizontalSum<A>(a), s2 = HorizontalSum<A>(b);
-  for (; i < len; ++i) term(Load<A>(x, i), Load<A>(g, i), s1, s2);
+  for (; i < len; ++i) {
+    if (mask == nullptr) {
+      term(Load<A>(x, i), Load<A>(g, i), AllKept{}, s1, s2);
+    } else {
+      term(Load<A>(x, i), Load<A>(g, i), mask[i] != 0, s1, s2);
+    }
+  }
   *out1 = s1;
   *out2 = s2;
 }
@@ -489,8 +543,8 @@ struct Pieces {
 };
 
 template <typename T>
-void MomentsSegments(Team& team, const T* x, int64_t outer, int64_t features,
-                     int64_t inner, Moments& out) {
+void MomentsSegments(Team& team, const T* x, const uint8_t* mask, int64_t outer,
+                     int64_t features, int64_t inner, Moments& out) {
   using A = Compute<T>;
   const Pieces pieces(inner);
   const int64_t items = outer * features * pieces.per_segment;
@@ -503,30 +557,35 @@ void MomentsSegments(Team& team, const T* x, int64_t outer, int64_t features,
       const int64_t start = (item % pieces.per_segment) * pieces.size;
       const int64_t len = std::min(pieces.size, inner - start);
       const T* v = x + segment * inner + start;
+      const uint8_t* m = mask ? mask + (segment / features) * inner + start : nullptr;
+      const int64_t kept = m ? CountKept(m, len) : len;
+      if (kept == 0) continue;
       A s, unused;
-      SweepRun<A>(v, v, len, [](auto xv, auto, auto& a, auto&) { a += xv; }, &s, &unused);
-      const A shift = s / static_cast<A>(len);
+      SweepRun<A>(v, v, m, len,
+                  [](auto xv, auto, auto keep, auto& a, auto&) { a += Keep(keep, xv); }, &s,
+                  &unused);
+      const A shift = s / static_cast<A>(kept);
       A sd, sdd;
       SweepRun<A>(
-          v, v, len,
-          [shift](auto xv, auto, auto& a, auto& b) {
-            auto d = xv - shift;
+          v, v, m, len,
+          [shift](auto xv, auto, auto keep, auto& a, auto& b) {
+            auto d = Keep(keep, xv - shift);
             a += d;
             b += d * d;
           },
           &sd, &sdd);
-      partial[p].AddChunk(segment % features, static_cast<double>(len), shift, sd, sdd);
+      partial[p].AddChunk(segment % features, static_cast<double>(kept), shift, sd, sdd);
     }
   });
   for (const Moments& m : partial) out.Merge(m);
 }
 
 template <typename T>
-void BatchMoments(Team& team, const T* x, Shape3 s, Moments& out) {
+void BatchMoments(Team& team, const T* x, const uint8_t* mask, Shape3 s, Moments& out) {
   if (s.inner == 1) {
-    MomentsRows(team, x, s.outer, s.features, out);
+    MomentsRows(team, x, mask, s.outer, s.features, out);
   } else {
-    MomentsSegments(team, x, s.outer, s.features, s.inner, out);
+    MomentsSegments(team, x, mask, s.outer, s.features, s.inner, out);
   }
 }
 
@@ -551,6 +610,23 @@ ffi::Error BadShape() {
   return ffi::Error::InvalidArgument("jaxbn: x does not split into (outer, features, inner)");
 }
 
+// The mask operand: empty (no mask) or one bool per (outer, inner) position.
+bool MaskOf(const ffi::AnyBuffer& mask, Shape3 s, const uint8_t** kept) {
+  *kept = nullptr;
+  if (mask.element_count() == 0) return true;
+  const ffi::DataType type = mask.element_type();
+  if ((type != ffi::DataType::PRED && type != ffi::DataType::U8) ||
+      static_cast<int64_t>(mask.element_count()) != s.outer * s.inner)
+    return false;
+  *kept = reinterpret_cast<const uint8_t*>(mask.untyped_data());
+  return true;
+}
+
+ffi::Error BadMask() {
+  return ffi::Error::InvalidArgument(
+      "jaxbn: the mask must be empty or hold one bool per (outer, inner) position");
+}
+
 // Typed views of untyped buffers (bfloat16 has no C++ type the FFI headers know).
 template <typename T>
 const T* Data(const ffi::AnyBuffer& b) {
@@ -561,16 +637,19 @@ T* Data(ffi::Result<ffi::AnyBuffer>& b) {
   return reinterpret_cast<T*>(b->untyped_data());
 }
 
-ffi::Error MomentsImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> hi,
+ffi::Error MomentsImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, ffi::AnyBuffer x,
+                       ffi::AnyBuffer mask, ffi::Result<ffi::AnyBuffer> hi,
                        ffi::Result<ffi::AnyBuffer> lo, ffi::Result<ffi::AnyBuffer> m2) {
   Shape3 shape;
   if (!AsShape3(x, features, inner, &shape)) return BadShape();
+  const uint8_t* kept;
+  if (!MaskOf(mask, shape, &kept)) return BadMask();
   Team team(pool);
   return DispatchType(x.element_type(), "x", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using A = Compute<T>;
     Moments moments(features);
-    BatchMoments(team, Data<T>(x), shape, moments);
+    BatchMoments(team, Data<T>(x), kept, shape, moments);
     A* m2_out = Data<A>(m2);
     for (int64_t c = 0; c < features; ++c) {
       SplitMean(moments, c, Data<A>(hi), Data<A>(lo));
@@ -590,8 +669,9 @@ struct FeatureSums {
 };
 
 template <typename T, typename G>
-void GradSumsRows(Team& team, const T* x, const G* g, int64_t rows, int64_t features,
-                  const Compute<T>* hi, const Compute<T>* lo, FeatureSums& out) {
+void GradSumsRows(Team& team, const T* x, const G* g, const uint8_t* mask, int64_t rows,
+                  int64_t features, const Compute<T>* hi, const Compute<T>* lo,
+                  FeatureSums& out) {
   using A = Compute<T>;
   using V = Simd<A>;
   constexpr int L = kLanes<A>;
@@ -618,6 +698,7 @@ void GradSumsRows(Team& team, const T* x, const G* g, int64_t rows, int64_t feat
         std::fill(sg1.begin(), sg1.end(), A(0));
         std::fill(sgc1.begin(), sgc1.end(), A(0));
         for (int64_t r = r0; r < r1; ++r) {
+          if (mask != nullptr && mask[r] == 0) continue;
           const T* xr = x + r * features + c0;
           const G* gr = g + r * features + c0;
           for (int64_t t = 0; t < full; ++t) {
@@ -653,7 +734,7 @@ void GradSumsRows(Team& team, const T* x, const G* g, int64_t rows, int64_t feat
 }
 
 template <typename T, typename G>
-void GradSumsSegments(Team& team, const T* x, const G* g, int64_t outer,
+void GradSumsSegments(Team& team, const T* x, const G* g, const uint8_t* mask, int64_t outer,
                       int64_t features, int64_t inner, const Compute<T>* hi,
                       const Compute<T>* lo, FeatureSums& out) {
   using A = Compute<T>;
@@ -670,12 +751,13 @@ void GradSumsSegments(Team& team, const T* x, const G* g, int64_t outer,
       const int64_t len = std::min(pieces.size, inner - start);
       const int64_t offset = segment * inner + start;
       const A h = hi[c], l = lo[c];
+      const uint8_t* m = mask ? mask + (segment / features) * inner + start : nullptr;
       A sg, sgc;
       SweepRun<A>(
-          x + offset, g + offset, len,
-          [h, l](auto xv, auto gv, auto& a, auto& b) {
-            a += gv;
-            b += gv * ((xv - h) - l);
+          x + offset, g + offset, m, len,
+          [h, l](auto xv, auto gv, auto keep, auto& a, auto& b) {
+            a += Keep(keep, gv);
+            b += Keep(keep, gv * ((xv - h) - l));
           },
           &sg, &sgc);
       partial[p].g[c] += sg;
@@ -690,20 +772,23 @@ void GradSumsSegments(Team& team, const T* x, const G* g, int64_t outer,
 }
 
 template <typename T, typename G>
-void BatchGradSums(Team& team, const T* x, const G* g, Shape3 s, const Compute<T>* hi,
-                   const Compute<T>* lo, FeatureSums& out) {
+void BatchGradSums(Team& team, const T* x, const G* g, const uint8_t* mask, Shape3 s,
+                   const Compute<T>* hi, const Compute<T>* lo, FeatureSums& out) {
   if (s.inner == 1) {
-    GradSumsRows(team, x, g, s.outer, s.features, hi, lo, out);
+    GradSumsRows(team, x, g, mask, s.outer, s.features, hi, lo, out);
   } else {
-    GradSumsSegments(team, x, g, s.outer, s.features, s.inner, hi, lo, out);
+    GradSumsSegments(team, x, g, mask, s.outer, s.features, s.inner, hi, lo, out);
   }
 }
 
-ffi::Error GradSumsImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, ffi::AnyBuffer x, ffi::AnyBuffer g,
-                        ffi::AnyBuffer hi, ffi::AnyBuffer lo,
-                        ffi::Result<ffi::AnyBuffer> sum_g, ffi::Result<ffi::AnyBuffer> sum_gc) {
+ffi::Error GradSumsImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, ffi::AnyBuffer x,
+                        ffi::AnyBuffer g, ffi::AnyBuffer mask, ffi::AnyBuffer hi,
+                        ffi::AnyBuffer lo, ffi::Result<ffi::AnyBuffer> sum_g,
+                        ffi::Result<ffi::AnyBuffer> sum_gc) {
   Shape3 shape;
   if (!AsShape3(x, features, inner, &shape)) return BadShape();
+  const uint8_t* kept;
+  if (!MaskOf(mask, shape, &kept)) return BadMask();
   Team team(pool);
   return DispatchType(x.element_type(), "x", [&](auto* xtag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
@@ -711,7 +796,8 @@ ffi::Error GradSumsImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, f
       using G = std::remove_pointer_t<decltype(gtag)>;
       using A = Compute<T>;
       FeatureSums sums(features);
-      BatchGradSums(team, Data<T>(x), Data<G>(g), shape, Data<A>(hi), Data<A>(lo), sums);
+      BatchGradSums(team, Data<T>(x), Data<G>(g), kept, shape, Data<A>(hi), Data<A>(lo),
+                    sums);
       A* sg_out = Data<A>(sum_g);
       A* sgc_out = Data<A>(sum_gc);
       for (int64_t c = 0; c < features; ++c) {
@@ -736,7 +822,7 @@ struct Coefficients {
 };
 
 template <typename A, typename T, typename G, typename O, int N, typename Op>
-void Map(Team& team, const T* x, const G* g, O* out, Shape3 s,
+void Map(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Shape3 s,
          Coefficients<A, N> coef, Op&& op) {
   using V = Simd<A>;
   constexpr int L = kLanes<A>;
@@ -746,6 +832,10 @@ void Map(Team& team, const T* x, const G* g, O* out, Shape3 s,
     team.Run(parts, [&](int64_t p) {
       for (int64_t o = split.Begin(p); o < split.End(p); ++o) {
         const int64_t base = o * s.features;
+        if (mask != nullptr && mask[o] == 0) {  // all-zero bits are 0 in every output type
+          std::memset(static_cast<void*>(out + base), 0, s.features * sizeof(O));
+          continue;
+        }
         int64_t c = 0;
         for (; c + L <= s.features; c += L) {
           V k[N];
@@ -776,52 +866,68 @@ void Map(Team& team, const T* x, const G* g, O* out, Shape3 s,
       A k[N];
       for (int j = 0; j < N; ++j) k[j] = coef.v[j][c];
       int64_t i = 0;
-      for (; i + L <= len; i += L)
-        StoreV<A>(out + base + i, op(LoadV<A>(x + base + i), LoadV<A>(g + base + i), k));
-      for (; i < len; ++i) Store<A>(out, base + i, op(Load<A>(x, base + i), Load<A>(g, base + i), k));
+      if (mask == nullptr) {
+        for (; i + L <= len; i += L)
+          StoreV<A>(out + base + i, op(LoadV<A>(x + base + i), LoadV<A>(g + base + i), k));
+        for (; i < len; ++i)
+          Store<A>(out, base + i, op(Load<A>(x, base + i), Load<A>(g, base + i), k));
+      } else {
+        const uint8_t* m = mask + (segment / s.features) * s.inner + start;
+        for (; i + L <= len; i += L)
+          StoreV<A>(out + base + i, Keep(LoadKeep<A>(m + i), op(LoadV<A>(x + base + i),
+                                                                LoadV<A>(g + base + i), k)));
+        for (; i < len; ++i)
+          Store<A>(out, base + i,
+                   Keep(m[i] != 0, op(Load<A>(x, base + i), Load<A>(g, base + i), k)));
+      }
     }
   });
 }
 
 template <typename A, typename T, typename Y>
-void NormalizeMap(Team& team, const T* x, Y* y, Shape3 s, const A* hi, const A* lo,
-                  const A* a, const A* b) {
-  Map<A>(team, x, x, y, s, Coefficients<A, 4>{{hi, lo, a, b}},
+void NormalizeMap(Team& team, const T* x, const uint8_t* mask, Y* y, Shape3 s, const A* hi,
+                  const A* lo, const A* a, const A* b) {
+  Map<A>(team, x, x, mask, y, s, Coefficients<A, 4>{{hi, lo, a, b}},
          [](auto xv, auto, const auto* k) { return ((xv - k[0]) - k[1]) * k[2] + k[3]; });
 }
 
 template <typename A, typename T, typename G>
-void GradInputMap(Team& team, const T* x, const G* g, T* dx, Shape3 s, const A* hi,
-                  const A* lo, const A* a, const A* b, const A* k) {
-  Map<A>(team, x, g, dx, s, Coefficients<A, 5>{{hi, lo, a, b, k}},
+void GradInputMap(Team& team, const T* x, const G* g, const uint8_t* mask, T* dx, Shape3 s,
+                  const A* hi, const A* lo, const A* a, const A* b, const A* k) {
+  Map<A>(team, x, g, mask, dx, s, Coefficients<A, 5>{{hi, lo, a, b, k}},
          [](auto xv, auto gv, const auto* c) {
            return c[2] * gv + c[3] + c[4] * ((xv - c[0]) - c[1]);
          });
 }
 
-ffi::Error NormalizeImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, ffi::AnyBuffer x, ffi::AnyBuffer hi,
-                         ffi::AnyBuffer lo, ffi::AnyBuffer a, ffi::AnyBuffer b,
-                         ffi::Result<ffi::AnyBuffer> y) {
+ffi::Error NormalizeImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, ffi::AnyBuffer x,
+                         ffi::AnyBuffer mask, ffi::AnyBuffer hi, ffi::AnyBuffer lo,
+                         ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> y) {
   Shape3 shape;
   if (!AsShape3(x, features, inner, &shape)) return BadShape();
+  const uint8_t* kept;
+  if (!MaskOf(mask, shape, &kept)) return BadMask();
   Team team(pool);
   return DispatchType(x.element_type(), "x", [&](auto* xtag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
     return DispatchType(y->element_type(), "y", [&](auto* ytag) {
       using Y = std::remove_pointer_t<decltype(ytag)>;
       using A = Compute<T>;
-      NormalizeMap(team, Data<T>(x), Data<Y>(y), shape, Data<A>(hi), Data<A>(lo), Data<A>(a),
-                   Data<A>(b));
+      NormalizeMap(team, Data<T>(x), kept, Data<Y>(y), shape, Data<A>(hi), Data<A>(lo),
+                   Data<A>(a), Data<A>(b));
       return ffi::Error::Success();
     });
   });
 }
 
-ffi::Error GradInputImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, ffi::AnyBuffer x, ffi::AnyBuffer g,
-                         ffi::AnyBuffer hi, ffi::AnyBuffer lo, ffi::AnyBuffer a,
-                         ffi::AnyBuffer b, ffi::AnyBuffer k, ffi::Result<ffi::AnyBuffer> dx) {
+ffi::Error GradInputImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, ffi::AnyBuffer x,
+                         ffi::AnyBuffer g, ffi::AnyBuffer mask, ffi::AnyBuffer hi,
+                         ffi::AnyBuffer lo, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer k,
+                         ffi::Result<ffi::AnyBuffer> dx) {
   Shape3 shape;
   if (!AsShape3(x, features, inner, &shape)) return BadShape();
+  const uint8_t* kept;
+  if (!MaskOf(mask, shape, &kept)) return BadMask();
   Team team(pool);
   return DispatchType(x.element_type(), "x", [&](auto* xtag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
@@ -829,8 +935,8 @@ ffi::Error GradInputImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, 
       using G = std::remove_pointer_t<decltype(gtag)>;
       using A = Compute<T>;
       // dx has x's dtype (JAX checks that against the ffi_call's declared result).
-      GradInputMap(team, Data<T>(x), Data<G>(g), Data<T>(dx), shape, Data<A>(hi), Data<A>(lo),
-                   Data<A>(a), Data<A>(b), Data<A>(k));
+      GradInputMap(team, Data<T>(x), Data<G>(g), kept, Data<T>(dx), shape, Data<A>(hi),
+                   Data<A>(lo), Data<A>(a), Data<A>(b), Data<A>(k));
       return ffi::Error::Success();
     });
   });
@@ -843,18 +949,23 @@ ffi::Error GradInputImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, 
 // CPU each XLA op between two custom calls costs tens of microseconds of hand-off between
 // threads, more than the passes themselves over a 1 MB batch. (Under axis_name the
 // statistics are pooled across devices between the passes, in JAX, with the kernels above.)
+// m is the number of unmasked values per feature, at least 1 (a feature with none has
+// μ = 0 and var = 0, and all its outputs are masked).
 //
 //   Forward:   moments; var = max(M2/m, 0); 1/σ = 1/√(var + ε); y = ((x − hi) − lo)·(γ/σ) + β
 //   Backward:  Σ dy, Σ dy·(x − μ); ∂L/∂β = Σ dy, ∂L/∂γ = Σ dy·(x − μ)/σ, and dx with
 //              a = γ/σ, b = −a·(Σ dy)/m, k = −a/σ²·(Σ dy·(x − μ))/m
 
 ffi::Error ForwardImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, double epsilon,
-                       ffi::AnyBuffer x, ffi::AnyBuffer scale, ffi::AnyBuffer bias,
-                       ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::AnyBuffer> hi,
-                       ffi::Result<ffi::AnyBuffer> lo, ffi::Result<ffi::AnyBuffer> var,
-                       ffi::Result<ffi::AnyBuffer> inv_std) {
+                       ffi::AnyBuffer x, ffi::AnyBuffer mask, ffi::AnyBuffer scale,
+                       ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> y,
+                       ffi::Result<ffi::AnyBuffer> hi, ffi::Result<ffi::AnyBuffer> lo,
+                       ffi::Result<ffi::AnyBuffer> var, ffi::Result<ffi::AnyBuffer> inv_std,
+                       ffi::Result<ffi::AnyBuffer> count) {
   Shape3 shape;
   if (!AsShape3(x, features, inner, &shape)) return BadShape();
+  const uint8_t* kept;
+  if (!MaskOf(mask, shape, &kept)) return BadMask();
   Team team(pool);
   return DispatchType(x.element_type(), "x", [&](auto* xtag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
@@ -862,33 +973,36 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, do
       using Y = std::remove_pointer_t<decltype(ytag)>;
       using A = Compute<T>;
       Moments moments(features);
-      BatchMoments(team, Data<T>(x), shape, moments);  // eqs. (1)-(2)
-      const A count = static_cast<A>(shape.outer * shape.inner);
+      BatchMoments(team, Data<T>(x), kept, shape, moments);  // eqs. (1)-(2)
       const A eps = static_cast<A>(epsilon);
       const A* gamma = Data<A>(scale);
       A* var_out = Data<A>(var);
       A* inv_out = Data<A>(inv_std);
+      A* count_out = Data<A>(count);
       std::vector<A> a(features);
       for (int64_t c = 0; c < features; ++c) {
         SplitMean(moments, c, Data<A>(hi), Data<A>(lo));
-        var_out[c] = std::max(static_cast<A>(moments.m2[c]) / count, A(0));
+        count_out[c] = static_cast<A>(moments.count[c]);
+        var_out[c] = std::max(static_cast<A>(moments.m2[c]) / std::max(count_out[c], A(1)), A(0));
         inv_out[c] = A(1) / std::sqrt(var_out[c] + eps);
         a[c] = gamma[c] * inv_out[c];
       }
-      NormalizeMap(team, Data<T>(x), Data<Y>(y), shape, Data<A>(hi), Data<A>(lo), a.data(),
-                   Data<A>(bias));  // eqs. (3)-(4)
+      NormalizeMap(team, Data<T>(x), kept, Data<Y>(y), shape, Data<A>(hi), Data<A>(lo),
+                   a.data(), Data<A>(bias));  // eqs. (3)-(4)
       return ffi::Error::Success();
     });
   });
 }
 
 ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, ffi::AnyBuffer x,
-                        ffi::AnyBuffer g, ffi::AnyBuffer hi, ffi::AnyBuffer lo,
-                        ffi::AnyBuffer inv_std, ffi::AnyBuffer scale,
+                        ffi::AnyBuffer g, ffi::AnyBuffer mask, ffi::AnyBuffer hi,
+                        ffi::AnyBuffer lo, ffi::AnyBuffer inv_std, ffi::AnyBuffer scale,
                         ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> d_scale,
                         ffi::Result<ffi::AnyBuffer> d_bias) {
   Shape3 shape;
   if (!AsShape3(x, features, inner, &shape)) return BadShape();
+  const uint8_t* kept;
+  if (!MaskOf(mask, shape, &kept)) return BadMask();
   Team team(pool);
   return DispatchType(x.element_type(), "x", [&](auto* xtag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
@@ -898,8 +1012,10 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, f
       const A* mu_hi = Data<A>(hi);
       const A* mu_lo = Data<A>(lo);
       FeatureSums sums(features);
-      BatchGradSums(team, Data<T>(x), Data<G>(g), shape, mu_hi, mu_lo, sums);
-      const A count = static_cast<A>(shape.outer * shape.inner);
+      BatchGradSums(team, Data<T>(x), Data<G>(g), kept, shape, mu_hi, mu_lo, sums);
+      const int64_t positions = shape.outer * shape.inner;
+      const A count =
+          std::max(static_cast<A>(kept ? CountKept(kept, positions) : positions), A(1));
       const A* inv = Data<A>(inv_std);
       const A* gamma = Data<A>(scale);
       A* d_scale_out = Data<A>(d_scale);
@@ -913,8 +1029,8 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, f
         b[c] = -a[c] * (sum_g / count);
         k[c] = -a[c] * (inv[c] * inv[c]) * (sum_gc / count);
       }
-      GradInputMap(team, Data<T>(x), Data<G>(g), Data<T>(dx), shape, mu_hi, mu_lo, a.data(),
-                   b.data(), k.data());
+      GradInputMap(team, Data<T>(x), Data<G>(g), kept, Data<T>(dx), shape, mu_hi, mu_lo,
+                   a.data(), b.data(), k.data());
       return ffi::Error::Success();
     });
   });
@@ -929,6 +1045,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnMoments, jaxbn::MomentsImpl,
                                   .Attr<int64_t>("features")
                                   .Attr<int64_t>("inner")
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
@@ -942,6 +1059,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnGradSums, jaxbn::GradSumsImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
 
@@ -950,6 +1068,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnNormalize, jaxbn::NormalizeImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<int64_t>("features")
                                   .Attr<int64_t>("inner")
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
@@ -969,6 +1088,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnGradInput, jaxbn::GradInputImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnForward, jaxbn::ForwardImpl,
@@ -980,6 +1100,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnForward, jaxbn::ForwardImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
@@ -991,6 +1113,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBackward, jaxbn::BackwardImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Attr<int64_t>("features")
                                   .Attr<int64_t>("inner")
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
