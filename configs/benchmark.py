@@ -12,6 +12,8 @@ def get_config():
                       (32, 112, 112, 64))
   # Features on axis 1 (PyTorch's layout), against PyTorch's kernel on contiguous NCHW.
   config.op_channels_first_shapes = ((64, 128, 56, 56),)
+  # A quarter of the examples masked out (padding): jaxbn's and Flax's mask argument.
+  config.op_masked_shapes = ((64, 56, 56, 128),)
   config.op_dtypes = ("float32", "bfloat16")
   config.residual_shape = (64, 56, 56, 128)
   config.nets = ("mlp", "cnn")

@@ -40,36 +40,48 @@ def naive_batch_norm(x, scale, bias, axis=-1, epsilon=1e-5):
   return y.astype(x.dtype)
 
 
-def _flax_batch_norm(x, scale, bias, axis=-1):
+def _flax_batch_norm(x, scale, bias, axis=-1, mask=None):
   y, _ = nn.BatchNorm(use_running_average=False, axis=axis).apply(
       {"params": {"scale": scale, "bias": bias},
        "batch_stats": {"mean": jnp.zeros_like(scale), "var": jnp.ones_like(scale)}},
-      x, mutable=["batch_stats"])
+      x, mask=mask, mutable=["batch_stats"])
   return y
 
 
-# Each takes (x, γ, β, axis): the feature axis is -1 (NHWC, dense) or 1 (NCHW).
+# Each takes (x, γ, β, axis): the feature axis is -1 (NHWC, dense) or 1 (NCHW); those in
+# MASKABLE also take a padding mask.
 FORWARDS: dict[str, Callable] = {
-    "jaxbn analytic": lambda x, s, b, axis: jaxbn.batch_norm(x, s, b, axis=axis)[0],
-    "jaxbn analytic, pure JAX": lambda x, s, b, axis: jaxbn.batch_norm(
-        x, s, b, axis=axis, use_cpu_kernel=False)[0],
-    "jaxbn autodiff": lambda x, s, b, axis: jaxbn.batch_norm(
-        x, s, b, axis=axis, gradient="autodiff")[0],
+    "jaxbn analytic": lambda x, s, b, axis, mask=None: jaxbn.batch_norm(
+        x, s, b, axis=axis, mask=mask)[0],
+    "jaxbn analytic, pure JAX": lambda x, s, b, axis, mask=None: jaxbn.batch_norm(
+        x, s, b, axis=axis, mask=mask, use_cpu_kernel=False)[0],
+    "jaxbn autodiff": lambda x, s, b, axis, mask=None: jaxbn.batch_norm(
+        x, s, b, axis=axis, mask=mask, gradient="autodiff")[0],
     "naive autodiff": naive_batch_norm,
     "flax.linen": _flax_batch_norm,
 }
+MASKABLE = ("jaxbn analytic", "jaxbn analytic, pure JAX", "jaxbn autodiff", "flax.linen")
 
-# Shapes given channels-first in a config are labelled so in every table and plot.
+# Shapes given channels-first or masked in a config are labelled so in every table and plot.
 CHANNELS_FIRST = " NCHW"
+MASKED = " masked"
 
 
-def training_step(forward: Callable, axis: int = -1) -> Callable:
+def training_step(forward: Callable, axis: int = -1, mask=None) -> Callable:
   """(x, γ, β, dy) -> (y, dx, dγ, dβ), jitted."""
+  extra = {} if mask is None else {"mask": mask}
+
   @jax.jit
   def step(x, scale, bias, dy):
-    y, vjp = jax.vjp(lambda *a: forward(*a, axis), x, scale, bias)
+    y, vjp = jax.vjp(lambda *a: forward(*a, axis, **extra), x, scale, bias)
     return (y, *vjp(dy.astype(y.dtype)))  # Flax returns float32 for bf16 x, f32 params
   return step
+
+
+def padding_mask(shape, seed=0):
+  """A quarter of the examples masked out, as padding in a variable-size batch."""
+  keep = np.random.default_rng(seed).random((shape[0],) + (1,) * (len(shape) - 1)) > 0.25
+  return jnp.asarray(keep)
 
 
 def _inputs(shape, dtype, seed=0, axis=-1):
@@ -116,22 +128,28 @@ def _calls_per_sample(run: Callable, sample_s: float) -> int:
 
 
 def time_ops(shapes, dtypes, repeats: int, settle_s: float = 0.02,
-             sample_s: float = 2e-3, channels_first_shapes=()) -> list[dict]:
-  """Rows for `shapes` (features last) and `channels_first_shapes` (features on axis 1)."""
+             sample_s: float = 2e-3, channels_first_shapes=(), masked_shapes=()) -> list[dict]:
+  """Rows for `shapes` (features last), `channels_first_shapes` (features on axis 1) and
+  `masked_shapes` (features last, a quarter of the examples masked; only the implementations
+  that take a mask)."""
   rows = []
-  cases = [(s, False) for s in shapes] + [(s, True) for s in channels_first_shapes]
+  cases = ([(s, False, False) for s in shapes] + [(s, True, False) for s in channels_first_shapes]
+           + [(s, False, True) for s in masked_shapes])
   for dtype in dtypes:
-    for shape, channels_first in cases:
+    for shape, channels_first, masked in cases:
       axis = 1 if channels_first else -1
       args = _inputs(shape, dtype, axis=axis)
+      mask = padding_mask(shape) if masked else None
       runners, compile_s = {}, {}
       for name, forward in FORWARDS.items():
+        if masked and name not in MASKABLE:
+          continue
         start = time.perf_counter()
-        compiled = training_step(forward, axis).lower(*args).compile()
+        compiled = training_step(forward, axis, mask).lower(*args).compile()
         compile_s[name] = time.perf_counter() - start
         jax.block_until_ready(compiled(*args))  # warm-up
         runners[name] = lambda c=compiled: jax.block_until_ready(c(*args))
-      torch_step = _torch_step(shape, dtype, channels_first)
+      torch_step = None if masked else _torch_step(shape, dtype, channels_first)
       if torch_step is not None:
         torch_step()
         runners["torch"] = torch_step
@@ -151,7 +169,8 @@ def time_ops(shapes, dtypes, repeats: int, settle_s: float = 0.02,
       nbytes = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
       for name, samples in times.items():
         median = statistics.median(samples)
-        label = "x".join(map(str, shape)) + (CHANNELS_FIRST if channels_first else "")
+        label = ("x".join(map(str, shape)) + (CHANNELS_FIRST if channels_first else "")
+                 + (MASKED if masked else ""))
         rows.append({"shape": label, "dtype": dtype, "implementation": name,
                      "median_ms": 1e3 * median, "compile_s": compile_s[name],
                      "gb_per_s": TRANSFERS * nbytes / median / 1e9})

@@ -208,7 +208,9 @@ def run(config, workdir: pathlib.Path) -> str:
                                         settle_s=config.op_settle_s,
                                         sample_s=config.op_sample_s,
                                         channels_first_shapes=[
-                                            tuple(s) for s in config.op_channels_first_shapes])
+                                            tuple(s) for s in config.op_channels_first_shapes],
+                                        masked_shapes=[
+                                            tuple(s) for s in config.op_masked_shapes])
     results["residuals"] = bench_ops.residual_bytes(tuple(config.residual_shape))
     parts.append(bench_ops.markdown(results["ops"], results["residuals"],
                                     results["bandwidth_gb_per_s"], meta))

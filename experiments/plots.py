@@ -242,9 +242,11 @@ def plot_op_benchmark(rows: list[dict], bandwidth: float, path: pathlib.Path) ->
     for i, name in enumerate(names):
       by_shape = {r["shape"]: r for r in subset if r["implementation"] == name}
       xs = np.arange(len(shapes)) + i * width
-      axes[0, column].bar(xs, [by_shape[s]["median_ms"] for s in shapes], width, label=name)
-      axes[1, column].bar(xs, [by_shape[s]["gb_per_s"] / bandwidth for s in shapes], width,
-                          label=name)
+      # Not every implementation runs every row (torch and the naive one take no mask).
+      axes[0, column].bar(xs, [by_shape[s]["median_ms"] if s in by_shape else np.nan
+                               for s in shapes], width, label=name)
+      axes[1, column].bar(xs, [by_shape[s]["gb_per_s"] / bandwidth if s in by_shape else np.nan
+                               for s in shapes], width, label=name)
     for row in range(2):
       axes[row, column].set_xticks(np.arange(len(shapes)) + 0.4 - width / 2, shapes,
                                    rotation=20, fontsize=7)

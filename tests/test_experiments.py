@@ -200,6 +200,7 @@ def test_benchmark_runs_tiny_and_reports_every_column(tmp_path):
   config = benchmark_config.get_config()
   config.op_shapes = ((8, 4), (2, 3, 3, 4))
   config.op_channels_first_shapes = ((2, 4, 3, 3),)
+  config.op_masked_shapes = ((4, 3, 3, 4),)
   config.residual_shape = (4, 2, 2, 3)
   config.model.hidden = (8, 8)
   config.model.cnn_features = (4,)
@@ -216,6 +217,9 @@ def test_benchmark_runs_tiny_and_reports_every_column(tmp_path):
       found = {r["implementation"] for r in results["ops"]
                if r["dtype"] == dtype and r["shape"] == shape}
       assert implementations <= found
+    masked = {r["implementation"] for r in results["ops"]
+              if r["dtype"] == dtype and r["shape"] == "4x3x3x4 masked"}
+    assert masked == set(bench_ops.MASKABLE)
   assert {(r["net"], r["implementation"]) for r in results["throughput"]} >= {
       (net, impl) for net in ("mlp", "cnn") for impl in benchmark.IMPLEMENTATIONS}
   assert all(r["peak_bytes"] > 0 for r in results["memory"])
