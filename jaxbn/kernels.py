@@ -190,7 +190,7 @@ def forward_xla(layout: Layout, x, scale, bias, mask=None, *, epsilon: float, ou
   var = _per_feature.variance(m2, jnp.maximum(count, 1))
   inv_std = _per_feature.inverse_std(var, epsilon)
   y = normalize_xla(layout, x, hi, lo, scale * inv_std, bias, mask, out_dtype=out_dtype)
-  return y, hi, lo, var, inv_std, count
+  return y, hi, lo, var, inv_std, count if mask is not None else count[:0]
 
 
 def backward_xla(layout: Layout, x, dy, hi, lo, inv_std, scale, mask=None):
@@ -295,8 +295,9 @@ def _forward(layout: Layout, epsilon: float, out_dtype, x, scale, bias, mask=Non
   _check(layout, x, mask=mask, scale=scale, bias=bias)
   _check_out_dtype(out_dtype)
   v = _vector(x, layout)
+  count = v if mask is not None else jax.ShapeDtypeStruct((0,), v.dtype)
   return tuple(_call("jaxbn_forward",
-                     (jax.ShapeDtypeStruct(x.shape, out_dtype), v, v, v, v, v),
+                     (jax.ShapeDtypeStruct(x.shape, out_dtype), v, v, v, v, count),
                      x, _mask_operand(mask), scale, bias, layout=layout,
                      epsilon=np.float64(epsilon)))
 
@@ -310,8 +311,9 @@ def forward(layout: Layout, x, scale, bias, mask=None, *, epsilon: float, out_dt
   """The training forward of a batch on one device, eqs. (1)-(4), in one call.
 
   Returns (y, hi, lo, var, inv_std, count): y = γ(x − μ)/σ + β in `out_dtype` (default x's),
-  μ as hi + lo, the biased variance without ε, 1/σ, and m, the values behind each feature's
-  statistics. `scale` (γ) and `bias` (β) are per-feature vectors in the compute dtype.
+  μ as hi + lo, the biased variance without ε, 1/σ, and with a mask m, the values behind each
+  feature's statistics (empty without one: m is then x.size / features). `scale` (γ) and
+  `bias` (β) are per-feature vectors in the compute dtype.
   """
   out_dtype = np.dtype(out_dtype or x.dtype)
   return _forward_with_derivatives(layout, float(epsilon), out_dtype, x, scale, bias, mask)

@@ -428,12 +428,13 @@ def _forward_xla(x, scale, bias, mask, static: _Static):
 def _forward_fused(x, scale, bias, mask, static: _Static):
   """The whole forward in one kernel call: XLA runs nothing between the passes over x."""
   layout, cdt = static.kernel_layout, _args.compute_dtype(x)
-  y, *vectors = kernels.forward(
+  y, *vectors, count = kernels.forward(
       layout, x, scale.astype(cdt).ravel(), bias.astype(cdt).ravel(),
       _kernel_mask(mask, x, static), epsilon=static.epsilon, out_dtype=static.out_dtype)
-  shift, delta, var, inv_std, count = (v.reshape(static.broadcast_shape) for v in vectors)
-  if mask is None:  # m is then known at trace time: a constant, not an op after the call
-    count = _local_count(x, None, static, cdt)
+  shift, delta, var, inv_std = (v.reshape(static.broadcast_shape) for v in vectors)
+  # Without a mask m is known at trace time (and the kernel returns no count).
+  count = (_local_count(x, None, static, cdt) if mask is None
+           else count.reshape(static.broadcast_shape))
   return _outputs(y, x, mask, scale, bias, count, shift, delta, var, inv_std, static)
 
 

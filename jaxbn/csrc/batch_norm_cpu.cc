@@ -978,12 +978,14 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, do
       const A* gamma = Data<A>(scale);
       A* var_out = Data<A>(var);
       A* inv_out = Data<A>(inv_std);
-      A* count_out = Data<A>(count);
+      // m per feature, written only with a mask (without one JAX knows it: count is empty).
+      A* count_out = count->element_count() > 0 ? Data<A>(count) : nullptr;
       std::vector<A> a(features);
       for (int64_t c = 0; c < features; ++c) {
         SplitMean(moments, c, Data<A>(hi), Data<A>(lo));
-        count_out[c] = static_cast<A>(moments.count[c]);
-        var_out[c] = std::max(static_cast<A>(moments.m2[c]) / std::max(count_out[c], A(1)), A(0));
+        const A m = static_cast<A>(moments.count[c]);
+        if (count_out != nullptr) count_out[c] = m;
+        var_out[c] = std::max(static_cast<A>(moments.m2[c]) / std::max(m, A(1)), A(0));
         inv_out[c] = A(1) / std::sqrt(var_out[c] + eps);
         a[c] = gamma[c] * inv_out[c];
       }
