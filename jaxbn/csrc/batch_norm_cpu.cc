@@ -627,6 +627,14 @@ ffi::Error BadMask() {
       "jaxbn: the mask must be empty or hold one bool per (outer, inner) position");
 }
 
+// x as (outer, features, inner) and its mask (null for none), or why the operands do not fit.
+ffi::Error View(const ffi::AnyBuffer& x, const ffi::AnyBuffer& mask, int64_t features,
+                int64_t inner, Shape3* shape, const uint8_t** kept) {
+  if (!AsShape3(x, features, inner, shape)) return BadShape();
+  if (!MaskOf(mask, *shape, kept)) return BadMask();
+  return ffi::Error::Success();
+}
+
 // Typed views of untyped buffers (bfloat16 has no C++ type the FFI headers know).
 template <typename T>
 const T* Data(const ffi::AnyBuffer& b) {
@@ -641,9 +649,8 @@ ffi::Error MomentsImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, ff
                        ffi::AnyBuffer mask, ffi::Result<ffi::AnyBuffer> hi,
                        ffi::Result<ffi::AnyBuffer> lo, ffi::Result<ffi::AnyBuffer> m2) {
   Shape3 shape;
-  if (!AsShape3(x, features, inner, &shape)) return BadShape();
   const uint8_t* kept;
-  if (!MaskOf(mask, shape, &kept)) return BadMask();
+  if (ffi::Error e = View(x, mask, features, inner, &shape, &kept); e.failure()) return e;
   Team team(pool);
   return DispatchType(x.element_type(), "x", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -786,9 +793,8 @@ ffi::Error GradSumsImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, f
                         ffi::AnyBuffer lo, ffi::Result<ffi::AnyBuffer> sum_g,
                         ffi::Result<ffi::AnyBuffer> sum_gc) {
   Shape3 shape;
-  if (!AsShape3(x, features, inner, &shape)) return BadShape();
   const uint8_t* kept;
-  if (!MaskOf(mask, shape, &kept)) return BadMask();
+  if (ffi::Error e = View(x, mask, features, inner, &shape, &kept); e.failure()) return e;
   Team team(pool);
   return DispatchType(x.element_type(), "x", [&](auto* xtag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
@@ -904,9 +910,8 @@ ffi::Error NormalizeImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, 
                          ffi::AnyBuffer mask, ffi::AnyBuffer hi, ffi::AnyBuffer lo,
                          ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> y) {
   Shape3 shape;
-  if (!AsShape3(x, features, inner, &shape)) return BadShape();
   const uint8_t* kept;
-  if (!MaskOf(mask, shape, &kept)) return BadMask();
+  if (ffi::Error e = View(x, mask, features, inner, &shape, &kept); e.failure()) return e;
   Team team(pool);
   return DispatchType(x.element_type(), "x", [&](auto* xtag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
@@ -925,9 +930,8 @@ ffi::Error GradInputImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, 
                          ffi::AnyBuffer lo, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer k,
                          ffi::Result<ffi::AnyBuffer> dx) {
   Shape3 shape;
-  if (!AsShape3(x, features, inner, &shape)) return BadShape();
   const uint8_t* kept;
-  if (!MaskOf(mask, shape, &kept)) return BadMask();
+  if (ffi::Error e = View(x, mask, features, inner, &shape, &kept); e.failure()) return e;
   Team team(pool);
   return DispatchType(x.element_type(), "x", [&](auto* xtag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
@@ -963,9 +967,8 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, do
                        ffi::Result<ffi::AnyBuffer> var, ffi::Result<ffi::AnyBuffer> inv_std,
                        ffi::Result<ffi::AnyBuffer> count) {
   Shape3 shape;
-  if (!AsShape3(x, features, inner, &shape)) return BadShape();
   const uint8_t* kept;
-  if (!MaskOf(mask, shape, &kept)) return BadMask();
+  if (ffi::Error e = View(x, mask, features, inner, &shape, &kept); e.failure()) return e;
   Team team(pool);
   return DispatchType(x.element_type(), "x", [&](auto* xtag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
@@ -1002,9 +1005,8 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, f
                         ffi::Result<ffi::AnyBuffer> dx, ffi::Result<ffi::AnyBuffer> d_scale,
                         ffi::Result<ffi::AnyBuffer> d_bias) {
   Shape3 shape;
-  if (!AsShape3(x, features, inner, &shape)) return BadShape();
   const uint8_t* kept;
-  if (!MaskOf(mask, shape, &kept)) return BadMask();
+  if (ffi::Error e = View(x, mask, features, inner, &shape, &kept); e.failure()) return e;
   Team team(pool);
   return DispatchType(x.element_type(), "x", [&](auto* xtag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
@@ -1038,14 +1040,16 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, f
   });
 }
 
+// Every handler's leading bindings: XLA's thread pool, then x's (features, inner) view.
+auto BindView() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Attr<int64_t>("features").Attr<int64_t>("inner");
+}
+
 }  // namespace
 }  // namespace jaxbn
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnMoments, jaxbn::MomentsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<int64_t>("features")
-                                  .Attr<int64_t>("inner")
+                              jaxbn::BindView()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
@@ -1053,10 +1057,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnMoments, jaxbn::MomentsImpl,
                                   .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnGradSums, jaxbn::GradSumsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<int64_t>("features")
-                                  .Attr<int64_t>("inner")
+                              jaxbn::BindView()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
@@ -1066,10 +1067,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnGradSums, jaxbn::GradSumsImpl,
                                   .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnNormalize, jaxbn::NormalizeImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<int64_t>("features")
-                                  .Attr<int64_t>("inner")
+                              jaxbn::BindView()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
@@ -1079,10 +1077,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnNormalize, jaxbn::NormalizeImpl,
                                   .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnGradInput, jaxbn::GradInputImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<int64_t>("features")
-                                  .Attr<int64_t>("inner")
+                              jaxbn::BindView()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
@@ -1094,10 +1089,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnGradInput, jaxbn::GradInputImpl,
                                   .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnForward, jaxbn::ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<int64_t>("features")
-                                  .Attr<int64_t>("inner")
+                              jaxbn::BindView()
                                   .Attr<double>("epsilon")
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
@@ -1111,10 +1103,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnForward, jaxbn::ForwardImpl,
                                   .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBackward, jaxbn::BackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<int64_t>("features")
-                                  .Attr<int64_t>("inner")
+                              jaxbn::BindView()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
