@@ -40,6 +40,7 @@
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -221,6 +222,14 @@ ffi::Error DispatchType(ffi::DataType dtype, const char* what, Fn&& fn) {
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("jaxbn: ") + e.what());
   }
+}
+
+// Calls fn(x_tag, other_tag) for x's dtype and a second operand's (dy, or the output y).
+template <typename Fn>
+ffi::Error DispatchTypes(ffi::DataType x, ffi::DataType other, const char* what, Fn&& fn) {
+  return DispatchType(x, "x", [&](auto* xtag) {
+    return DispatchType(other, what, [&](auto* otag) { return fn(xtag, otag); });
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -796,22 +805,21 @@ ffi::Error GradSumsImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, f
   const uint8_t* kept;
   if (ffi::Error e = View(x, mask, features, inner, &shape, &kept); e.failure()) return e;
   Team team(pool);
-  return DispatchType(x.element_type(), "x", [&](auto* xtag) {
+  return DispatchTypes(x.element_type(), g.element_type(), "dy",
+                       [&](auto* xtag, auto* gtag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
-    return DispatchType(g.element_type(), "dy", [&](auto* gtag) {
-      using G = std::remove_pointer_t<decltype(gtag)>;
-      using A = Compute<T>;
-      FeatureSums sums(features);
-      BatchGradSums(team, Data<T>(x), Data<G>(g), kept, shape, Data<A>(hi), Data<A>(lo),
-                    sums);
-      A* sg_out = Data<A>(sum_g);
-      A* sgc_out = Data<A>(sum_gc);
-      for (int64_t c = 0; c < features; ++c) {
-        sg_out[c] = static_cast<A>(sums.g[c]);
-        sgc_out[c] = static_cast<A>(sums.gc[c]);
-      }
-      return ffi::Error::Success();
-    });
+    using G = std::remove_pointer_t<decltype(gtag)>;
+    using A = Compute<T>;
+    FeatureSums sums(features);
+    BatchGradSums(team, Data<T>(x), Data<G>(g), kept, shape, Data<A>(hi), Data<A>(lo),
+                  sums);
+    A* sg_out = Data<A>(sum_g);
+    A* sgc_out = Data<A>(sum_gc);
+    for (int64_t c = 0; c < features; ++c) {
+      sg_out[c] = static_cast<A>(sums.g[c]);
+      sgc_out[c] = static_cast<A>(sums.gc[c]);
+    }
+    return ffi::Error::Success();
   });
 }
 
@@ -913,15 +921,14 @@ ffi::Error NormalizeImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, 
   const uint8_t* kept;
   if (ffi::Error e = View(x, mask, features, inner, &shape, &kept); e.failure()) return e;
   Team team(pool);
-  return DispatchType(x.element_type(), "x", [&](auto* xtag) {
+  return DispatchTypes(x.element_type(), y->element_type(), "y",
+                       [&](auto* xtag, auto* ytag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
-    return DispatchType(y->element_type(), "y", [&](auto* ytag) {
-      using Y = std::remove_pointer_t<decltype(ytag)>;
-      using A = Compute<T>;
-      NormalizeMap(team, Data<T>(x), kept, Data<Y>(y), shape, Data<A>(hi), Data<A>(lo),
-                   Data<A>(a), Data<A>(b));
-      return ffi::Error::Success();
-    });
+    using Y = std::remove_pointer_t<decltype(ytag)>;
+    using A = Compute<T>;
+    NormalizeMap(team, Data<T>(x), kept, Data<Y>(y), shape, Data<A>(hi), Data<A>(lo),
+                 Data<A>(a), Data<A>(b));
+    return ffi::Error::Success();
   });
 }
 
@@ -933,16 +940,15 @@ ffi::Error GradInputImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, 
   const uint8_t* kept;
   if (ffi::Error e = View(x, mask, features, inner, &shape, &kept); e.failure()) return e;
   Team team(pool);
-  return DispatchType(x.element_type(), "x", [&](auto* xtag) {
+  return DispatchTypes(x.element_type(), g.element_type(), "dy",
+                       [&](auto* xtag, auto* gtag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
-    return DispatchType(g.element_type(), "dy", [&](auto* gtag) {
-      using G = std::remove_pointer_t<decltype(gtag)>;
-      using A = Compute<T>;
-      // dx has x's dtype (JAX checks that against the ffi_call's declared result).
-      GradInputMap(team, Data<T>(x), Data<G>(g), kept, Data<T>(dx), shape, Data<A>(hi),
-                   Data<A>(lo), Data<A>(a), Data<A>(b), Data<A>(k));
-      return ffi::Error::Success();
-    });
+    using G = std::remove_pointer_t<decltype(gtag)>;
+    using A = Compute<T>;
+    // dx has x's dtype (JAX checks that against the ffi_call's declared result).
+    GradInputMap(team, Data<T>(x), Data<G>(g), kept, Data<T>(dx), shape, Data<A>(hi),
+                 Data<A>(lo), Data<A>(a), Data<A>(b), Data<A>(k));
+    return ffi::Error::Success();
   });
 }
 
@@ -970,32 +976,31 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, do
   const uint8_t* kept;
   if (ffi::Error e = View(x, mask, features, inner, &shape, &kept); e.failure()) return e;
   Team team(pool);
-  return DispatchType(x.element_type(), "x", [&](auto* xtag) {
+  return DispatchTypes(x.element_type(), y->element_type(), "y",
+                       [&](auto* xtag, auto* ytag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
-    return DispatchType(y->element_type(), "y", [&](auto* ytag) {
-      using Y = std::remove_pointer_t<decltype(ytag)>;
-      using A = Compute<T>;
-      Moments moments(features);
-      BatchMoments(team, Data<T>(x), kept, shape, moments);  // eqs. (1)-(2)
-      const A eps = static_cast<A>(epsilon);
-      const A* gamma = Data<A>(scale);
-      A* var_out = Data<A>(var);
-      A* inv_out = Data<A>(inv_std);
-      // m per feature, written only with a mask (without one JAX knows it: count is empty).
-      A* count_out = count->element_count() > 0 ? Data<A>(count) : nullptr;
-      std::vector<A> a(features);
-      for (int64_t c = 0; c < features; ++c) {
-        SplitMean(moments, c, Data<A>(hi), Data<A>(lo));
-        const A m = static_cast<A>(moments.count[c]);
-        if (count_out != nullptr) count_out[c] = m;
-        var_out[c] = std::max(static_cast<A>(moments.m2[c]) / std::max(m, A(1)), A(0));
-        inv_out[c] = A(1) / std::sqrt(var_out[c] + eps);
-        a[c] = gamma[c] * inv_out[c];
-      }
-      NormalizeMap(team, Data<T>(x), kept, Data<Y>(y), shape, Data<A>(hi), Data<A>(lo),
-                   a.data(), Data<A>(bias));  // eqs. (3)-(4)
-      return ffi::Error::Success();
-    });
+    using Y = std::remove_pointer_t<decltype(ytag)>;
+    using A = Compute<T>;
+    Moments moments(features);
+    BatchMoments(team, Data<T>(x), kept, shape, moments);  // eqs. (1)-(2)
+    const A eps = static_cast<A>(epsilon);
+    const A* gamma = Data<A>(scale);
+    A* var_out = Data<A>(var);
+    A* inv_out = Data<A>(inv_std);
+    // m per feature, written only with a mask (without one JAX knows it: count is empty).
+    A* count_out = count->element_count() > 0 ? Data<A>(count) : nullptr;
+    std::vector<A> a(features);
+    for (int64_t c = 0; c < features; ++c) {
+      SplitMean(moments, c, Data<A>(hi), Data<A>(lo));
+      const A m = static_cast<A>(moments.count[c]);
+      if (count_out != nullptr) count_out[c] = m;
+      var_out[c] = std::max(static_cast<A>(moments.m2[c]) / std::max(m, A(1)), A(0));
+      inv_out[c] = A(1) / std::sqrt(var_out[c] + eps);
+      a[c] = gamma[c] * inv_out[c];
+    }
+    NormalizeMap(team, Data<T>(x), kept, Data<Y>(y), shape, Data<A>(hi), Data<A>(lo),
+                 a.data(), Data<A>(bias));  // eqs. (3)-(4)
+    return ffi::Error::Success();
   });
 }
 
@@ -1008,35 +1013,34 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, f
   const uint8_t* kept;
   if (ffi::Error e = View(x, mask, features, inner, &shape, &kept); e.failure()) return e;
   Team team(pool);
-  return DispatchType(x.element_type(), "x", [&](auto* xtag) {
+  return DispatchTypes(x.element_type(), g.element_type(), "dy",
+                       [&](auto* xtag, auto* gtag) {
     using T = std::remove_pointer_t<decltype(xtag)>;
-    return DispatchType(g.element_type(), "dy", [&](auto* gtag) {
-      using G = std::remove_pointer_t<decltype(gtag)>;
-      using A = Compute<T>;
-      const A* mu_hi = Data<A>(hi);
-      const A* mu_lo = Data<A>(lo);
-      FeatureSums sums(features);
-      BatchGradSums(team, Data<T>(x), Data<G>(g), kept, shape, mu_hi, mu_lo, sums);
-      const int64_t positions = shape.outer * shape.inner;
-      const A count =
-          std::max(static_cast<A>(kept ? CountKept(kept, positions) : positions), A(1));
-      const A* inv = Data<A>(inv_std);
-      const A* gamma = Data<A>(scale);
-      A* d_scale_out = Data<A>(d_scale);
-      A* d_bias_out = Data<A>(d_bias);
-      std::vector<A> a(features), b(features), k(features);
-      for (int64_t c = 0; c < features; ++c) {
-        const A sum_g = static_cast<A>(sums.g[c]), sum_gc = static_cast<A>(sums.gc[c]);
-        d_bias_out[c] = sum_g;              // eq. (6)
-        d_scale_out[c] = sum_gc * inv[c];  // eq. (5)
-        a[c] = gamma[c] * inv[c];          // closed form of (7)
-        b[c] = -a[c] * (sum_g / count);
-        k[c] = -a[c] * (inv[c] * inv[c]) * (sum_gc / count);
-      }
-      GradInputMap(team, Data<T>(x), Data<G>(g), kept, Data<T>(dx), shape, mu_hi, mu_lo,
-                   a.data(), b.data(), k.data());
-      return ffi::Error::Success();
-    });
+    using G = std::remove_pointer_t<decltype(gtag)>;
+    using A = Compute<T>;
+    const A* mu_hi = Data<A>(hi);
+    const A* mu_lo = Data<A>(lo);
+    FeatureSums sums(features);
+    BatchGradSums(team, Data<T>(x), Data<G>(g), kept, shape, mu_hi, mu_lo, sums);
+    const int64_t positions = shape.outer * shape.inner;
+    const A count =
+        std::max(static_cast<A>(kept ? CountKept(kept, positions) : positions), A(1));
+    const A* inv = Data<A>(inv_std);
+    const A* gamma = Data<A>(scale);
+    A* d_scale_out = Data<A>(d_scale);
+    A* d_bias_out = Data<A>(d_bias);
+    std::vector<A> a(features), b(features), k(features);
+    for (int64_t c = 0; c < features; ++c) {
+      const A sum_g = static_cast<A>(sums.g[c]), sum_gc = static_cast<A>(sums.gc[c]);
+      d_bias_out[c] = sum_g;              // eq. (6)
+      d_scale_out[c] = sum_gc * inv[c];  // eq. (5)
+      a[c] = gamma[c] * inv[c];          // closed form of (7)
+      b[c] = -a[c] * (sum_g / count);
+      k[c] = -a[c] * (inv[c] * inv[c]) * (sum_gc / count);
+    }
+    GradInputMap(team, Data<T>(x), Data<G>(g), kept, Data<T>(dx), shape, mu_hi, mu_lo,
+                 a.data(), b.data(), k.data());
+    return ffi::Error::Success();
   });
 }
 
@@ -1045,72 +1049,37 @@ auto BindView() {
   return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Attr<int64_t>("features").Attr<int64_t>("inner");
 }
 
+// `binding` followed by `num_args` buffer operands and `num_results` (≥ 1) buffer results.
+// (Bindings can be neither copied nor moved, only extended: each step returns a new one.)
+template <int num_args, int num_results, typename Binding>
+auto Buffers(Binding&& binding) {
+  static_assert(num_results >= 1);
+  if constexpr (num_args > 0) {
+    return Buffers<num_args - 1, num_results>(std::move(binding).template Arg<ffi::AnyBuffer>());
+  } else if constexpr (num_results > 1) {
+    return Buffers<0, num_results - 1>(std::move(binding).template Ret<ffi::AnyBuffer>());
+  } else {
+    return std::move(binding).template Ret<ffi::AnyBuffer>();
+  }
+}
+
 }  // namespace
 }  // namespace jaxbn
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnMoments, jaxbn::MomentsImpl,
-                              jaxbn::BindView()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                              (jaxbn::Buffers<2, 3>(jaxbn::BindView())));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnGradSums, jaxbn::GradSumsImpl,
-                              jaxbn::BindView()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                              (jaxbn::Buffers<5, 2>(jaxbn::BindView())));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnNormalize, jaxbn::NormalizeImpl,
-                              jaxbn::BindView()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                              (jaxbn::Buffers<6, 1>(jaxbn::BindView())));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnGradInput, jaxbn::GradInputImpl,
-                              jaxbn::BindView()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                              (jaxbn::Buffers<8, 1>(jaxbn::BindView())));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnForward, jaxbn::ForwardImpl,
-                              jaxbn::BindView()
-                                  .Attr<double>("epsilon")
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                              (jaxbn::Buffers<4, 6>(jaxbn::BindView().Attr<double>("epsilon"))));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxbnBackward, jaxbn::BackwardImpl,
-                              jaxbn::BindView()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                              (jaxbn::Buffers<7, 3>(jaxbn::BindView())));
