@@ -395,6 +395,12 @@ int64_t NumParts(const Team& team, int64_t elements) {
   return std::max<int64_t>(1, std::min(team.Workers(), elements / kMinElementsPerThread));
 }
 
+// Every channels-last pass splits the rows alike (whole chunks of kChunkRows), so within a
+// call each task meets the rows it had in the previous pass, still in its thread's cache.
+Split RowSplit(const Team& team, int64_t rows, int64_t features) {
+  return Split{rows, NumParts(team, rows * features), kChunkRows};
+}
+
 
 // x viewed as (outer, C, inner).
 struct Shape3 {
@@ -456,8 +462,8 @@ void MomentsRows(Team& team, const T* x, const uint8_t* mask, int64_t rows, int6
   constexpr int L = kLanes<A>;
   const int64_t block = std::min(features, kBlockFeatures);
   const int64_t chunk = kChunkRows;
-  const int64_t parts = NumParts(team, rows * features);
-  const Split split{rows, parts, chunk};
+  const Split split = RowSplit(team, rows, features);
+  const int64_t parts = split.parts;
   std::vector<Moments> partial(parts, Moments(features));
   team.Run(parts, [&](int64_t p) {
     const int64_t tiles = block / L;
@@ -551,14 +557,19 @@ struct Pieces {
         size((inner + per_segment - 1) / per_segment) {}
 };
 
+// Likewise for every channels-first pass: the pieces of all segments, split evenly.
+Split PieceSplit(const Team& team, Shape3 s, const Pieces& pieces) {
+  return Split{s.outer * s.features * pieces.per_segment,
+               NumParts(team, s.outer * s.features * s.inner), 1};
+}
+
 template <typename T>
 void MomentsSegments(Team& team, const T* x, const uint8_t* mask, int64_t outer,
                      int64_t features, int64_t inner, Moments& out) {
   using A = Compute<T>;
   const Pieces pieces(inner);
-  const int64_t items = outer * features * pieces.per_segment;
-  const int64_t parts = NumParts(team, outer * features * inner);
-  const Split split{items, parts, 1};
+  const Split split = PieceSplit(team, Shape3{outer, features, inner}, pieces);
+  const int64_t parts = split.parts;
   std::vector<Moments> partial(parts, Moments(features));
   team.Run(parts, [&](int64_t p) {
     for (int64_t item = split.Begin(p); item < split.End(p); ++item) {
@@ -693,8 +704,8 @@ void GradSumsRows(Team& team, const T* x, const G* g, const uint8_t* mask, int64
   constexpr int L = kLanes<A>;
   const int64_t block = std::min(features, kBlockFeatures);
   const int64_t chunk = kChunkRows;
-  const int64_t parts = NumParts(team, rows * features);
-  const Split split{rows, parts, chunk};
+  const Split split = RowSplit(team, rows, features);
+  const int64_t parts = split.parts;
   std::vector<FeatureSums> partial(parts, FeatureSums(features));
   team.Run(parts, [&](int64_t p) {
     const int64_t tiles = block / L;
@@ -755,9 +766,8 @@ void GradSumsSegments(Team& team, const T* x, const G* g, const uint8_t* mask, i
                       const Compute<T>* lo, FeatureSums& out) {
   using A = Compute<T>;
   const Pieces pieces(inner);
-  const int64_t items = outer * features * pieces.per_segment;
-  const int64_t parts = NumParts(team, outer * features * inner);
-  const Split split{items, parts, 1};
+  const Split split = PieceSplit(team, Shape3{outer, features, inner}, pieces);
+  const int64_t parts = split.parts;
   std::vector<FeatureSums> partial(parts, FeatureSums(features));
   team.Run(parts, [&](int64_t p) {
     for (int64_t item = split.Begin(p); item < split.End(p); ++item) {
@@ -840,10 +850,9 @@ void Map(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Shape3
          Coefficients<A, N> coef, Op&& op) {
   using V = Simd<A>;
   constexpr int L = kLanes<A>;
-  const int64_t parts = NumParts(team, s.outer * s.features * s.inner);
   if (s.inner == 1) {  // channels-last: rows, vectorized across features
-    const Split split{s.outer, parts, 1};
-    team.Run(parts, [&](int64_t p) {
+    const Split split = RowSplit(team, s.outer, s.features);
+    team.Run(split.parts, [&](int64_t p) {
       for (int64_t o = split.Begin(p); o < split.End(p); ++o) {
         const int64_t base = o * s.features;
         if (mask != nullptr && mask[o] == 0) {  // all-zero bits are 0 in every output type
@@ -865,12 +874,11 @@ void Map(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Shape3
     });
     return;
   }
-  // Channels-first: the same pieces of the same split as MomentsSegments and
-  // GradSumsSegments, so every thread meets the values it summed, still in its cache, and
-  // one long segment (N = 1) is spread over all threads.
+  // Channels-first: the pieces of MomentsSegments and GradSumsSegments, so one long segment
+  // (N = 1) is spread over all threads too.
   const Pieces pieces(s.inner);
-  const Split split{s.outer * s.features * pieces.per_segment, parts, 1};
-  team.Run(parts, [&](int64_t p) {
+  const Split split = PieceSplit(team, s, pieces);
+  team.Run(split.parts, [&](int64_t p) {
     for (int64_t item = split.Begin(p); item < split.End(p); ++item) {
       const int64_t segment = item / pieces.per_segment;
       const int64_t c = segment % s.features;
