@@ -290,6 +290,12 @@ def _kernel_refusal(x, features, mask, static: _Static, gradient: str) -> str | 
             "data-parallel kernels")
   if not kernels.supports(x.dtype, static.out_dtype):
     return f"dtypes {x.dtype} -> {static.out_dtype} are not float32/bfloat16/float64"
+  if x.size == 0:
+    return f"x of shape {x.shape} is empty: there is nothing to compute"
+  # Before `kernels.available()`, which builds them: a GPU/TPU host would compile a CPU library
+  # it never calls. Computations sent to CPU there (jax.default_device) take the pure path.
+  if jax.default_backend() != "cpu":
+    return f"JAX's default backend is {jax.default_backend()}, and the kernels run on CPU only"
   if not kernels.available():
     return f"the kernels are unavailable: {kernels.status().reason}"
   return None
