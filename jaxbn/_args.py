@@ -7,6 +7,7 @@ fails while JAX traces it, before any computation, with the offending value in t
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +34,12 @@ def floating_input(x: Any) -> jax.Array:
 
 def feature_axes(x: jax.Array, axis: Axes) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """Splits x's axes into (feature axes, reduction axes), both sorted and non-negative."""
-  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  if isinstance(axis, (int, np.integer)):
+    axes = (axis,)
+  elif isinstance(axis, Sequence) and not isinstance(axis, str):
+    axes = tuple(axis)
+  else:
+    raise TypeError(f"axis must be an int or a sequence of ints, got {axis!r}.")
   for a in axes:
     if not isinstance(a, (int, np.integer)) or isinstance(a, bool):
       raise TypeError(f"axis must be an int or a sequence of ints, got {axis!r}.")
@@ -73,10 +79,13 @@ def epsilon_value(epsilon: Any) -> float:
   """epsilon must be a static, finite, positive number: it keeps eq. (2)'s σ² away from 0."""
   if isinstance(epsilon, jax.core.Tracer):
     raise TypeError("epsilon must be a static Python number, not a traced array.")
-  try:
-    value = float(epsilon)
-  except (TypeError, ValueError):
-    raise TypeError(f"epsilon must be a number, got {epsilon!r}.") from None
+  # float() would also take True (ε = 1.0) and "1e-5": both are mistakes, not numbers.
+  is_real_scalar = np.ndim(epsilon) == 0 and (
+      isinstance(epsilon, numbers.Real) or isinstance(epsilon, (np.ndarray, jax.Array)))
+  if not is_real_scalar or np.asarray(epsilon).dtype.kind not in "fiu":
+    raise TypeError(f"epsilon must be a real number, got {epsilon!r} "
+                    f"({type(epsilon).__name__}).")
+  value = float(epsilon)
   if not math.isfinite(value) or value <= 0:
     raise ValueError(f"epsilon must be finite and > 0, got {epsilon!r}.")
   return value

@@ -19,9 +19,21 @@ def variance(m2: jax.Array, count) -> jax.Array:
   return jnp.maximum(m2 / count, 0)
 
 
+def shifted_variance(mean_square: jax.Array, delta: jax.Array) -> jax.Array:
+  """Eq. (2) without ε from a shifted pass: (1/m) Σ d² − δ², where d = x − shift and
+  δ = mean(d); never below 0 (round-off). A Σ d² that overflowed the compute dtype stays
+  inf, as the kernels' M2/m does, rather than turning into inf − inf = NaN."""
+  return jnp.where(jnp.isposinf(mean_square), mean_square,
+                   jnp.maximum(mean_square - delta * delta, 0))
+
+
 def inverse_std(var: jax.Array, epsilon: float) -> jax.Array:
-  """1/σ of eqs. (2)-(3): ε sits inside σ², so 1/σ is finite even for a constant feature."""
-  return lax.rsqrt(var + epsilon)
+  """1/σ of eqs. (2)-(3): ε sits inside σ², so 1/σ is finite even for a constant feature.
+
+  A variance that overflowed the compute dtype (float32: Σ (x − μ)² beyond 3.4e38, e.g.
+  σ ≳ 1.8e19) gives NaN, not rsqrt(inf) = 0: that would set y = β silently.
+  """
+  return jnp.where(jnp.isposinf(var), jnp.full_like(var, jnp.nan), lax.rsqrt(var + epsilon))
 
 
 def parameter_gradients(sum_g: jax.Array, sum_g_centred: jax.Array, inv_std: jax.Array):

@@ -36,6 +36,11 @@ from jax import lax
 
 from jaxbn import _args, _per_feature, kernels
 
+try:  # private: only to name the fix when forward mode meets the custom_vjp
+  from jax._src.interpreters.ad import JVPTracer as _JVPTracer
+except ImportError:  # pragma: no cover - a JAX without it gets JAX's own error
+  _JVPTracer = None
+
 __all__ = ["BatchStats", "batch_norm", "batch_norm_inference", "update_running_stats"]
 
 
@@ -146,6 +151,7 @@ def batch_norm(
   static = dataclasses.replace(
       static, kernel_layout=_kernel_layout(x, features, mask, static, gradient, use_cpu_kernel))
   if gradient == "analytic":
+    _refuse_forward_mode(x, scale, bias)
     x, scale, bias = (_device_varying(v, axis_name) for v in (x, scale, bias))
     y, stats = _batch_norm_analytic(x, scale, bias, mask, static)
   else:
@@ -349,16 +355,14 @@ def _statistics(x_c: jax.Array, local_count: jax.Array, mask: jax.Array | None,
     count, s1, s2 = _batch_sums(static, local_count, x_c, x_c * x_c)
     m = _at_least_one(count)
     mean = s1 / m
-    var = jnp.maximum(s2 / m - mean * mean, 0)  # round-off can make E[x²] − E[x]² < 0
-    return count, mean, jnp.zeros_like(mean), var
+    return count, mean, jnp.zeros_like(mean), _per_feature.shifted_variance(s2 / m, mean)
   count, s1 = _batch_sums(static, local_count, x_c)
   m = _at_least_one(count)
   shift = s1 / m
   d = _masked(mask, x_c - shift)
   sd, sdd = _batch_sums(static, d, d * d)
   delta = sd / m
-  var = jnp.maximum(sdd / m - delta * delta, 0)
-  return count, shift, delta, var
+  return count, shift, delta, _per_feature.shifted_variance(sdd / m, delta)
 
 
 def _at_least_one(count: jax.Array) -> jax.Array:
@@ -380,7 +384,7 @@ def _pooled_kernel_moments(hi, lo, m2, local_count, static: _Static):
   offset = (hi - shift) + lo  # this device's mean − shift
   sum_d, sum_dd = _psum(static, (local_count * offset, m2 + local_count * offset * offset))
   delta = sum_d / m
-  return count, shift, delta, jnp.maximum(sum_dd / m - delta * delta, 0)
+  return count, shift, delta, _per_feature.shifted_variance(sum_dd / m, delta)
 
 
 def _kernel_mask(mask: jax.Array | None, x: jax.Array, static: _Static) -> jax.Array | None:
@@ -567,6 +571,24 @@ def _cotangents(scale, bias, dx, d_scale, d_bias):
 
 
 _batch_norm_analytic.defvjp(_batch_norm_analytic_fwd, _batch_norm_analytic_bwd)
+
+
+def _refuse_forward_mode(*arrays: jax.Array) -> None:
+  """Forward mode (jax.jvp, jax.jacfwd) cannot pass a custom_vjp; JAX's own error says so
+  but not what to do, so a call traced for it fails here, naming the fix.
+
+  Only a top-level JVP tracer is refused: under reverse mode (grad, vjp, and the outer jvp
+  of a Hessian, which JAX runs on the linearized program) the inputs are linearize tracers.
+  With the legacy `jax_use_direct_linearize=False`, reverse mode itself runs on JVP tracers,
+  so nothing is refused there and JAX reports forward mode in its own words.
+  """
+  if _JVPTracer is None or not jax.config.jax_use_direct_linearize:
+    return
+  if any(isinstance(a, _JVPTracer) for a in arrays):
+    raise TypeError(
+        "jaxbn.batch_norm(gradient='analytic') is a jax.custom_vjp, which JAX cannot "
+        "differentiate in forward mode (jax.jvp, jax.jacfwd); pass "
+        "gradient='autodiff' (the same forward, differentiated by JAX) for forward mode.")
 
 
 def _device_varying(value: jax.Array, axis_name: Hashable | None) -> jax.Array:

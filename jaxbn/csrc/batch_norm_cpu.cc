@@ -35,6 +35,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -1003,7 +1004,9 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, do
       const A m = static_cast<A>(moments.count[c]);
       if (count_out != nullptr) count_out[c] = m;
       var_out[c] = std::max(static_cast<A>(moments.m2[c]) / std::max(m, A(1)), A(0));
-      inv_out[c] = A(1) / std::sqrt(var_out[c] + eps);
+      // _per_feature.inverse_std: an overflowed variance gives NaN, not 1/√inf = 0.
+      inv_out[c] = std::isinf(var_out[c]) ? std::numeric_limits<A>::quiet_NaN()
+                                          : A(1) / std::sqrt(var_out[c] + eps);
       a[c] = gamma[c] * inv_out[c];
     }
     NormalizeMap(team, Data<T>(x), kept, Data<Y>(y), shape, Data<A>(hi), Data<A>(lo),
