@@ -1,34 +1,63 @@
-"""Builds, caches and registers jaxbn's C++ CPU kernels (`jaxbn/csrc/batch_norm_cpu.cc`).
+"""Builds, verifies, caches and registers jaxbn's C++ CPU kernels (`jaxbn/csrc/batch_norm_cpu.cc`).
 
 The kernels are compiled on first use with the machine's C++ compiler against the XLA FFI
-headers that ship with jaxlib, and cached, so an install needs no compiler and no build step:
-where compiling is impossible (no compiler, a read-only cache, JAXBN_CPU_KERNEL=0) jaxbn uses
-its pure-JAX path and `status()` says why.
+headers that ship with jaxlib, and cached, so an install needs no compiler and no build step.
+Compiling logs one WARNING line (it takes about 10 s, once per machine). Where the kernels
+cannot be built or loaded, jaxbn uses its pure-JAX path, `status()` says why, and one WARNING
+per process names the reason and the fix. Nothing here raises into `batch_norm`.
+
+A cached library is loaded only once it is verified as jaxbn's own complete build: after a
+successful compile its sha256 and size are written beside it (`*.so.sha256`), and they are
+checked before `dlopen`, so a truncated, empty or foreign file at the cache path is rebuilt
+(atomically replaced), never loaded. The cache directory, the library and its digest must
+belong to the current user or root and be writable by no one else (a shared cache must not
+let another user swap in code this process would run); otherwise jaxbn neither loads nor
+builds there. One process compiles at a time (a lock file in the cache directory); the
+compiler runs in its own process group, killed as a group when it overruns the timeout, and
+a build that died leaves `*.partial` files that the next build removes.
 
 Environment:
-  JAXBN_CPU_KERNEL=0   never build or use the kernels.
-  JAXBN_CACHE_DIR      where compiled kernels live (default: $XDG_CACHE_HOME/jaxbn or
-                       ~/.cache/jaxbn); one file per source/compiler/jaxlib/CPU combination.
-  CXX                  the C++ compiler (default: c++, g++ or clang++ on PATH).
+  JAXBN_CPU_KERNEL       0/false/no/off (any case): never build or use the kernels, without a
+                         warning; 1/true/yes/on or unset: use them where they can run. Any other
+                         value is warned about and taken as off (the pure-JAX path is always
+                         correct).
+  JAXBN_CACHE_DIR        where compiled kernels live (default: $XDG_CACHE_HOME/jaxbn or
+                         ~/.cache/jaxbn); one file per source/compiler/jaxlib/CPU combination.
+  JAXBN_COMPILE_TIMEOUT  seconds the compiler may run before it is killed (default 120); also
+                         bounds the wait for another process's build.
+  CXX                    the C++ compiler (default: c++, g++ or clang++ on PATH).
+  JAXBN_CXXFLAGS_EXTRA   flags appended to the compile command, e.g. sanitizers (they are part
+                         of the cache key).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 import platform
 import shlex
 import shutil
+import signal
+import stat
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import jax
 import jaxlib
+
+try:
+  import fcntl
+except ImportError:  # Windows: no inter-process lock; the atomic renames still hold
+  fcntl = None
 
 logger = logging.getLogger("jaxbn")
 
@@ -44,7 +73,15 @@ TARGETS = {
 }
 # -march=native: the library is built on (and cached for) the CPU that runs it.
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
-COMPILE_TIMEOUT_S = 600
+# A build takes about 10 s on two cores; a compiler still running after two minutes is stuck.
+DEFAULT_COMPILE_TIMEOUT_S = 120.0
+LOCK_FILE = ".build.lock"
+
+_OFF = ("0", "false", "no", "off")
+_ON = ("", "1", "true", "yes", "on")
+_NOT_BUILT = "is not built yet"
+_GENERIC_FIX = ("check the compiler ($CXX) and the cache directory ($JAXBN_CACHE_DIR), then "
+                "run `jaxbn kernels` to retry and see the error")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +93,24 @@ class Status:
   library: Path | None = None
 
 
+class _Unavailable(Exception):
+  """A failure whose fix is known: the message is the reason, `fix` what the user can do."""
+
+  def __init__(self, reason: str, fix: str):
+    super().__init__(reason)
+    self.fix = fix
+
+
 _lock = threading.Lock()
 _status: Status | None = None
 
 
 def status() -> Status:
-  """Builds (first call per machine), loads and registers the kernels once per process."""
+  """Builds (first call per machine), verifies, loads and registers the kernels once per process.
+
+  Never raises: every failure becomes an unavailable `Status`, decided once per process, so
+  each `batch_norm` after it takes the pure-JAX path without retrying the build.
+  """
   global _status
   with _lock:
     if _status is None:
@@ -70,22 +119,45 @@ def status() -> Status:
 
 
 def _load() -> Status:
-  if os.environ.get("JAXBN_CPU_KERNEL", "1") == "0":
-    return Status(False, "disabled by JAXBN_CPU_KERNEL=0")
-  compiler = shlex.split(os.environ.get("CXX", "")) or next(
-      ([c] for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
-  if compiler is None:
-    return Status(False, "no C++ compiler found (set CXX or install g++)")
+  """One attempt to make the kernels usable; logs a WARNING with the fix if they are not."""
+  disabled = _disabled()
+  if disabled is not None:
+    return Status(False, disabled)
   try:
+    compiler = shlex.split(os.environ.get("CXX", "")) or next(
+        ([c] for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+    if compiler is None:
+      raise _Unavailable("no C++ compiler found",
+                         "install g++ (or clang++), or set CXX to a C++17 compiler")
     library = _build(compiler)
     handle = ctypes.CDLL(str(library))
-    for target, symbol in TARGETS.items():
-      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, symbol)),
-                                  platform="cpu")
-  except (OSError, subprocess.SubprocessError, AttributeError) as e:
-    logger.warning("jaxbn: CPU kernels unavailable, using the pure-JAX path: %s", e)
-    return Status(False, f"build or load failed: {e}")
+    handlers = {target: getattr(handle, symbol) for target, symbol in TARGETS.items()}
+    for target, handler in handlers.items():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+  except Exception as e:  # whatever broke (a compiler, a file, a symbol), batch_norm must run
+    known = isinstance(e, _Unavailable)
+    reason = str(e) if known else f"build or load failed: {e}"
+    fix = e.fix if known else _GENERIC_FIX
+    logger.warning(
+        "jaxbn: the C++ CPU kernels are unavailable, so batch_norm runs its pure-JAX path "
+        "(same results, 1.5-4x slower on CPU): %s. To fix: %s. To choose the pure-JAX path "
+        "without this warning: JAXBN_CPU_KERNEL=0.", reason, fix)
+    return Status(False, reason)
   return Status(True, "compiled and registered", library)
+
+
+def _disabled() -> str | None:
+  """Why JAXBN_CPU_KERNEL turns the kernels off, or None if it leaves them on."""
+  value = os.environ.get("JAXBN_CPU_KERNEL", "")
+  word = value.strip().lower()
+  if word in _ON:
+    return None
+  if word in _OFF:
+    return f"disabled by JAXBN_CPU_KERNEL={value}"
+  # Taken as off: setting the variable at all most likely means to leave the default (on).
+  logger.warning("jaxbn: JAXBN_CPU_KERNEL=%r is none of 0/false/no/off or 1/true/yes/on; "
+                 "taking it as off (the pure-JAX path)", value)
+  return f"disabled by JAXBN_CPU_KERNEL={value!r} (not a known value, taken as off)"
 
 
 def cache_dir() -> Path:
@@ -95,40 +167,207 @@ def cache_dir() -> Path:
   return Path(base) / "jaxbn"
 
 
-def _build(compiler: list[str]) -> Path:
-  include = jax.ffi.include_dir()
-  command = [*compiler, *FLAGS, f"-I{include}"]
-  key = hashlib.sha256()
-  for part in (SOURCE.read_bytes(), " ".join(command).encode(), _compiler_version(compiler),
-               jaxlib.__version__.encode(), platform.machine().encode(), _cpu_flags()):
-    key.update(part)
-  directory = cache_dir()
-  library = directory / f"batch_norm_cpu-{key.hexdigest()[:16]}.so"
-  if library.exists():
-    return library
-  directory.mkdir(parents=True, exist_ok=True)
-  logger.info("jaxbn: compiling the CPU kernels into %s (once per machine)", library)
-  # Compile beside the target and rename: another process never sees a half-written file.
-  fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=directory)
-  os.close(fd)
+def _compile_timeout() -> float:
+  """JAXBN_COMPILE_TIMEOUT in seconds, or the default (with a warning) if it is not one."""
+  value = os.environ.get("JAXBN_COMPILE_TIMEOUT", "")
+  if not value.strip():
+    return DEFAULT_COMPILE_TIMEOUT_S
   try:
-    result = subprocess.run([*command, str(SOURCE), "-o", partial], capture_output=True,
-                            text=True, timeout=COMPILE_TIMEOUT_S, check=False)
-    if result.returncode != 0:
-      raise subprocess.SubprocessError(
-          f"{' '.join(compiler)} exited with {result.returncode}: "
-          f"{result.stderr.strip()[-2000:]}")
-    os.chmod(partial, 0o755)  # mkstemp made it 0600: a shared cache must be loadable by all
-    os.replace(partial, library)
-  finally:
-    if os.path.exists(partial):
-      os.remove(partial)
+    seconds = float(value)
+  except ValueError:
+    seconds = math.nan
+  if not 0 < seconds < math.inf:
+    logger.warning("jaxbn: JAXBN_COMPILE_TIMEOUT=%r is not a positive number of seconds; "
+                   "using %g", value, DEFAULT_COMPILE_TIMEOUT_S)
+    return DEFAULT_COMPILE_TIMEOUT_S
+  return seconds
+
+
+def _cache_path(compiler: list[str], timeout: float) -> tuple[list[str], Path]:
+  """The compile command (without source and output) and the library it caches to."""
+  extra = shlex.split(os.environ.get("JAXBN_CXXFLAGS_EXTRA", ""))
+  command = [*compiler, *FLAGS, *extra, f"-I{jax.ffi.include_dir()}"]
+  key = hashlib.sha256()
+  for part in (SOURCE.read_bytes(), " ".join(command).encode(),
+               _compiler_version(compiler, timeout), jaxlib.__version__.encode(),
+               platform.machine().encode(), _cpu_flags()):
+    key.update(part)
+  return command, cache_dir() / f"batch_norm_cpu-{key.hexdigest()[:16]}.so"
+
+
+def _build(compiler: list[str]) -> Path:
+  """The verified library for this compiler, compiled first if the cache lacks a good one."""
+  timeout = _compile_timeout()
+  command, library = _cache_path(compiler, timeout)
+  directory = library.parent
+  directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+  untrusted = _untrusted(directory, os.stat(directory))
+  if untrusted:
+    raise _Unavailable(f"cache directory {untrusted}",
+                       "set JAXBN_CACHE_DIR to a directory only you can write, or "
+                       f"`chmod go-w {directory}`")
+  if _verify(library) is None:
+    return library
+  with _build_lock(directory, timeout):
+    problem = _verify(library)  # another process may have built it while this one waited
+    if problem is None:
+      return library
+    _remove_stale_partials(directory, timeout)
+    logger.warning("jaxbn: compiling the CPU kernels once per machine (about 10 s) into %s%s",
+                   library, "" if problem == _NOT_BUILT else f"; the cached copy {problem}")
+    _compile(compiler, command, library, timeout)
   return library
 
 
-def _compiler_version(compiler: list[str]) -> bytes:
-  return subprocess.run([*compiler, "--version"], capture_output=True, timeout=60,
-                        check=False).stdout
+def _digest_path(library: Path) -> Path:
+  return library.with_name(library.name + ".sha256")
+
+
+def _digest(library: Path, data: bytes) -> bytes:
+  return f"{hashlib.sha256(data).hexdigest()} {len(data)} {library.name}\n".encode()
+
+
+def _untrusted(path: Path, info: os.stat_result) -> str | None:
+  """Why another user could have written `path`, or None if only this user or root could."""
+  if not hasattr(os, "getuid"):
+    return None
+  if info.st_uid not in (os.getuid(), 0):
+    return f"{path} belongs to uid {info.st_uid}, neither this user ({os.getuid()}) nor root"
+  if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    return f"{path} is writable by other users (mode {stat.filemode(info.st_mode)})"
+  return None
+
+
+def _verify(library: Path) -> str | None:
+  """None if `library` is jaxbn's own complete build (its digest matches), else why not."""
+  digest = _digest_path(library)
+  try:
+    info = os.lstat(library)
+  except FileNotFoundError:
+    return _NOT_BUILT
+  if not stat.S_ISREG(info.st_mode):
+    return "is not a regular file"
+  try:
+    digest_info = os.lstat(digest)
+  except FileNotFoundError:
+    return "has no digest, so it is not a complete jaxbn build"
+  for path, path_info in ((library, info), (digest, digest_info)):
+    untrusted = _untrusted(path, path_info)
+    if untrusted:
+      return f"is not trusted: {untrusted}"
+  recorded = digest.read_bytes()
+  fields = recorded.split()
+  if len(fields) != 3 or fields[1] != str(info.st_size).encode():
+    # Checked before reading: a truncated library is what makes dlopen die of SIGBUS.
+    return f"is {info.st_size} bytes, not the size its digest records (truncated or replaced)"
+  if _digest(library, library.read_bytes()) != recorded:
+    return "does not match its digest (damaged or replaced)"
+  return None
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path, timeout: float):
+  """One compile at a time across processes; waits about as long as one compile may take."""
+  if fcntl is None:
+    yield
+    return
+  fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    wait = timeout + 10
+    deadline = time.monotonic() + wait
+    while True:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except BlockingIOError:
+        if time.monotonic() > deadline:
+          raise _Unavailable(
+              f"another process has held the build lock {directory / LOCK_FILE} for more "
+              f"than {wait:g} s", "wait for that build to finish, or stop it") from None
+        time.sleep(0.1)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
+
+
+def _remove_stale_partials(directory: Path, timeout: float):
+  """Removes what builds that died (killed, out of power) left behind, once it is old enough
+  that no live build can still be writing it."""
+  cutoff = time.time() - timeout
+  for path in directory.glob("*.partial"):
+    with contextlib.suppress(OSError):
+      if path.lstat().st_mtime < cutoff:
+        path.unlink()
+
+
+def _compile(compiler: list[str], command: list[str], library: Path, timeout: float):
+  """Compiles into a temporary file and publishes it with its digest, atomically."""
+  directory = library.parent
+  fd, partial = tempfile.mkstemp(prefix=f"{library.stem}-", suffix=".so.partial", dir=directory)
+  os.close(fd)
+  try:
+    returncode, _, stderr = _run([*command, str(SOURCE), "-o", partial], timeout)
+    if returncode != 0:
+      # Diagnostics come in the locale's encoding (Latin-1, say), not necessarily UTF-8.
+      diagnostics = stderr.decode("utf-8", errors="replace").strip()[-2000:]
+      raise RuntimeError(f"{shlex.join(compiler)} exited with {returncode}: {diagnostics}")
+    data = Path(partial).read_bytes()
+    if not data or (sys.platform.startswith("linux") and not data.startswith(b"\x7fELF")):
+      raise RuntimeError(f"{shlex.join(compiler)} exited with 0 but wrote "
+                         f"{'nothing' if not data else 'no shared library'} to {partial}")
+    os.chmod(partial, 0o755)  # mkstemp made it 0600: a shared cache must be loadable by all
+    # Library first, digest last: until the digest is written, readers see an unverified
+    # library and wait for the build lock instead of loading it.
+    os.replace(partial, library)
+    _write_atomically(_digest_path(library), _digest(library, data))
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(partial)
+
+
+def _write_atomically(path: Path, data: bytes):
+  fd, partial = tempfile.mkstemp(prefix=f"{path.name}-", suffix=".partial", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.chmod(partial, 0o644)
+    os.replace(partial, path)
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(partial)
+
+
+def _run(command: list[str], timeout: float) -> tuple[int, bytes, bytes]:
+  """Runs `command` in its own process group, killing the whole group if it overruns
+  `timeout` or this process is interrupted: no compiler (or its children) outlives a build."""
+  process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, start_new_session=True)
+  try:
+    stdout, stderr = process.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    _kill_group(process)
+    raise _Unavailable(
+        f"the compiler {shlex.join(command[:1])} ran for more than {timeout:g} s and was killed",
+        "raise JAXBN_COMPILE_TIMEOUT (seconds), or build ahead of time with `jaxbn kernels`"
+    ) from None
+  except BaseException:
+    _kill_group(process)
+    raise
+  return process.returncode, stdout, stderr
+
+
+def _kill_group(process: subprocess.Popen):
+  try:
+    os.killpg(process.pid, signal.SIGKILL)
+  except (AttributeError, OSError):  # no process groups (Windows), or the group is gone
+    process.kill()
+  process.wait()
+  for pipe in (process.stdout, process.stderr):
+    pipe.close()
+
+
+def _compiler_version(compiler: list[str], timeout: float) -> bytes:
+  return _run([*compiler, "--version"], timeout)[1]
 
 
 def _cpu_flags() -> bytes:
