@@ -112,17 +112,16 @@ def batch_mask(mask: Any, x: jax.Array) -> jax.Array | None:
   return mask.astype(jnp.bool_).reshape((1,) * (x.ndim - mask.ndim) + mask.shape)
 
 
-def reduction_size(x: jax.Array, reductions: tuple[int, ...], axis_name: Any) -> int:
-  """m of eqs. (1)-(2) on this device. Training-mode BN of a single value is meaningless
-  (x̂ = 0 whatever x is), so it is refused as PyTorch does, unless devices pool their batches."""
+def reduction_size(x: jax.Array, reductions: tuple[int, ...]) -> int:
+  """m of eqs. (1)-(2) on this device; an empty batch has no statistics at all.
+
+  A batch of one value per feature is allowed, as Flax allows it: μ = x, σ² = 0, so
+  x̂ = 0 and y = β whatever x is (a mask that keeps one value gives the same). The
+  modules meet it under `nnx.vmap` ensembles and shape inference; PyTorch refuses it.
+  """
   m = math.prod(x.shape[a] for a in reductions)
   if m == 0:
     raise ValueError(f"x of shape {x.shape} has an empty batch over axes {reductions}.")
-  if m == 1 and axis_name is None:
-    raise ValueError(
-        f"Expected more than 1 value per feature when training, got x of shape {x.shape} "
-        f"with reduction axes {reductions}; use batch_norm_inference with running statistics."
-    )
   return m
 
 

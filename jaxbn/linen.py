@@ -124,9 +124,7 @@ class BatchNorm(nn.Module):
     out_dtype = dtypes.canonicalize_dtype(
         *(v for v in (x, scale, bias) if v is not None), dtype=self.dtype)
 
-    if use_running_average or (initializing and _single_value_batch(x, features)):
-      # (Init with one example per feature, common for shape inference, has no batch
-      # statistics; its output is a placeholder either way and the variables are the same.)
+    if use_running_average:
       y = ops.batch_norm_inference(
           x, ra_mean.value, ra_var.value, scale, bias,
           axis=self.axis, epsilon=self.epsilon, dtype=out_dtype)
@@ -148,6 +146,10 @@ class BatchNorm(nn.Module):
           unbiased_var=self.unbiased_running_var)
     return y
 
+  # Helpers, not wrapped as module methods: a wrapped call is intercepted on its own (e.g. by
+  # nn.tabulate's method interceptors) outside __call__'s compact scope, where creating a
+  # variable fails.
+  @nn.nowrap
   def _batch_stat(self, name, init, shape, dtype, initializing):
     """A `batch_stats` variable; outside init it must already exist, with this shape."""
     if not initializing and not self.has_variable("batch_stats", name):
@@ -159,16 +161,13 @@ class BatchNorm(nn.Module):
     _check_shape(f"batch_stats/{name}", variable.value.shape, shape)
     return variable
 
+  @nn.nowrap
   def _param(self, name, used, init, shape):
     if not used:
       return None
     if self.has_variable("params", name):
       _check_shape(f"params/{name}", self.get_variable("params", name).shape, shape)
     return self.param(name, init, shape, self.param_dtype)
-
-
-def _single_value_batch(x, features) -> bool:
-  return all(n == 1 for a, n in enumerate(x.shape) if a not in features)
 
 
 def _zero_padding(y, mask):

@@ -131,16 +131,19 @@ class BatchNorm(nnx.Module):
     bias = self.bias[...] if self.bias is not None else None
     x, mean, var, scale, bias = self.promote_dtype(
         (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype)
+    # Flax's output dtype: `dtype` if given, else promoted from x and the parameters.
+    out_dtype = dtypes.canonicalize_dtype(
+        *(v for v in (x, scale, bias) if v is not None), dtype=self.dtype)
     if use_running_average:
       y = ops.batch_norm_inference(x, mean, var, scale, bias, axis=self.axis,
-                                   epsilon=self.epsilon)
+                                   epsilon=self.epsilon, dtype=out_dtype)
       # Masked outputs are 0 in eval too, as in training (whatever the padding held).
       return y if mask is None else jnp.where(jnp.asarray(mask, bool), y,
                                               jnp.zeros((), y.dtype))
     y, stats = ops.batch_norm(
         x, scale, bias, axis=self.axis, epsilon=self.epsilon, mask=mask,
         axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-        use_fast_variance=self.use_fast_variance, gradient=self.gradient,
+        use_fast_variance=self.use_fast_variance, gradient=self.gradient, dtype=out_dtype,
         use_cpu_kernel=self.use_cpu_kernel)
     num_batches = None
     if hasattr(self, "count"):  # PyTorch's num_batches_tracked: momentum=None adds it

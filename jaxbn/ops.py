@@ -136,7 +136,7 @@ def batch_norm(
   cdt = _args.compute_dtype(x)
   scale = jnp.ones(shape, cdt) if scale is None else _args.per_feature("scale", scale, shape)
   bias = jnp.zeros(shape, cdt) if bias is None else _args.per_feature("bias", bias, shape)
-  _args.reduction_size(x, reductions, axis_name)
+  _args.reduction_size(x, reductions)
   static = _Static(
       reduction_axes=reductions,
       broadcast_shape=_args.broadcast_shape(x, features),

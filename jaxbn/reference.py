@@ -33,7 +33,7 @@ class _Batch(NamedTuple):
 def _batch(x, mask, axis) -> _Batch:
   x = _args.floating_input(x)
   _, reductions = _args.feature_axes(x, axis)
-  size = _args.reduction_size(x, reductions, None)
+  size = _args.reduction_size(x, reductions)
   mask = _args.batch_mask(mask, x)
   if mask is None:
     m = jnp.asarray(size, x.dtype)

@@ -1,6 +1,7 @@
 """jaxbn.linen.BatchNorm: a drop-in for flax.linen.BatchNorm."""
 
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -257,3 +258,58 @@ def test_init_with_one_example_and_masked_eval_outputs():
   y = jaxbn.linen.BatchNorm().apply(variables, x, use_running_average=True, mask=mask)
   np.testing.assert_array_equal(y[3], 0)
   assert np.all(np.isfinite(y))
+
+
+# ------------------------------------------------------------- Flax's semantics, pinned
+
+
+def test_batch_of_one_value_per_feature_matches_flax():
+  # Flax's own tests init on a (3,) input and train on (1, F) batches (ensembles under
+  # nnx.vmap, shape inference): σ² = 0, so y = β, and the running statistics move as Flax's.
+  flax_bn, ours = (cls(use_running_average=False, momentum=0.9)
+                   for cls in (nn.BatchNorm, jaxbn.linen.BatchNorm))
+  x = jnp.array([0.0, 1.0, 2.0], jnp.float32)
+  (y_flax, v_flax), (y_ours, v_ours) = (bn.init_with_output(jax.random.key(0), x)
+                                        for bn in (flax_bn, ours))
+  np.testing.assert_array_equal(y_ours, y_flax)  # [0, 0, 0], not x
+  jax.tree.map(np.testing.assert_array_equal, v_ours, v_flax)
+  variables = {**v_ours, "params": {"scale": jnp.full(3, 2.0, jnp.float32),
+                                    "bias": jnp.array([0.5, -1.0, 3.0], jnp.float32)}}
+  (y_flax, s_flax), (y_ours, s_ours) = (
+      bn.apply(variables, x[None] * 7, mutable=["batch_stats"]) for bn in (flax_bn, ours))
+  np.testing.assert_array_equal(y_ours, y_flax)
+  np.testing.assert_array_equal(y_ours[0], variables["params"]["bias"])
+  jax.tree.map(np.testing.assert_array_equal, s_ours, s_flax)
+  grads = jax.grad(lambda p: jnp.sum(ours.apply({**variables, "params": p}, x[None],
+                                                mutable=["batch_stats"])[0] ** 2))(
+      variables["params"])
+  np.testing.assert_array_equal(grads["scale"], 0)  # Σ dy·x̂ with x̂ = 0
+  np.testing.assert_array_equal(grads["bias"], 2 * variables["params"]["bias"])
+
+
+class _Reused(nn.Module):
+  """One BatchNorm applied twice: summaries must list the reuse."""
+
+  cls: type
+
+  @nn.compact
+  def __call__(self, x):
+    bn = self.cls(use_running_average=False)
+    return bn(nn.Dense(3)(bn(x)))
+
+
+def test_tabulate_with_every_flag_matches_flax():
+  # _batch_stat/_param were wrapped as module methods, and nn.tabulate's interceptors then
+  # called them outside the compact scope: "Variables must be initialized in setup()...".
+  tables = [nn.tabulate(_Reused(cls), jax.random.key(0), show_repeated=True,
+                        compute_flops=True, compute_vjp_flops=True,
+                        console_kwargs={"width": 240})(jnp.ones((4, 3), jnp.float32))
+            for cls in (nn.BatchNorm, jaxbn.linen.BatchNorm)]
+  tables = [re.sub(r"\x1b\[[0-9;]*m", "", table) for table in tables]  # rich's styles
+  # The same rows: path, module, shapes, variables; only the FLOP columns may differ.
+  rows = [[[cell.strip() for i, cell in enumerate(line.split("│")) if i not in (5, 6)]
+           for line in table.splitlines() if line.startswith("│")]
+          for table in tables]
+  assert rows[0] == rows[1]
+  assert sum("BatchNorm" in row[2] for row in rows[1]) == 2  # the reuse is listed
+  assert any("mean: float32[3]" in cell for row in rows[1] for cell in row)

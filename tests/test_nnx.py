@@ -1,5 +1,7 @@
 """jaxbn.nnx.BatchNorm: a drop-in for flax.nnx.BatchNorm, and agreement with jaxbn.linen."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,3 +135,53 @@ def test_axis_out_of_range_and_masked_eval():
   x = _x().at[7].set(jnp.nan)
   y = bn(x, mask=(jnp.arange(8) < 7)[:, None])
   np.testing.assert_array_equal(y[7], 0)
+
+
+# ------------------------------------------------------------- Flax's semantics, pinned
+
+
+def _identity_promotion(arrays, dtype=None):
+  del dtype
+  return arrays
+
+
+@pytest.mark.parametrize("use_running_average", [False, True])
+def test_dtype_reaches_the_core_as_in_flax(use_running_average):
+  # jaxbn.nnx never passed `dtype` to the core: with promote_dtype = identity, a float16
+  # module fed float32 returned float32 where Flax returns float16.
+  flax_bn, ours = _pair(dtype=jnp.float16, promote_dtype=_identity_promotion,
+                        use_running_average=use_running_average)
+  x = _x()  # float32 in, float16 asked for
+  y_ours = ours(x)  # strict dtype promotion: jaxbn casts explicitly
+  with jax.numpy_dtype_promotion("standard"):  # Flax mixes float16 and float32 implicitly
+    y_flax = flax_bn(x)
+  assert y_ours.dtype == y_flax.dtype == jnp.float16
+  np.testing.assert_allclose(y_ours, y_flax, rtol=2e-3, atol=2e-3)  # float16 output
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               nnx.state(ours, nnx.BatchStat), nnx.state(flax_bn, nnx.BatchStat))
+
+
+def test_batch_of_one_value_per_feature_matches_flax():
+  flax_bn, ours = _pair(momentum=0.9)
+  x = _x(shape=(1, 4))
+  np.testing.assert_array_equal(ours(x), flax_bn(x))  # y = β
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(ours), nnx.state(flax_bn))
+
+
+def test_tabulate_and_eval_shape_match_flax():
+  class Net(nnx.Module):
+    def __init__(self, cls, rngs):
+      self.bn = cls(4, rngs=rngs)
+      self.linear = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.bn(self.linear(self.bn(x)))  # reused
+
+  x = _x(shape=(1, 4))
+  tables = [re.sub(r"\x1b\[[0-9;]*m", "", nnx.tabulate(Net(cls, nnx.Rngs(0)), x,
+                                                       console_kwargs={"width": 240}))
+            for cls in (nnx.BatchNorm, jaxbn.nnx.BatchNorm)]
+  assert tables[0] == tables[1].replace("jaxbn.nnx.", "")
+  shapes = [_state_signature(nnx.eval_shape(lambda: Net(cls, nnx.Rngs(0))))
+            for cls in (nnx.BatchNorm, jaxbn.nnx.BatchNorm)]
+  assert shapes[0] == shapes[1]
