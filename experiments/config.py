@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from experiments import data
 
@@ -25,6 +26,11 @@ POSITIVE = ("batch_size", "num_steps", "eval_every", "checkpoint_every",
             "optimizer.learning_rate", "data.num_samples", "diagnostics.num_examples",
             "model.bn_momentum")
 NON_NEGATIVE = ("optimizer.momentum", "model.init_std", "seed", "steps_per_call")
+# mnist1d seeds NumPy's global generator with 42 + seed, which must stay below 2**32 (JAX's
+# keys would take up to 2**63 - 2: the data key is seed + 1). One limit for every dataset,
+# so a seed that runs with one dataset runs with all.
+MAX_SEED = 2**32 - 1 - 42
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class ConfigError(ValueError):
@@ -41,6 +47,7 @@ def _get(config, dotted: str) -> Any:
 def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict) -> None:
   """Checks keys and types against `schema` (configs/default.py) and values against ranges."""
   _check_keys(config.to_dict(), schema.to_dict(), "")
+  _check_finite(config.to_dict(), schema.to_dict(), "")
   for key, choices in CHOICES.items():
     if _get(config, key) not in choices:
       raise ConfigError(f"config.{key} must be one of {choices}, got {_get(config, key)!r}.")
@@ -50,6 +57,9 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
   for key in NON_NEGATIVE:
     if not _get(config, key) >= 0:
       raise ConfigError(f"config.{key} must be >= 0, got {_get(config, key)!r}.")
+  if config.seed > MAX_SEED:
+    raise ConfigError(f"config.seed must be at most {MAX_SEED} (mnist1d seeds NumPy with "
+                      f"42 + seed, below 2**32), got {config.seed}.")
   if (not set(config.variants) <= {"bn", "plain"} or not config.variants
       or len(set(config.variants)) != len(config.variants)):
     raise ConfigError(f"config.variants must be a non-empty subset of ('bn', 'plain') "
@@ -87,10 +97,65 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
                       f"{config.sweep.learning_rates!r}.")
   if config.study == "gradient_agreement" and "bn" not in config.variants:
     raise ConfigError("config.variants must include 'bn' for study gradient_agreement.")
+  _check_data(config)
+
+
+def _check_data(config) -> None:
+  """The data must fill a training batch and a test set and fit the model: configs that
+  pass every check above can still fail only once training starts, after the workdir is
+  written."""
+  shape = config.data.synthetic_shape
+  if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+    raise ConfigError(f"config.data.synthetic_shape must be a tuple of positive ints, "
+                      f"got {tuple(shape)!r}.")
   try:
-    data.check_available(config.data)
+    found = data.shape_of(config.data)
   except (FileNotFoundError, ValueError) as error:
     raise ConfigError(str(error)) from None
+  source = (f"config.data.num_samples ({config.data.num_samples})"
+            if config.data.name in ("mnist1d", "synthetic") else
+            f"the IDX files in {data.idx_directory(config.data)}")
+  if found.num_train < config.batch_size:
+    # The diagnostics' fixed batch is the first batch_size training examples; fewer also
+    # means every sampled batch repeats examples.
+    raise ConfigError(f"{source} gives a training split of {found.num_train}, fewer than "
+                      f"config.batch_size ({config.batch_size}).")
+  if found.num_test < 1:
+    raise ConfigError(f"{source} gives no test examples.")
+  if config.model.name == "cnn":
+    # Each conv block ends in a 2x2 max-pool with stride 2: k blocks need 2**k pixels a side.
+    side = 2 ** len(config.model.cnn_features)
+    if len(found.example_shape) != 3 or min(found.example_shape[:2]) < side:
+      raise ConfigError(f"config.model.name 'cnn' needs images (height, width, channels) at "
+                        f"least {side} pixels a side (config.model.cnn_features has "
+                        f"{len(config.model.cnn_features)} blocks, each halving them); "
+                        f"config.data.name {config.data.name!r} gives examples of shape "
+                        f"{found.example_shape}.")
+
+
+def _check_finite(config: dict, schema: dict, prefix: str) -> None:
+  """Every float field (and every item of a tuple of floats) must be a finite number.
+
+  Training runs in float32: a value finite in Python's float64 but not in float32 (1e39)
+  would start the run at inf just the same.
+  """
+  for key, value in config.items():
+    name, expected = f"{prefix}{key}", schema[key]
+    if isinstance(expected, dict):
+      _check_finite(value, expected, f"{name}.")
+      continue
+    if isinstance(expected, float):
+      items = [(name, value)]
+    elif isinstance(expected, (tuple, list)) and expected and isinstance(expected[0], float):
+      items = [(f"{name}[{i}]", item) for i, item in enumerate(value)]
+    else:
+      continue
+    for where, item in items:
+      if isinstance(item, bool) or not isinstance(item, (int, float)):
+        raise ConfigError(f"config.{where} must be a number, got {item!r}.")
+      if not abs(item) <= FLOAT32_MAX:  # False for nan too
+        raise ConfigError(f"config.{where} must be finite (in float32, the precision training "
+                          f"runs in), got {item!r}.")
 
 
 def _check_keys(config: dict, schema: dict, prefix: str) -> None:

@@ -4,8 +4,10 @@
     python -m experiments.main --config=configs/paper_fig1.py --workdir=runs/fig1 \\
         --config.optimizer.learning_rate=0.5
 
-Re-running the same command resumes; a workdir holding another config is refused unless
---overwrite is given.
+Re-running the same command resumes (a finished run writes nothing). jaxbn writes only into a
+new or empty directory or a workdir it wrote before; one holding another config is replaced
+only with --overwrite, which deletes only what jaxbn wrote and refuses, deleting nothing, a
+directory holding anything else, the current directory, home, / and a repository's root.
 """
 
 import os
@@ -20,8 +22,9 @@ from experiments import train
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py",
                                           "Experiment config file (get_config()).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, plots, checkpoints.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False,
-                               "Replace a workdir that holds a different config.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace a jaxbn workdir that holds a different config (deletes only "
+    "what jaxbn wrote there; refuses if anything else is there).")
 flags.mark_flag_as_required("workdir")
 
 

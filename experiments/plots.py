@@ -36,20 +36,38 @@ def _series(history, key, index=None):
   return steps, values
 
 
+def _diverged_note(result: dict | None) -> str | None:
+  """What a panel of a run with no evaluation shows instead of curves."""
+  if result and result.get("diverged"):
+    return f"diverged at step {result['diverged_at']}\nbefore its first evaluation"
+  return None
+
+
+def _note(ax, text: str) -> None:
+  ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="tab:red")
+
+
 # -------------------------------------------------------------------------------- compare
 
 
-def plot_fig1(histories: dict, path: pathlib.Path, title: str) -> None:
+def plot_fig1(histories: dict, path: pathlib.Path, title: str, results: dict | None = None
+              ) -> None:
   """The BN paper's Figure 1: (a) test accuracy against steps; (b, c) the 15th/50th/85th
-  percentiles of one last-hidden-layer sigmoid's input, without and with BN."""
+  percentiles of one last-hidden-layer sigmoid's input, without and with BN. A run that
+  diverged before its first evaluation has no curves: its panel says so."""
+  results = results or {}
   variants = [v for v in ("plain", "bn") if v in histories]
   fig, axes = plt.subplots(1, 1 + len(variants), figsize=(4.2 * (1 + len(variants)), 3.4))
   for variant in variants:
     steps, accuracy = _series(histories[variant], "test_accuracy")
-    axes[0].plot(steps, accuracy, color=COLOURS[variant], label=LABELS[variant])
+    result = results.get(variant, {})
+    diverged = f" (diverged at step {result['diverged_at']})" if result.get("diverged") else ""
+    axes[0].plot(steps, accuracy, color=COLOURS[variant], label=LABELS[variant] + diverged)
   axes[0].set(xlabel="training steps", ylabel="test accuracy", title="(a) test accuracy")
   axes[0].legend()
   for ax, variant, letter in zip(axes[1:], variants, "bc"[:len(variants)], strict=True):
+    if not _evals(histories[variant]):
+      _note(ax, _diverged_note(results.get(variant)) or "no evaluation")
     steps, _ = _series(histories[variant], "unit_percentiles", 0)
     for q, style in zip(range(3), (":", "-", ":"), strict=True):
       _, values = _series(histories[variant], "unit_percentiles", q)
@@ -60,25 +78,29 @@ def plot_fig1(histories: dict, path: pathlib.Path, title: str) -> None:
   _save(fig, path)
 
 
-def plot_saturation(histories: dict, path: pathlib.Path) -> None:
+def plot_saturation(histories: dict, path: pathlib.Path, results: dict | None = None) -> None:
   """Per hidden layer: fraction of activation inputs with |x| > threshold, and the gradient
-  norm of its kernel, over training, without and with BN."""
+  norm of its kernel, over training, without and with BN. A run that diverged before its
+  first evaluation has no curves: its panels say so."""
+  results = results or {}
   variants = [v for v in ("plain", "bn") if v in histories]
   fig, axes = plt.subplots(2, len(variants), figsize=(5 * len(variants), 6.5), squeeze=False)
   for column, variant in enumerate(variants):
     history = histories[variant]
-    layers = len(_evals(history)[0]["saturated_fraction"])
-    for layer in range(layers):
-      steps, values = _series(history, "saturated_fraction", layer)
-      axes[0, column].plot(steps, values, label=f"layer {layer + 1}")
-    kernels = len(_evals(history)[0]["grad_norm"])
-    for layer in range(kernels):
-      steps, values = _series(history, "grad_norm", layer)
-      axes[1, column].semilogy(steps, values, label=f"layer {layer + 1}")
     axes[0, column].set(title=f"{LABELS[variant]}: saturated activation inputs",
                         ylabel="fraction |x| > threshold", ylim=(-0.02, 1.02))
     axes[1, column].set(title=f"{LABELS[variant]}: gradient norm per layer",
                         xlabel="training steps", ylabel="‖∂L/∂W‖")
+    if not _evals(history):
+      for ax in axes[:, column]:
+        _note(ax, _diverged_note(results.get(variant)) or "no evaluation")
+      continue
+    for layer in range(len(_evals(history)[0]["saturated_fraction"])):
+      steps, values = _series(history, "saturated_fraction", layer)
+      axes[0, column].plot(steps, values, label=f"layer {layer + 1}")
+    for layer in range(len(_evals(history)[0]["grad_norm"])):
+      steps, values = _series(history, "grad_norm", layer)
+      axes[1, column].semilogy(steps, values, label=f"layer {layer + 1}")
     axes[0, column].legend(fontsize=7)
     axes[1, column].legend(fontsize=7)
   _save(fig, path)
@@ -87,6 +109,7 @@ def plot_saturation(histories: dict, path: pathlib.Path) -> None:
 def compare_summary(histories: dict, results: dict) -> dict:
   summary = {"final_test_accuracy": {k: r["final_test_accuracy"] for k, r in results.items()},
              "diverged": {k: r["diverged"] for k, r in results.items()},
+             "diverged_at": {k: r["diverged_at"] for k, r in results.items()},
              "steps_per_second": {k: r["steps_per_second"] for k, r in results.items()},
              "compile_seconds": {k: r["compile_seconds"] for k, r in results.items()}}
   drift = {}
@@ -99,14 +122,17 @@ def compare_summary(histories: dict, results: dict) -> dict:
                         "band_15_85_range": float(np.ptp(high - low))}
   summary["percentile_drift"] = drift
   if {"bn", "plain"} <= set(histories):
-    steps, bn = _series(histories["bn"], "test_accuracy")
-    _, plain = _series(histories["plain"], "test_accuracy")
+    # A run that diverged has no evaluation from its divergence on: there it counts as
+    # behind (-inf), so the two runs' evaluations are matched by step, not by position.
+    bn = dict(zip(*_series(histories["bn"], "test_accuracy"), strict=True))
+    plain = dict(zip(*_series(histories["plain"], "test_accuracy"), strict=True))
     ahead_from = None  # the earliest step from which BN leads at every evaluation
-    for step, ahead in reversed(list(zip(steps, bn > plain, strict=True))):
-      if not ahead:
+    for step in sorted(set(bn) | set(plain), reverse=True):
+      if not bn.get(step, -np.inf) > plain.get(step, -np.inf):
         break
       ahead_from = int(step)
-    summary["bn_ahead_from_step"] = ahead_from
+    if bn or plain:  # neither evaluated: both diverged at once, nothing to compare
+      summary["bn_ahead_from_step"] = ahead_from
   return summary
 
 
@@ -162,13 +188,21 @@ def plot_agreement(history: list, path: pathlib.Path) -> None:
   _save(fig, path)
 
 
-def agreement_summary(history: list) -> dict:
-  rel = np.array([r["max_rel_grad_diff"] for r in history])
-  a = np.array([r["loss_analytic"] for r in history])
-  b = np.array([r["loss_autodiff"] for r in history])
-  return {"steps": len(history), "max_rel_grad_diff": float(rel.max()),
-          "median_rel_grad_diff": float(np.median(rel)),
-          "max_rel_loss_diff": float(np.max(np.abs(a - b) / np.abs(b)))}
+def agreement_summary(history: list, result: dict) -> dict:
+  """The differences over the steps before a divergence (non-finite losses or gradients
+  compare nothing); None where there is no such step."""
+  finite = [r for r in history if np.isfinite(
+      [r["max_rel_grad_diff"], r["loss_analytic"], r["loss_autodiff"]]).all()]
+  summary = {"steps": len(history), "diverged_at": result["diverged_at"],
+             "compared_steps": len(finite), "max_rel_grad_diff": None,
+             "median_rel_grad_diff": None, "max_rel_loss_diff": None}
+  if finite:
+    rel = np.array([r["max_rel_grad_diff"] for r in finite])
+    a = np.array([r["loss_analytic"] for r in finite])
+    b = np.array([r["loss_autodiff"] for r in finite])
+    summary.update(max_rel_grad_diff=float(rel.max()), median_rel_grad_diff=float(np.median(rel)),
+                   max_rel_loss_diff=float(np.max(np.abs(a - b) / np.abs(b))))
+  return summary
 
 
 # -------------------------------------------------------------------------------- outputs
@@ -180,13 +214,14 @@ def write_study_outputs(config, workdir: pathlib.Path, outcome: dict) -> dict:
   if config.study == "compare":
     summary = compare_summary(outcome["histories"], outcome["results"])
     name = f"{config.data.name}, {config.model.name}"
-    plot_fig1(outcome["histories"], plots / "fig1.png", name)
-    plot_saturation(outcome["histories"], plots / "saturation.png")
+    plot_fig1(outcome["histories"], plots / "fig1.png", name, outcome["results"])
+    plot_saturation(outcome["histories"], plots / "saturation.png", outcome["results"])
   elif config.study == "lr_sweep":
     summary = sweep_summary(outcome["results"])
     plot_lr_sweep(outcome["results"], plots / "lr_sweep.png")
   else:
-    summary = agreement_summary(outcome["histories"]["lockstep"])
+    summary = agreement_summary(outcome["histories"]["lockstep"],
+                                outcome["results"]["lockstep"])
     plot_agreement(outcome["histories"]["lockstep"], plots / "gradient_agreement.png")
   workdir_lib.atomic_write(workdir / "summary.json", json.dumps(summary, indent=2))
   workdir_lib.atomic_write(workdir / "summary.md", _markdown(config, summary, outcome))
@@ -202,15 +237,25 @@ def _markdown(config, summary: dict, outcome: dict) -> str:
               "|---|---|---|---|---|"]
     for name, r in outcome["results"].items():
       acc = "—" if r["final_test_accuracy"] is None else f"{r['final_test_accuracy']:.4f}"
-      lines.append(f"| {name} | {acc} | {r['diverged']} | {r['steps_per_second']:,.0f} | "
+      diverged = f"at step {r['diverged_at']}" if r["diverged"] else "no"
+      lines.append(f"| {name} | {acc} | {diverged} | {r['steps_per_second']:,.0f} | "
                    f"{r['compile_seconds']:.1f} |")
+    for name, r in outcome["results"].items():
+      if r["diverged"] and not _evals(outcome["histories"][name]):
+        lines.append(f"\n**{name} diverged at step {r['diverged_at']}** (a non-finite "
+                     f"training loss), before its first evaluation at step "
+                     f"{config.eval_every}: it has no test accuracy, and its panels in the "
+                     "plots are empty.")
     for variant, drift in summary["percentile_drift"].items():
       lines.append(f"\nActivation-input drift (Fig. 1b, c), {LABELS[variant]}: the median moved over a range of "
                    f"{drift['median_range']:.3f}; the 15–85th band width over "
                    f"{drift['band_15_85_range']:.3f}.")
-    if "bn_ahead_from_step" in summary:
+    if summary.get("bn_ahead_from_step") is not None:
       lines.append(f"\nBN's test accuracy is above the plain net's at every evaluation from "
                    f"step {summary['bn_ahead_from_step']} on.")
+    elif "bn_ahead_from_step" in summary:
+      lines.append("\nBN's test accuracy is not above the plain net's at the last "
+                   "evaluation.")
     lines += ["", "![fig1](plots/fig1.png)", "", "![saturation](plots/saturation.png)"]
   elif config.study == "lr_sweep":
     lines += ["| learning rate | with BN | without BN |", "|---|---|---|"]
@@ -222,10 +267,18 @@ def _markdown(config, summary: dict, outcome: dict) -> str:
               f"below 0.5: {summary['bn_at_least_0.80_where_plain_fails']}.", "",
               "![lr sweep](plots/lr_sweep.png)"]
   else:
-    lines += [f"Over {summary['steps']} steps: max relative gradient difference "
-              f"{summary['max_rel_grad_diff']:.2e} (median {summary['median_rel_grad_diff']:.2e}),"
-              f" max relative loss difference {summary['max_rel_loss_diff']:.2e}.", "",
-              "![agreement](plots/gradient_agreement.png)"]
+    if summary["diverged_at"] is not None:
+      lines += [f"**The run diverged at step {summary['diverged_at']}** (a non-finite loss): "
+                f"the differences below cover only the steps with finite losses and "
+                "gradients.", ""]
+    if summary["compared_steps"]:
+      lines += [f"Over {summary['compared_steps']} steps: max relative gradient difference "
+                f"{summary['max_rel_grad_diff']:.2e} (median "
+                f"{summary['median_rel_grad_diff']:.2e}), max relative loss difference "
+                f"{summary['max_rel_loss_diff']:.2e}."]
+    else:
+      lines += ["No step had finite losses and gradients: nothing to compare."]
+    lines += ["", "![agreement](plots/gradient_agreement.png)"]
   return "\n".join(lines) + "\n"
 
 

@@ -325,6 +325,9 @@ def train_run(run: Run, ctx: Context) -> dict:
   the optimizer state).
   """
   config = ctx.config
+  result_path = ctx.workdir / "runs" / run.name / "result.json"
+  if result_path.exists():  # finished: nothing to compile
+    return json.loads(result_path.read_text())
   key = (run.batch_norm, run.gradient)
   if key not in ctx.compiled:
     model = models.create(config.model, batch_norm=run.batch_norm, gradient=run.gradient,
@@ -442,10 +445,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   Returns the study's results (per run: final test accuracy, divergence, speed).
   """
+  # Everything that can refuse the run does so before the first write.
   config_lib.validate(config, default_config.get_config())
-  workdir = pathlib.Path(workdir)
-  dataset = data_lib.load(config.data, config.seed)
-  workdir_lib.prepare(workdir, config, overwrite=overwrite)
+  workdir_lib.check(workdir, config, overwrite=overwrite)
+  try:
+    dataset = data_lib.load(config.data, config.seed)
+  except data_lib.DataError as error:
+    raise config_lib.ConfigError(str(error)) from None
+  workdir = workdir_lib.prepare(workdir, config, overwrite=overwrite)
   reporter = reporter or progress.make_reporter()
   ctx = Context(config, workdir, dataset, reporter)
   with reporter:

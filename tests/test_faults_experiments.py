@@ -1,0 +1,298 @@
+"""experiments under faults: workdirs that are not jaxbn's, runs that diverge at once, configs
+and data files that used to crash after the workdir was written, read-only reruns.
+
+Each test failed before its fix (issue 10). Most need no training: they call the workdir
+functions and `config.validate` directly; two tiny runs are shared by the rest.
+"""
+
+import gzip
+import io
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default as default_config
+from experiments import config as config_lib
+from experiments import data as data_lib
+from experiments import plots, train
+from experiments import workdir as workdir_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ConfigError = config_lib.ConfigError
+
+
+def _tiny(**overrides):
+  """The default config shrunk to one 10-step chunk on synthetic data."""
+  config = default_config.get_config()
+  settings = {"data.name": "synthetic", "data.num_samples": 64, "batch_size": 8,
+              "num_steps": 10, "eval_every": 10, "checkpoint_every": 10,
+              "diagnostics.num_examples": 16, "model.hidden": (8, 8), **overrides}
+  for key, value in settings.items():
+    *groups, field = key.split(".")
+    target = config
+    for group in groups:
+      target = target[group]
+    target[field] = value
+  return config
+
+
+def _quiet():
+  return train.progress.LogReporter(stream=io.StringIO())
+
+
+def _train(config, workdir, **kwargs):
+  # Flax's layers and optax rely on JAX's default promotion (conftest makes it strict).
+  with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+    return train.train_and_evaluate(config, workdir, reporter=_quiet(), **kwargs)
+
+
+def _snapshot(directory: pathlib.Path) -> dict:
+  """Every entry's identity and modification time: a rewrite (atomic: a new inode) or an
+  in-place write changes it."""
+  return {str(p.relative_to(directory)): (p.stat().st_ino, p.stat().st_mtime_ns)
+          for p in sorted(directory.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """A real, finished jaxbn workdir (one net, 10 steps) and its config; copy before changing."""
+  config = _tiny(variants=("bn",))
+  workdir = tmp_path_factory.mktemp("finished") / "run"
+  outcome = _train(config, workdir)
+  return config, workdir, outcome
+
+
+def _copy(finished, tmp_path) -> pathlib.Path:
+  return pathlib.Path(shutil.copytree(finished[1], tmp_path / "copy"))
+
+
+# ----------------------------------------------------------------------------- item 1
+
+
+def test_a_folder_jaxbn_did_not_write_is_refused_and_kept(tmp_path):
+  thesis = tmp_path / "thesis"
+  (thesis / "runs").mkdir(parents=True)
+  (thesis / "thesis.tex").write_text("three years of work")
+  (thesis / "runs" / "notes.txt").write_text("mine")
+  (thesis / "config.json").write_text('{"model": "bert"}')  # JSON, but not jaxbn's
+  before = {p: p.read_bytes() for p in thesis.rglob("*") if p.is_file()}
+  for overwrite in (True, False):  # writing into someone's folder is refused too
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(thesis))} is not empty and is not a jaxbn "
+                       r"workdir.*thesis\.tex"):
+      _train(_tiny(), thesis, overwrite=overwrite)
+  assert {p: p.read_bytes() for p in thesis.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_empty_workdir_is_refused_and_the_current_directory_kept(overwrite, tmp_path,
+                                                                    monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "keep.txt").write_text("mine")
+  for workdir in ("", "  "):
+    with pytest.raises(ConfigError, match="--workdir is empty"):
+      _train(_tiny(), workdir, overwrite=overwrite)
+  assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def _jaxbn_workdir(path: pathlib.Path) -> pathlib.Path:
+  """A directory holding only what jaxbn writes (no training needed)."""
+  workdir_lib.prepare(path, _tiny(), overwrite=False)
+  (path / "runs" / "bn").mkdir(parents=True)
+  (path / "runs" / "bn" / "metrics.jsonl").write_text("{}\n")
+  return path
+
+
+@pytest.mark.parametrize("case", ["dot", "cwd", "parent of cwd", "root", "home", "repository"])
+def test_overwrite_refuses_directories_no_run_is_worth(case, tmp_path, monkeypatch):
+  # Each is a jaxbn workdir holding nothing else, so only the protection can refuse it.
+  workdir = _jaxbn_workdir(tmp_path / "w")
+  argument, reason = {
+      "dot": (".", "it is the current directory"),
+      "cwd": (str(workdir), "it is the current directory"),
+      "parent of cwd": (str(workdir), "it holds the current directory"),
+      "root": ("/", "it is the filesystem root"),
+      "home": (str(workdir), "it is the home directory"),
+      "repository": (str(workdir), "it is the root of a git repository"),
+  }[case]
+  monkeypatch.chdir({"dot": workdir, "cwd": workdir, "parent of cwd": workdir / "runs"}.get(
+      case, tmp_path))
+  if case == "home":
+    monkeypatch.setenv("HOME", str(workdir))
+  if case == "repository":
+    (workdir / ".git").mkdir()
+  before = _snapshot(workdir)
+  with pytest.raises(ConfigError, match=rf"Refusing --overwrite of {re.escape(argument)}.*"
+                     rf"{reason}\. Nothing was deleted"):
+    workdir_lib.prepare(argument, _tiny(seed=1), overwrite=True)
+  assert _snapshot(workdir) == before
+
+
+def test_overwrite_replaces_a_real_jaxbn_workdir_and_only_that(finished, tmp_path):
+  assert workdir_lib.foreign_entries(finished[1]) == []  # everything a run writes is known
+  other = _tiny(variants=("bn",), seed=1)
+  # Marked (current) and unmarked (written before the marker existed) workdirs.
+  for marked in (True, False):
+    workdir = _copy(finished, tmp_path)
+    if not marked:
+      (workdir / workdir_lib.MARKER).unlink()
+    with pytest.raises(ConfigError, match=r"different config \(seed: 0 -> 1\); pass --overwrite"):
+      workdir_lib.prepare(workdir, other, overwrite=False)
+    workdir_lib.prepare(workdir, other, overwrite=True)
+    assert sorted(p.name for p in workdir.iterdir()) == [workdir_lib.MARKER, "config.json"]
+    assert json.loads((workdir / "config.json").read_text())["seed"] == 1
+    shutil.rmtree(workdir)
+  # A file of the user's anywhere in it: nothing is deleted.
+  workdir = _copy(finished, tmp_path)
+  (workdir / "runs" / "bn" / "analysis.ipynb").write_text("mine")
+  before = _snapshot(workdir)
+  with pytest.raises(ConfigError, match=r"Refusing --overwrite .*runs/bn/analysis\.ipynb, "
+                     "which jaxbn did not write. Nothing was deleted"):
+    workdir_lib.prepare(workdir, other, overwrite=True)
+  assert _snapshot(workdir) == before
+
+
+def test_command_line_refuses_an_empty_workdir_and_deletes_nothing(tmp_path):
+  (tmp_path / "thesis.tex").write_text("three years of work")
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.main", f"--config={ROOT / 'configs/default.py'}",
+       "--workdir=", "--overwrite"], cwd=tmp_path, capture_output=True, text=True,
+      env={**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""})
+  assert result.returncode != 0 and "--workdir is empty" in result.stderr
+  assert [p.name for p in tmp_path.iterdir()] == ["thesis.tex"]
+
+
+# ----------------------------------------------------------------------------- item 2
+
+
+def test_a_run_that_diverges_before_its_first_evaluation_is_summarized(tmp_path):
+  config = _tiny(**{"optimizer.learning_rate": 1e30, "model.activation": "relu"})
+  outcome = _train(config, tmp_path / "w")
+  for name in ("bn", "plain"):
+    result = outcome["results"][name]
+    assert result["diverged"] and result["diverged_at"] <= config.eval_every
+    assert result["final_test_accuracy"] is None
+  summary = json.loads((tmp_path / "w" / "summary.json").read_text())
+  assert summary["diverged_at"] == {k: r["diverged_at"] for k, r in outcome["results"].items()}
+  text = (tmp_path / "w" / "summary.md").read_text()
+  assert "before its first evaluation" in text and "| at step " in text
+  assert {p.name for p in (tmp_path / "w" / "plots").iterdir()} == {"fig1.png",
+                                                                   "saturation.png"}
+  again = _train(config, tmp_path / "w")  # rerun: read back, same summary
+  assert again["summary"] == outcome["summary"]
+
+
+def test_runs_evaluated_at_different_steps_are_compared_by_step(tmp_path):
+  # plain diverged in its second chunk; bn went on: BN leads from plain's divergence on.
+  def evals(steps, accuracy):
+    return [{"step": s, "test_accuracy": a, "unit_percentiles": [0.0, 0.1, 0.2],
+             "saturated_fraction": [0.0], "grad_norm": [1.0]}
+            for s, a in zip(steps, accuracy, strict=True)]
+  histories = {"bn": evals([10, 20, 30], [0.2, 0.3, 0.4]), "plain": evals([10], [0.5])}
+  results = {"bn": {"diverged": False, "diverged_at": None, "final_test_accuracy": 0.4,
+                    "steps_per_second": 1.0, "compile_seconds": 1.0},
+             "plain": {"diverged": True, "diverged_at": 12, "final_test_accuracy": None,
+                       "steps_per_second": 1.0, "compile_seconds": 1.0}}
+  summary = plots.compare_summary(histories, results)
+  assert summary["bn_ahead_from_step"] == 20 and summary["diverged_at"]["plain"] == 12
+  plots.plot_saturation({"bn": histories["bn"], "plain": []}, tmp_path / "s.png", results)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("optimizer.learning_rate", float("inf")),
+    ("optimizer.learning_rate", float("nan")),
+    ("optimizer.learning_rate", 1e39),  # finite in float64, inf in float32
+    ("optimizer.momentum", float("inf")),
+    ("model.init_std", float("nan")),
+    ("model.bn_momentum", float("nan")),
+    ("diagnostics.saturation", float("inf")),
+    ("sweep.learning_rates", (0.1, float("inf"))),
+])
+def test_non_finite_hyperparameters_are_refused(key, value):
+  config = _tiny(study="lr_sweep", **{key: value})
+  name = f"{key}[1]" if key == "sweep.learning_rates" else key
+  with pytest.raises(ConfigError, match=rf"config\.{re.escape(name)} must be finite"):
+    config_lib.validate(config, default_config.get_config())
+
+
+# ----------------------------------------------------------------------------- item 8
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.num_samples": 1}, r"config\.data\.num_samples \(1\) gives a training split of 1"),
+    ({"data.synthetic_shape": (0,)}, r"config\.data\.synthetic_shape must be a tuple of "
+                                     r"positive ints"),
+    ({"seed": 2**63 - 1}, r"config\.seed must be at most 4294967253"),
+    ({"model.name": "cnn", "model.cnn_features": (4,)}, r"'cnn' needs images"),
+    ({"model.name": "cnn", "data.synthetic_shape": (2, 2, 1)}, r"at least 4 pixels a side"),
+])
+def test_configs_that_crashed_after_writing_are_refused_before(overrides, message, tmp_path):
+  with pytest.raises(ConfigError, match=message):
+    _train(_tiny(**overrides), tmp_path / "never")
+  assert not (tmp_path / "never").exists()
+
+
+def test_the_largest_seed_accepted_works_for_every_consumer_and_one_more_does_not():
+  config_lib.validate(_tiny(seed=config_lib.MAX_SEED), default_config.get_config())
+  jax.random.key(config_lib.MAX_SEED + 1)  # the data key
+  data_lib._mnist1d(20, config_lib.MAX_SEED)
+  with pytest.raises(ValueError, match="Seed must be between 0 and 2"):
+    data_lib._mnist1d(20, config_lib.MAX_SEED + 1)
+
+
+def _write_idx(path: pathlib.Path, array: np.ndarray) -> None:
+  header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+  with gzip.open(path, "wb") as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def _idx_dataset(directory: pathlib.Path, *, train_labels=100, label=3) -> None:
+  files = data_lib.IDX_FILES
+  directory.mkdir()
+  _write_idx(directory / files["x_train"], np.zeros((100, 4, 4)))
+  _write_idx(directory / files["y_train"], np.full(train_labels, label))
+  _write_idx(directory / files["x_test"], np.zeros((20, 4, 4)))
+  _write_idx(directory / files["y_test"], np.full(20, 1))
+
+
+def test_idx_files_that_do_not_pair_up_are_refused_naming_both(tmp_path):
+  files = data_lib.IDX_FILES
+  schema = default_config.get_config()
+  _idx_dataset(tmp_path / "good")
+  config_lib.validate(_tiny(**{"data.name": "mnist", "data.path": str(tmp_path / "good")}),
+                      schema)
+  dataset = data_lib.load(_tiny(**{"data.name": "mnist", "data.path": str(tmp_path / "good")}).data, 0)
+  assert dataset.x_train.shape == (100, 4, 4, 1) and dataset.y_test.shape == (20,)
+  _idx_dataset(tmp_path / "short", train_labels=50)
+  config = _tiny(**{"data.name": "mnist", "data.path": str(tmp_path / "short")})
+  with pytest.raises(ConfigError, match=rf"{files['x_train']} holds 100 images but "
+                     rf".*{files['y_train']} holds 50 labels"):
+    config_lib.validate(config, schema)
+  _idx_dataset(tmp_path / "label", label=12)
+  config = _tiny(**{"data.name": "mnist", "data.path": str(tmp_path / "label")})
+  with pytest.raises(ConfigError, match=rf"{files['y_train']} holds label 12; labels must "
+                     "be 0 to 9"):
+    config_lib.validate(config, schema)
+
+
+def test_a_finished_rerun_rewrites_nothing_not_even_an_identical_config(finished, tmp_path):
+  config, _, outcome = finished
+  workdir = _copy(finished, tmp_path)
+  before = _snapshot(workdir)
+  # As root, chmod cannot stop a write; the unchanged inodes and mtimes prove none happened.
+  read_only = os.geteuid() != 0
+  if read_only:
+    subprocess.run(["chmod", "-R", "a-w", str(workdir)], check=True)
+  try:
+    again = _train(config, workdir)
+  finally:
+    subprocess.run(["chmod", "-R", "u+w", str(workdir)], check=True)
+  assert again["results"] == outcome["results"] and again["summary"] == outcome["summary"]
+  assert _snapshot(workdir) == before
