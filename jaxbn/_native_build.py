@@ -10,11 +10,12 @@ A cached library is loaded only once it is verified as jaxbn's own complete buil
 successful compile its sha256 and size are written beside it (`*.so.sha256`), and they are
 checked before `dlopen`, so a truncated, empty or foreign file at the cache path is rebuilt
 (atomically replaced), never loaded. The cache directory, the library and its digest must
-belong to the current user or root and be writable by no one else (a shared cache must not
-let another user swap in code this process would run); otherwise jaxbn neither loads nor
-builds there. One process compiles at a time (a lock file in the cache directory); the
-compiler runs in its own process group, killed as a group when it overruns the timeout, and
-a build that died leaves `*.partial` files that the next build removes.
+belong to the current user or root and be writable by no one else, so that no other user of
+a shared cache can swap in code this process would run: a library or digest that fails this
+is rebuilt, a directory that fails it is not used at all. One process compiles at a time (a
+lock file in the cache directory); the compiler runs in its own process group, killed as a
+group when it overruns the timeout, and a build that died leaves `*.partial` files that the
+next build removes.
 
 Environment:
   JAXBN_CPU_KERNEL       0/false/no/off (any case): never build or use the kernels, without a
@@ -154,7 +155,8 @@ def _disabled() -> str | None:
     return None
   if word in _OFF:
     return f"disabled by JAXBN_CPU_KERNEL={value}"
-  # Taken as off: setting the variable at all most likely means to leave the default (on).
+  # Taken as off: the default is on, so whoever sets the variable most likely means off, and
+  # the pure-JAX path is always correct.
   logger.warning("jaxbn: JAXBN_CPU_KERNEL=%r is none of 0/false/no/off or 1/true/yes/on; "
                  "taking it as off (the pure-JAX path)", value)
   return f"disabled by JAXBN_CPU_KERNEL={value!r} (not a known value, taken as off)"

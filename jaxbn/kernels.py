@@ -53,7 +53,11 @@ class Layout(NamedTuple):
 
 
 def status() -> _native_build.Status:
-  """Whether the kernels can run in this process (building them on first use), and why not."""
+  """Whether the kernels can run in this process (building them on first use), and why not.
+
+  Decided once per process; never raises (a failed build is an unavailable status, logged
+  once as a WARNING with its fix, and every later call takes the pure-JAX path).
+  """
   return _native_build.status()
 
 
