@@ -129,9 +129,11 @@ def test_overwrite_refuses_directories_no_run_is_worth(case, tmp_path, monkeypat
   if case == "repository":
     (workdir / ".git").mkdir()
   before = _snapshot(workdir)
+  # "/" goes to the check alone: were it ever to pass, prepare would start deleting.
+  claim = workdir_lib.check if case == "root" else workdir_lib.prepare
   with pytest.raises(ConfigError, match=rf"Refusing --overwrite of {re.escape(argument)}.*"
                      rf"{reason}\. Nothing was deleted"):
-    workdir_lib.prepare(argument, _tiny(seed=1), overwrite=True)
+    claim(argument, _tiny(seed=1), overwrite=True)
   assert _snapshot(workdir) == before
 
 
