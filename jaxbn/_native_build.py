@@ -141,8 +141,8 @@ def _load() -> Status:
     fix = e.fix if known else _GENERIC_FIX
     logger.warning(
         "jaxbn: the C++ CPU kernels are unavailable, so batch_norm runs its pure-JAX path "
-        "(same results, 1.5-4x slower on CPU): %s. To fix: %s. To choose the pure-JAX path "
-        "without this warning: JAXBN_CPU_KERNEL=0.", reason, fix)
+        "(equal to rounding, up to 1.5-4x slower on CPU): %s. To fix: %s. To choose the pure-JAX "
+        "path without this warning: JAXBN_CPU_KERNEL=0.", reason, fix)
     return Status(False, reason)
   return Status(True, "compiled and registered", library)
 
