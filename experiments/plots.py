@@ -247,9 +247,9 @@ def _markdown(config, summary: dict, outcome: dict) -> str:
                      f"{config.eval_every}: it has no test accuracy, and its panels in the "
                      "plots are empty.")
     for variant, drift in summary["percentile_drift"].items():
-      lines.append(f"\nActivation-input drift (Fig. 1b, c), {LABELS[variant]}: the median moved over a range of "
-                   f"{drift['median_range']:.3f}; the 15–85th band width over "
-                   f"{drift['band_15_85_range']:.3f}.")
+      lines.append(f"\nActivation-input drift (Fig. 1b, c), {LABELS[variant]}: the median "
+                   f"moved over a range of {drift['median_range']:.3f}; the 15–85th band "
+                   f"width over {drift['band_15_85_range']:.3f}.")
     if summary.get("bn_ahead_from_step") is not None:
       lines.append(f"\nBN's test accuracy is above the plain net's at every evaluation from "
                    f"step {summary['bn_ahead_from_step']} on.")

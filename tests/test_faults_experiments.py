@@ -85,8 +85,8 @@ def test_a_folder_jaxbn_did_not_write_is_refused_and_kept(tmp_path):
   (thesis / "config.json").write_text('{"model": "bert"}')  # JSON, but not jaxbn's
   before = {p: p.read_bytes() for p in thesis.rglob("*") if p.is_file()}
   for overwrite in (True, False):  # writing into someone's folder is refused too
-    with pytest.raises(ConfigError, match=rf"{re.escape(str(thesis))} is not empty and is not a jaxbn "
-                       r"workdir.*thesis\.tex"):
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(thesis))} is not empty and is "
+                       r"not a jaxbn workdir.*thesis\.tex"):
       _train(_tiny(), thesis, overwrite=overwrite)
   assert {p: p.read_bytes() for p in thesis.rglob("*") if p.is_file()} == before
 
@@ -112,7 +112,7 @@ def _jaxbn_workdir(path: pathlib.Path) -> pathlib.Path:
 
 @pytest.mark.parametrize("case", ["dot", "cwd", "parent of cwd", "root", "home", "repository"])
 def test_overwrite_refuses_directories_no_run_is_worth(case, tmp_path, monkeypatch):
-  # Each is a jaxbn workdir holding nothing else, so only the protection can refuse it.
+  # A jaxbn workdir (plus .git for the repository): only the protection can refuse it.
   workdir = _jaxbn_workdir(tmp_path / "w")
   argument, reason = {
       "dot": (".", "it is the current directory"),
@@ -268,9 +268,9 @@ def test_idx_files_that_do_not_pair_up_are_refused_naming_both(tmp_path):
   files = data_lib.IDX_FILES
   schema = default_config.get_config()
   _idx_dataset(tmp_path / "good")
-  config_lib.validate(_tiny(**{"data.name": "mnist", "data.path": str(tmp_path / "good")}),
-                      schema)
-  dataset = data_lib.load(_tiny(**{"data.name": "mnist", "data.path": str(tmp_path / "good")}).data, 0)
+  good = _tiny(**{"data.name": "mnist", "data.path": str(tmp_path / "good")})
+  config_lib.validate(good, schema)
+  dataset = data_lib.load(good.data, 0)
   assert dataset.x_train.shape == (100, 4, 4, 1) and dataset.y_test.shape == (20,)
   _idx_dataset(tmp_path / "short", train_labels=50)
   config = _tiny(**{"data.name": "mnist", "data.path": str(tmp_path / "short")})
