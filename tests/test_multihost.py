@@ -1,0 +1,206 @@
+"""Many hosts: 2 processes × 2 CPU devices (jax.distributed, gloo) pool BN statistics exactly.
+
+The test launches two copies of this file as processes on localhost; each initializes
+`jax.distributed`, holds its own padded batch with a row mask (process 0: 5 of 8 rows real,
+process 1: 8 of 8) and runs `batch_norm` under `shard_map` over the global mesh of 4 devices.
+The parent checks every process's mean, variance, count, output and gradients against the
+seed's literal equations on the concatenated real rows, in float64 in one process.
+
+A child never sees conftest.py's 8 forced host devices: it gets a clean XLA_FLAGS and sets
+`jax_num_cpu_devices` itself, before JAX makes a backend.
+"""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+PROCESSES = 2
+LOCAL_DEVICES = 2
+ROWS = 8  # per process, padding included
+REAL_ROWS = (5, 8)  # per process: different batch sizes, as with the tail of an epoch
+TIME = 2  # a second batch axis: statistics reduce over rows × TIME values per feature
+FEATURES = 3
+# (gradient, use_cpu_kernel): the pure path, the default, and the kernels required.
+MODES = (("analytic", False), ("analytic", None), ("analytic", True), ("autodiff", False))
+TIMEOUT_S = 120  # per child; both are killed after it (a lost peer blocks the other forever)
+
+
+def _batches():
+  """Every process's padded batch, the same in the parent and the children (seeded)."""
+  rng = np.random.default_rng(0)
+  shape = (PROCESSES, ROWS, TIME, FEATURES)
+  # Per-process means differ, so unpooled statistics would be visibly wrong.
+  x = rng.standard_normal(shape) + 3.0 * np.arange(PROCESSES)[:, None, None, None]
+  dy = rng.standard_normal(shape)
+  mask = np.arange(ROWS)[None, :] < np.array(REAL_ROWS)[:, None]
+  x = np.where(mask[..., None, None], x, np.nan)  # padding must reach no output or gradient
+  scale = rng.uniform(0.5, 2.0, FEATURES)
+  bias = rng.standard_normal(FEATURES)
+  return x, dy, mask[..., None, None], scale, bias
+
+
+def _child(process_id: int, port: int, out: str, modes: list) -> None:
+  """One process: its rows in, every process's results (gathered) out to `out`."""
+  import jax
+
+  jax.config.update("jax_enable_x64", True)
+  jax.config.update("jax_num_cpu_devices", LOCAL_DEVICES)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}",
+                             num_processes=PROCESSES, process_id=process_id,
+                             initialization_timeout=TIMEOUT_S // 2)
+  import jax.numpy as jnp
+  from jax.experimental import multihost_utils
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  import jaxbn
+
+  assert jax.device_count() == PROCESSES * LOCAL_DEVICES, jax.devices()
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  rows = NamedSharding(mesh, P("data"))
+  x, dy, mask, scale, bias = _batches()
+  # This process's rows only: the global arrays exist nowhere whole.
+  local = lambda a: jax.make_array_from_process_local_data(rows, a[process_id])
+  x_g, dy_g, mask_g = local(x), local(dy), local(mask)
+
+  results = {}
+  for gradient, use_cpu_kernel in modes:
+    def loss(x, scale, bias, dy, mask, gradient=gradient, use_cpu_kernel=use_cpu_kernel):
+      def per_device(x, scale, bias, dy, mask):
+        y, stats = jaxbn.batch_norm(x, scale, bias, mask=mask, axis_name="data",
+                                    gradient=gradient, use_cpu_kernel=use_cpu_kernel)
+        return jax.lax.psum(jnp.sum(dy * y), "data"), (y, stats)
+      return jax.shard_map(per_device, mesh=mesh,
+                           in_specs=(P("data"), P(), P(), P("data"), P("data")),
+                           out_specs=(P(), (P("data"), P())))(x, scale, bias, dy, mask)
+
+    # The replicated γ, β get the global Σ over all 4 devices, as in data-parallel training.
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    args = (x_g, jnp.asarray(scale), jnp.asarray(bias), dy_g, mask_g)
+    compiled = step.lower(*args).compile()
+    (value, (y, stats)), (dx, dscale, dbias) = compiled(*args)
+    name = f"{gradient}-{use_cpu_kernel}"
+    gather = lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    results.update({
+        f"{name}/loss": np.asarray(value), f"{name}/y": gather(y), f"{name}/dx": gather(dx),
+        f"{name}/mean": np.asarray(stats.mean), f"{name}/var": np.asarray(stats.var),
+        f"{name}/count": np.asarray(stats.count), f"{name}/dscale": np.asarray(dscale),
+        f"{name}/dbias": np.asarray(dbias),
+        f"{name}/kernel_calls": np.asarray(compiled.as_text().count('"jaxbn_')),
+    })
+  np.savez(os.path.join(out, f"process{process_id}.npz"), **results)
+  jax.distributed.shutdown()
+
+
+# ---------------------------------------------------------------------------- the test
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _child_env() -> dict:
+  """The parent's environment without conftest's forced device count."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  return {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
+
+
+def _launch(tmp_path: pathlib.Path, modes: list) -> list[dict]:
+  port = _free_port()
+  children = [
+      subprocess.Popen(
+          [sys.executable, __file__, str(i), str(port), str(tmp_path), repr(modes)],
+          env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(PROCESSES)]
+  logs = []
+  try:
+    for child in children:
+      logs.append(child.communicate(timeout=TIMEOUT_S)[0])
+  except subprocess.TimeoutExpired:
+    for child in children:
+      child.kill()
+    raise AssertionError(f"processes still running after {TIMEOUT_S} s: killed. Output "
+                         f"so far:\n{''.join(c.communicate()[0][-3000:] for c in children)}")
+  for i, (child, log) in enumerate(zip(children, logs, strict=True)):
+    assert child.returncode == 0, f"process {i} exited {child.returncode}:\n{log[-5000:]}"
+  return [dict(np.load(tmp_path / f"process{i}.npz")) for i in range(PROCESSES)]
+
+
+def _one_process_reference():
+  """The seed's eqs. (1)-(4) (jaxbn.reference) on the concatenated real rows, float64, and
+  JAX's autodiff of them: what one process holding the whole global batch computes."""
+  import jax
+  import jax.numpy as jnp
+
+  from jaxbn.reference import batch_norm_reference
+
+  # The 1e-12 tolerances below are float64's: conftest.py enables it for the parent.
+  assert jax.config.jax_enable_x64, "the reference needs float64"
+  x, dy, mask, scale, bias = _batches()
+  keep = mask[..., 0, 0]
+  x_real, dy_real = x[keep], dy[keep]  # (13, TIME, FEATURES): every real row, in order
+  loss = lambda x, s, b: jnp.sum(jnp.asarray(dy_real) * batch_norm_reference(x, s, b))
+  value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(
+      jnp.asarray(x_real), jnp.asarray(scale), jnp.asarray(bias))
+  y = batch_norm_reference(jnp.asarray(x_real), jnp.asarray(scale), jnp.asarray(bias))
+  values = x_real.reshape(-1, FEATURES)
+  return keep, {
+      "loss": float(value), "y": np.asarray(y), "dx": np.asarray(grads[0]),
+      "dscale": np.asarray(grads[1]), "dbias": np.asarray(grads[2]),
+      "mean": values.mean(0), "var": values.var(0), "count": np.full(FEATURES, len(values)),
+  }
+
+
+def _gloo_available() -> bool:
+  from jax._src.lib import _jax
+
+  return hasattr(_jax, "make_gloo_tcp_collectives")
+
+
+def test_two_processes_pool_exact_statistics_and_gradients(tmp_path):
+  import pytest
+
+  import jaxbn
+
+  if not _gloo_available():
+    pytest.skip("this jaxlib has no gloo CPU collectives (_jax.make_gloo_tcp_collectives)")
+  # Built here once, so the children load the cached library instead of both compiling it.
+  kernels = jaxbn.kernels.status().available
+  modes = [m for m in MODES if kernels or m[1] is not True]
+  keep, want = _one_process_reference()
+  flat = lambda a: a.reshape(PROCESSES, ROWS, TIME, FEATURES)
+  for process, got in enumerate(_launch(tmp_path, modes)):
+    for gradient, use_cpu_kernel in modes:
+      name = f"{gradient}-{use_cpu_kernel}"
+      where = f"process {process}, gradient={gradient}, use_cpu_kernel={use_cpu_kernel}"
+      np.testing.assert_array_equal(got[f"{name}/count"], want["count"], err_msg=where)
+      for key in ("mean", "var", "dscale", "dbias"):
+        np.testing.assert_allclose(got[f"{name}/{key}"], want[key], rtol=1e-12,
+                                   err_msg=f"{key}, {where}")
+      np.testing.assert_allclose(got[f"{name}/loss"], want["loss"], rtol=1e-12, err_msg=where)
+      for key in ("y", "dx"):
+        value = flat(got[f"{name}/{key}"])
+        np.testing.assert_allclose(value[keep], want[key], rtol=1e-12, atol=1e-13,
+                                   err_msg=f"{key}, {where}")
+        # Padding (NaN in x) holds exact zeros: it reached nothing.
+        np.testing.assert_array_equal(value[~keep], 0.0, err_msg=f"{key} padding, {where}")
+      kernel_calls = int(got[f"{name}/kernel_calls"])
+      if use_cpu_kernel is False:
+        assert kernel_calls == 0, f"pure path compiled {kernel_calls} kernel calls, {where}"
+      elif kernels:
+        # Inside shard_map each device runs the kernels on its own rows.
+        assert kernel_calls > 0, f"no jaxbn kernel in the compiled step, {where}"
+
+
+if __name__ == "__main__":
+  import ast
+
+  _child(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], ast.literal_eval(sys.argv[4]))
