@@ -119,6 +119,14 @@ def status() -> Status:
     return _status
 
 
+def decided() -> Status | None:
+  """The status if this process has decided it, or can without a build (JAXBN_CPU_KERNEL
+  says off); None while only a build would tell. Never builds, never raises."""
+  if _status is None and os.environ.get("JAXBN_CPU_KERNEL", "").strip().lower() not in _ON:
+    return status()  # switched off (or an unknown value, taken as off): no build to wait for
+  return _status
+
+
 def _load() -> Status:
   """One attempt to make the kernels usable; logs a WARNING with the fix if they are not."""
   disabled = _disabled()

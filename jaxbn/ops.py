@@ -72,6 +72,8 @@ class _Static:
   out_dtype: np.dtype
   # (features, inner) view for the C++ CPU kernels, or None for the pure-JAX path everywhere.
   kernel_layout: kernels.Layout | None = None
+  # use_cpu_kernel=True: the C++ in every CPU lowering, even where lowering would pick the twin.
+  force_kernel: bool = False
 
 
 def batch_norm(
@@ -120,11 +122,15 @@ def batch_norm(
     use_cpu_kernel: run the passes over x and dy as jaxbn's fused C++ kernels when on CPU.
       None (default): wherever the call allows — analytic gradient, no mask or one that
       does not vary across the feature axes (padding positions or examples), two-pass
-      variance, contiguous feature axes, float32/bfloat16/float64 — and the kernels could be
-      built (`jaxbn.kernels.status()`), and x not explicitly sharded under jit; True: the
-      same, but raise if this call cannot use them; False: pure JAX. Other platforms always
-      take the pure-JAX path. XLA cannot partition the kernels' custom calls: under jit with
-      a batch sharded on an auto-mode mesh (invisible here) pass False, or use shard_map.
+      variance, contiguous feature axes, float32/bfloat16/float64, x not explicitly
+      sharded — and, decided when the computation is lowered, where they cannot make XLA
+      gather a sharded batch (one device in the computation, or per device inside
+      shard_map/pmap), not under `jax.export`, and the kernels could be built
+      (`jaxbn.kernels.status()`); elsewhere their pure-JAX twins are compiled in, as on
+      every other platform. True: raise if this call cannot use them, and use them in every
+      CPU lowering, even under a multi-device jit or an export (you assert x is not split
+      across devices; an exported artifact then needs jaxbn's kernels registered where it
+      runs). False: pure JAX.
 
   Returns:
     `(y, stats)`: y with x's shape and `dtype`, and the batch `BatchStats` (gradients do not
@@ -149,7 +155,8 @@ def batch_norm(
   mask = _args.batch_mask(mask, x)
   gradient = _args.gradient_mode(gradient)
   static = dataclasses.replace(
-      static, kernel_layout=_kernel_layout(x, features, mask, static, gradient, use_cpu_kernel))
+      static, kernel_layout=_kernel_layout(x, features, mask, static, gradient, use_cpu_kernel),
+      force_kernel=use_cpu_kernel is True)
   if gradient == "analytic":
     _refuse_forward_mode(x, scale, bias)
     x, scale, bias = (_device_varying(v, axis_name) for v in (x, scale, bias))
@@ -264,12 +271,16 @@ def update_running_stats(
 
 def _kernel_layout(x, features, mask, static: _Static, gradient: str,
                    use_cpu_kernel: bool | None) -> kernels.Layout | None:
-  """The kernels' (features, inner) view of x if this call can use them, else None."""
+  """The kernels' (features, inner) view of x if this call can use them, else None.
+
+  Only what tracing can see is decided here; whether a kernel call runs the C++ or its
+  pure-JAX twin is decided when it is lowered (`jaxbn.kernels`).
+  """
   if use_cpu_kernel is not None and not isinstance(use_cpu_kernel, bool):
     raise TypeError(f"use_cpu_kernel must be None, True or False, got {use_cpu_kernel!r}.")
   if use_cpu_kernel is False:
     return None
-  refusal = _kernel_refusal(x, features, mask, static, gradient)
+  refusal = _kernel_refusal(x, features, mask, static, gradient, build=use_cpu_kernel is True)
   if refusal is not None:
     if use_cpu_kernel:
       raise ValueError(f"use_cpu_kernel=True, but {refusal}.")
@@ -279,8 +290,13 @@ def _kernel_layout(x, features, mask, static: _Static, gradient: str,
                         inner=math.prod(x.shape[last + 1:]))
 
 
-def _kernel_refusal(x, features, mask, static: _Static, gradient: str) -> str | None:
-  """Why this call cannot use the kernels, or None if it can."""
+def _kernel_refusal(x, features, mask, static: _Static, gradient: str, *,
+                    build: bool) -> str | None:
+  """Why this call cannot use the kernels, or None if it can (as far as tracing knows).
+
+  `build`: find out now whether the kernels can be built (building them); otherwise only a
+  status this process already knows refuses, and lowering decides the rest.
+  """
   if gradient != "analytic":
     return "gradient='autodiff' differentiates the pure-JAX forward"
   if mask is not None and any(mask.shape[a] != 1 for a in features):
@@ -302,8 +318,10 @@ def _kernel_refusal(x, features, mask, static: _Static, gradient: str) -> str | 
   # it never calls. Computations sent to CPU there (jax.default_device) take the pure path.
   if jax.default_backend() != "cpu":
     return f"JAX's default backend is {jax.default_backend()}, and the kernels run on CPU only"
-  if not kernels.available():
-    return f"the kernels are unavailable: {kernels.status().reason}"
+  status = kernels.status() if build else kernels.known_status()
+  if status is not None and not status.available:
+    # Known unavailable: the pure-JAX path itself, not kernel calls that lower to their twins.
+    return f"the kernels are unavailable: {status.reason}"
   return None
 
 
@@ -396,16 +414,10 @@ def _kernel_mask(mask: jax.Array | None, x: jax.Array, static: _Static) -> jax.A
                                       for a, n in enumerate(x.shape)))
 
 
-# Where a call may use the kernels, `lax.platform_dependent` compiles them for CPU and the
-# pure-JAX path for any other platform. Its branches are traced apart from vmap's axis names,
-# so collectives stay outside them: pooled statistics (axis_name) run each pass per device
-# through `_on_cpu`, with the psums between passes in plain JAX.
-
-
-def _on_cpu(kernel, twin, layout: kernels.Layout, *arrays, **static):
-  """kernel(layout, *arrays) on CPU, its pure-JAX twin on other platforms."""
-  return lax.platform_dependent(*arrays, cpu=functools.partial(kernel, layout, **static),
-                                default=functools.partial(twin, layout, **static))
+# A kernel call compiles to the C++ on CPU where it runs on whole operands, and to its pure-JAX
+# twin elsewhere (other platforms, a batch partitioned across devices, jax.export): the
+# lowering of `jaxbn.kernels`' primitive decides. Pooled statistics (axis_name) run one kernel
+# call per pass, with the psums between passes in plain JAX.
 
 
 def _forward(x, scale, bias, mask, static: _Static):
@@ -414,10 +426,7 @@ def _forward(x, scale, bias, mask, static: _Static):
     return _forward_xla(x, scale, bias, mask, static)
   if static.axis_name is not None:
     return _forward_pooled(x, scale, bias, mask, static)
-  return lax.platform_dependent(
-      x, scale, bias, mask,
-      cpu=functools.partial(_forward_fused, static=static),
-      default=functools.partial(_forward_xla, static=static))
+  return _forward_fused(x, scale, bias, mask, static)
 
 
 def _forward_xla(x, scale, bias, mask, static: _Static):
@@ -440,7 +449,8 @@ def _forward_fused(x, scale, bias, mask, static: _Static):
   layout, cdt = static.kernel_layout, _args.compute_dtype(x)
   y, *vectors, count = kernels.forward(
       layout, x, scale.astype(cdt).ravel(), bias.astype(cdt).ravel(),
-      _kernel_mask(mask, x, static), epsilon=static.epsilon, out_dtype=static.out_dtype)
+      _kernel_mask(mask, x, static), epsilon=static.epsilon, out_dtype=static.out_dtype,
+      force=static.force_kernel)
   shift, delta, var, inv_std = (v.reshape(static.broadcast_shape) for v in vectors)
   # Without a mask m is known at trace time (and the kernel returns no count).
   count = (_local_count(x, None, static, cdt) if mask is None
@@ -453,14 +463,14 @@ def _forward_pooled(x, scale, bias, mask, static: _Static):
   layout, cdt = static.kernel_layout, _args.compute_dtype(x)
   kernel_mask = _kernel_mask(mask, x, static)
   hi, lo, m2 = (v.reshape(static.broadcast_shape)  # eqs. (1)-(2), one read of x
-                for v in _on_cpu(kernels.moments, kernels.moments_xla, layout, x, kernel_mask))
+                for v in kernels.moments(layout, x, kernel_mask, force=static.force_kernel))
   count, shift, delta, var = _pooled_kernel_moments(
       hi, lo, m2, _local_count(x, mask, static, cdt), static)
   inv_std = _per_feature.inverse_std(var, static.epsilon)
   a = scale.astype(cdt).reshape(static.broadcast_shape) * inv_std
-  y = _on_cpu(kernels.normalize, kernels.normalize_xla, layout, x, shift.ravel(),
-              delta.ravel(), a.ravel(), bias.astype(cdt).ravel(), kernel_mask,
-              out_dtype=static.out_dtype)  # eqs. (3)-(4)
+  y = kernels.normalize(layout, x, shift.ravel(), delta.ravel(), a.ravel(),
+                        bias.astype(cdt).ravel(), kernel_mask, out_dtype=static.out_dtype,
+                        force=static.force_kernel)  # eqs. (3)-(4)
   return _outputs(y, x, mask, scale, bias, count, shift, delta, var, inv_std, static)
 
 
@@ -507,10 +517,7 @@ def _batch_norm_analytic_bwd(static: _Static, residuals, cotangents):
     return _backward_xla(static, residuals, dy)
   if static.axis_name is not None:
     return _backward_pooled(static, residuals, dy)
-  return lax.platform_dependent(
-      residuals, dy,
-      cpu=functools.partial(_backward_fused, static),
-      default=functools.partial(_backward_xla, static))
+  return _backward_fused(static, residuals, dy)
 
 
 def _backward_xla(static: _Static, residuals, dy):
@@ -532,7 +539,8 @@ def _backward_fused(static: _Static, residuals, dy):
   x, mask, scale, bias, shift, delta, inv_std, _ = residuals
   dx, d_scale, d_bias = kernels.backward(
       static.kernel_layout, x, dy, shift.ravel(), delta.ravel(), inv_std.ravel(),
-      scale.astype(inv_std.dtype).ravel(), _kernel_mask(mask, x, static))
+      scale.astype(inv_std.dtype).ravel(), _kernel_mask(mask, x, static),
+      force=static.force_kernel)
   return _cotangents(scale, bias, dx, d_scale, d_bias)
 
 
@@ -542,12 +550,12 @@ def _backward_pooled(static: _Static, residuals, dy):
   layout, kernel_mask = static.kernel_layout, _kernel_mask(mask, x, static)
   sum_g, sum_g_centred = (
       v.reshape(static.broadcast_shape)
-      for v in _on_cpu(kernels.grad_sums, kernels.grad_sums_xla, layout, x, dy, shift.ravel(),
-                       delta.ravel(), kernel_mask))
+      for v in kernels.grad_sums(layout, x, dy, shift.ravel(), delta.ravel(), kernel_mask,
+                                 force=static.force_kernel))
   d_scale, d_bias, a, b, k = _gradient_coefficients(
       static, scale, inv_std, count, sum_g, sum_g_centred)
-  dx = _on_cpu(kernels.grad_input, kernels.grad_input_xla, layout, x, dy, shift.ravel(),
-               delta.ravel(), a.ravel(), b.ravel(), k.ravel(), kernel_mask)
+  dx = kernels.grad_input(layout, x, dy, shift.ravel(), delta.ravel(), a.ravel(), b.ravel(),
+                          k.ravel(), kernel_mask, force=static.force_kernel)
   return _cotangents(scale, bias, dx, d_scale, d_bias)
 
 

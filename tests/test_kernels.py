@@ -415,13 +415,17 @@ def test_use_cpu_kernel_true_refuses_calls_it_cannot_serve(kwargs, message):
 _FALLBACK = """
 import jax, jax.numpy as jnp, numpy as np, jaxbn
 from jaxbn import kernels
+x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 3)))
+# Before anything asked: the first CPU lowering finds out, and compiles the twins.
+first = jax.jit(jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x)[0] ** 3)))(x)
 status = kernels.status()
 assert not status.available
 print(status.reason)
-x = jnp.asarray(np.random.default_rng(0).standard_normal((16, 3)))
 auto = jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x)[0] ** 3))(x)
 pure = jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, use_cpu_kernel=False)[0] ** 3))(x)
 assert np.array_equal(auto, pure)
+# float32 sums in another order: within a few ulps of the largest value.
+np.testing.assert_allclose(first, pure, rtol=0, atol=1e-6 * float(np.max(np.abs(pure))))
 try:
   jaxbn.batch_norm(x, use_cpu_kernel=True)
 except ValueError as e:
@@ -441,6 +445,22 @@ def test_without_kernels_jaxbn_takes_the_pure_jax_path(tmp_path, env, reason):
   assert reason in result.stdout
   assert "use_cpu_kernel=True, but the kernels are unavailable" in result.stdout
   assert not list(tmp_path.glob("*.partial")), "a failed build left a partial file behind"
+
+
+def test_the_kernels_are_built_only_for_a_cpu_lowering_that_runs_them(monkeypatch):
+  def build():
+    raise AssertionError("built the CPU kernels")
+
+  monkeypatch.setattr(kernels._native_build, "status", build)
+  monkeypatch.setattr(kernels._native_build, "decided", lambda: None)  # as in a fresh process
+  x = jnp.ones((5, 7, 3), jnp.float32)  # a shape no other test lowers (no cached lowering)
+  step = jax.jit(jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x)[0] ** 3)))
+  traced = step.trace(x)  # tracing decides only what it can see: no build
+  assert "jaxbn_" not in traced.lower(lowering_platforms=("cuda",)).as_text()
+  exported = jax.export.export(step)(x)  # an export compiles the twins: no build either
+  assert "jaxbn_" not in exported.mlir_module()
+  with pytest.raises(AssertionError, match="built the CPU kernels"):
+    traced.lower()
 
 
 def test_sharded_jit_keeps_the_pure_jax_path_and_shard_map_uses_the_kernels(mesh):
