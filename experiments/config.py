@@ -79,6 +79,10 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
   if "bn" in config.variants and config.batch_size < 2:
     raise ConfigError(f"config.batch_size must be >= 2 with BatchNorm (one value per feature "
                       f"has no batch statistics), got {config.batch_size}.")
+  if jax.process_count() > 1 and not config.data_parallel:
+    raise ConfigError(f"config.data_parallel must be True with {jax.process_count()} "
+                      "processes (--config.data_parallel=True): each trains on its shard of "
+                      "every batch; False would have every process compute the whole batch.")
   if config.data_parallel and config.batch_size % jax.device_count():
     raise ConfigError(f"config.batch_size ({config.batch_size}) must divide evenly over the "
                       f"{jax.device_count()} devices for config.data_parallel.")

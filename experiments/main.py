@@ -4,6 +4,10 @@
     python -m experiments.main --config=configs/paper_fig1.py --workdir=runs/fig1 \\
         --config.optimizer.learning_rate=0.5
 
+On several processes (one per host, or `python -m experiments.launch` on one machine), give
+each the same arguments plus `--coordinator_address`, `--num_processes` and its own
+`--process_id`: they train data-parallel on the global batches, and process 0 writes the files.
+
 Re-running the same command resumes (a finished run writes nothing). jaxbn writes only into a
 new or empty directory or a workdir it wrote before; one holding another config is replaced
 only with --overwrite, which deletes only what jaxbn wrote and refuses, deleting nothing, a
@@ -17,7 +21,7 @@ from ml_collections import config_flags
 
 from experiments import allocator
 from experiments import config as config_lib
-from experiments import train
+from experiments import distributed, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py",
                                           "Experiment config file (get_config()).")
@@ -25,6 +29,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, plots, c
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace a jaxbn workdir that holds a different config (deletes only "
     "what jaxbn wrote there; refuses if anything else is there).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0's jax.distributed coordinator "
+    "(with --num_processes > 1).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes training together.",
+                                      lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index.", lower_bound=0)
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 0, "CPU devices in this process (jax_num_cpu_devices); 0 = JAX's default.",
+    lower_bound=0)
 flags.mark_flag_as_required("workdir")
 
 
@@ -32,10 +45,17 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   try:
+    distributed.initialize(coordinator_address=_COORDINATOR.value,
+                           num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                           cpu_devices=_CPU_DEVICES.value)
+  except ValueError as error:
+    raise app.UsageError(str(error)) from None
+  try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
   except config_lib.ConfigError as error:
     raise app.UsageError(str(error)) from None
-  print(f"Summary: {os.path.join(_WORKDIR.value, 'summary.md')}")
+  if distributed.is_primary():
+    print(f"Summary: {os.path.join(_WORKDIR.value, 'summary.md')}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,13 @@ class LogReporter:
     self.log(f"{name}: {status}")
 
 
+class QuietReporter(LogReporter):
+  """Nothing: the processes other than process 0, which reports for all of them."""
+
+  def log(self, message: str) -> None:
+    del message
+
+
 class BarReporter(LogReporter):
   """One bar per run, with the loss and speed of the last chunk."""
 

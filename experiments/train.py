@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 from configs import default as default_config
 from experiments import config as config_lib
 from experiments import data as data_lib
-from experiments import models, plots, progress, workdir as workdir_lib
+from experiments import distributed, models, plots, progress, workdir as workdir_lib
 
 EVAL_BATCH = 500
 
@@ -274,7 +274,8 @@ def run_loop(name: str, ctx: Context, state, chunk, evaluate, summarize) -> dict
     new = summarize(first_step, per_step, evaluation)
     new[-1]["steps_per_second"] = config.eval_every / seconds
     records += new
-    workdir_lib.write_metrics(run_dir, records)
+    if distributed.is_primary():
+      workdir_lib.write_metrics(run_dir, records)
     ctx.reporter.update(name, int(state.step), float(np.mean(per_step["loss"])),
                         config.eval_every / seconds)
     _maybe_inject_fault(int(state.step))
@@ -299,7 +300,10 @@ def run_loop(name: str, ctx: Context, state, chunk, evaluate, summarize) -> dict
                                            if "steps_per_second" in r] or [0.0])),
   }
   ctx.reporter.finish(name, result)
-  workdir_lib.atomic_write(result_path, json.dumps(result, indent=2))
+  # Every process has decided to train this run before process 0 marks it finished.
+  distributed.barrier(f"finished {name}")
+  if distributed.is_primary():
+    workdir_lib.atomic_write(result_path, json.dumps(result, indent=2))
   return result
 
 
@@ -443,19 +447,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                        overwrite: bool = False, reporter=None) -> dict:
   """Runs `config.study` into `workdir` and writes plots and summary.md there.
 
+  With several processes (`jax.distributed`), every process calls this with the same
+  arguments; process 0 writes the files and reports progress, and its summary is returned
+  (None elsewhere).
+
   Returns the study's results (per run: final test accuracy, divergence, speed).
   """
-  # Everything that can refuse the run does so before the first write.
+  # Everything that can refuse the run does so before the first write, in every process.
   config_lib.validate(config, default_config.get_config())
   workdir_lib.check(workdir, config, overwrite=overwrite)
   try:
     dataset = data_lib.load(config.data, config.seed)
   except data_lib.DataError as error:
     raise config_lib.ConfigError(str(error)) from None
-  workdir = workdir_lib.prepare(workdir, config, overwrite=overwrite)
-  reporter = reporter or progress.make_reporter()
+  primary = distributed.is_primary()
+  # All processes have read the workdir before process 0 changes it, and see it changed.
+  distributed.barrier("workdir checked")
+  if primary:
+    workdir = workdir_lib.prepare(workdir, config, overwrite=overwrite)
+  distributed.barrier("workdir prepared")
+  workdir = pathlib.Path(workdir)
+  reporter = (reporter or progress.make_reporter()) if primary else progress.QuietReporter()
   ctx = Context(config, workdir, dataset, reporter)
   with reporter:
     outcome = STUDIES[config.study](ctx)
-  summary = plots.write_study_outputs(config, workdir, outcome)
+  summary = plots.write_study_outputs(config, workdir, outcome) if primary else None
   return {"results": outcome["results"], "summary": summary}

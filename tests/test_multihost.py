@@ -1,22 +1,29 @@
-"""Many hosts: 2 processes × 2 CPU devices (jax.distributed, gloo) pool BN statistics exactly.
+"""Many hosts: processes on localhost joined by jax.distributed (gloo CPU collectives).
 
-The test launches two copies of this file as processes on localhost; each initializes
-`jax.distributed`, holds its own padded batch with a row mask (process 0: 5 of 8 rows real,
-process 1: 8 of 8) and runs `batch_norm` under `shard_map` over the global mesh of 4 devices.
-The parent checks every process's mean, variance, count, output and gradients against the
-seed's literal equations on the concatenated real rows, in float64 in one process.
+BN: two copies of this file run as processes, 2 CPU devices each; each holds its own padded
+batch with a row mask (process 0: 5 of 8 rows real, process 1: 8 of 8) and runs `batch_norm`
+under `shard_map` over the global mesh of 4 devices. The parent checks every process's mean,
+variance, count, output and gradients against the seed's literal equations on the
+concatenated real rows, in float64 in one process.
+
+Training: `python -m experiments.launch` trains a tiny config on 2 processes; its metrics
+equal one process's on the same global batches.
 
 A child never sees conftest.py's 8 forced host devices: it gets a clean XLA_FLAGS and sets
 `jax_num_cpu_devices` itself, before JAX makes a backend.
 """
 
+import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
 
 import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 PROCESSES = 2
 LOCAL_DEVICES = 2
@@ -198,6 +205,77 @@ def test_two_processes_pool_exact_statistics_and_gradients(tmp_path):
       elif kernels:
         # Inside shard_map each device runs the kernels on its own rows.
         assert kernel_calls > 0, f"no jaxbn kernel in the compiled step, {where}"
+
+
+# A tiny config (one net, two evaluations, a checkpoint each): the same overrides on the
+# command line and in the one-process reference.
+TINY = {
+    "data.name": "synthetic", "data.num_samples": 128, "batch_size": 16, "num_steps": 20,
+    "eval_every": 10, "checkpoint_every": 10, "diagnostics.num_examples": 16,
+    "model.hidden": (16, 16), "variants": ("bn",), "data_parallel": True,
+}
+
+
+def _records(workdir: pathlib.Path) -> list[dict]:
+  lines = (workdir / "runs" / "bn" / "metrics.jsonl").read_text().splitlines()
+  return [{k: v for k, v in json.loads(line).items() if k != "steps_per_second"}
+          for line in lines]
+
+
+def test_experiments_train_data_parallel_across_processes(tmp_path):
+  import jax
+
+  from configs import default
+  from experiments import progress, train
+
+  two = tmp_path / "two"
+  overrides = [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
+               for k, v in TINY.items()]
+  # Its own session: on timeout the launcher and both processes are killed together.
+  launcher = subprocess.Popen(
+      [sys.executable, "-m", "experiments.launch", "--num_processes=2", "--",
+       "--config=configs/default.py", f"--workdir={two}", *overrides],
+      cwd=ROOT, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      start_new_session=True)
+  try:
+    log = launcher.communicate(timeout=TIMEOUT_S)[0]
+  except subprocess.TimeoutExpired:
+    os.killpg(launcher.pid, signal.SIGKILL)
+    raise AssertionError(f"experiments.launch still running after {TIMEOUT_S} s: killed.\n"
+                         f"{launcher.communicate()[0][-3000:]}")
+  assert launcher.returncode == 0, log[-5000:]
+
+  config = default.get_config()
+  for key, value in TINY.items():
+    *groups, field = key.split(".")
+    target = config
+    for group in groups:
+      target = target[group]
+    target[field] = value
+  one = tmp_path / "one"
+  # One process (this one, its devices sharing each batch), on the same global batches, in
+  # the settings `experiments.main` runs with: conftest.py's float64 would draw other batch
+  # indices (int64), its strict promotion would refuse Flax's and optax's code.
+  with (jax.enable_x64(False), jax.numpy_dtype_promotion("standard"),
+        jax.numpy_rank_promotion("allow")):
+    train.train_and_evaluate(config, one, reporter=progress.QuietReporter())
+
+  assert (two / "config.json").read_text() == (one / "config.json").read_text()
+  got, want = _records(two), _records(one)
+  assert [r["step"] for r in got] == [r["step"] for r in want] == [10, 20]
+  for a, b in zip(got, want, strict=True):
+    assert a.keys() == b.keys()
+    for key in a:
+      # Float32 training; the gradient all-reduce sums in another order than one process.
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  assert json.loads((two / "summary.json").read_text())["final_test_accuracy"] == \
+      json.loads((one / "summary.json").read_text())["final_test_accuracy"]
+  # Process 0 alone wrote the workdir's files; both wrote their part of each checkpoint.
+  files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*")
+                           if "checkpoints" not in p.parts)
+  assert files(two) == files(one)
+  assert list(two.glob("runs/bn/checkpoints/20/*/ocdbt.process_1"))
+  assert not list(two.rglob("*.tmp"))
 
 
 if __name__ == "__main__":
