@@ -79,6 +79,21 @@ def test_sharded_jit_partitions_the_twins_and_one_device_runs_the_kernels(mesh, 
     np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6 * float(jnp.max(jnp.abs(w))))
 
 
+def test_sharded_jit_of_masked_nchw_gathers_nothing(mesh, batch):
+  # The twins view x as (outer, C, inner) and the mask flat: XLA still partitions them.
+  x = jnp.transpose(batch[0], (0, 3, 1, 2))
+  mask = jnp.asarray(np.random.default_rng(1).random((x.shape[0], 1) + x.shape[2:]) > 0.3)
+
+  def step(x, mask):
+    return jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, axis=1, mask=mask)[0] ** 3))(x)
+
+  shard = NamedSharding(mesh, P("data"))
+  hlo = jax.jit(step).lower(jax.device_put(x, shard), jax.device_put(mask, shard)).compile()
+  hlo = hlo.as_text()
+  assert _targets(hlo) == []
+  assert not [n for n in _gathered_sizes(hlo) if n >= x.size // DEVICES], _gathered_sizes(hlo)
+
+
 def test_shard_map_runs_the_kernels_per_device(mesh, batch):
   x, scale, bias, dy = batch
 
