@@ -25,7 +25,7 @@ the kernels' derivatives (a `jax.custom_jvp` takes the tangent of the twin, so s
 derivatives through jaxbn's analytic backward still work), the tests' reference, and what a
 call compiles to wherever the C++ must not run.
 
-Where that is, only lowering knows, so each call is one `jaxbn_kernel` primitive whose
+Where that is, only lowering knows, so each call is one `jaxbn.kernel` primitive whose
 lowering decides: the C++ (an XLA FFI custom call) on CPU when the computation runs on one
 device or per device (inside shard_map or pmap) and is not being exported, and the kernels
 could be built (they are built then, on first use); the twin everywhere else — other
@@ -107,7 +107,8 @@ def _vector(x: jax.Array, layout: Layout) -> jax.ShapeDtypeStruct:
 # the computation is partitioned across devices (an auto-mode mesh is invisible to tracing),
 # whether it is being exported, and whether the kernels could be built.
 
-_kernel_p = Primitive("jaxbn_kernel")
+# Not "jaxbn_…": that prefix names the FFI targets, which tests and users look for in HLO.
+_kernel_p = Primitive("jaxbn.kernel")
 _kernel_p.multiple_results = True
 
 
