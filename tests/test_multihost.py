@@ -21,7 +21,9 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -34,6 +36,7 @@ FEATURES = 3
 # (gradient, use_cpu_kernel): the pure path, the default, and the kernels required.
 MODES = (("analytic", False), ("analytic", None), ("analytic", True), ("autodiff", False))
 TIMEOUT_S = 120  # per child; both are killed after it (a lost peer blocks the other forever)
+LAUNCH_TIMEOUT_S = 300  # the training launch: two processes each import and compile it all
 
 
 def _batches():
@@ -52,14 +55,13 @@ def _batches():
 
 def _child(process_id: int, port: int, out: str, modes: list) -> None:
   """One process: its rows in, every process's results (gathered) out to `out`."""
-  import jax
-
   jax.config.update("jax_enable_x64", True)
   jax.config.update("jax_num_cpu_devices", LOCAL_DEVICES)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=f"localhost:{port}",
                              num_processes=PROCESSES, process_id=process_id,
                              initialization_timeout=TIMEOUT_S // 2)
+  # Imported only now: nothing may make a backend before jax.distributed.initialize.
   import jax.numpy as jnp
   from jax.experimental import multihost_utils
   from jax.sharding import Mesh, NamedSharding
@@ -144,7 +146,6 @@ def _launch(tmp_path: pathlib.Path, modes: list) -> list[dict]:
 def _one_process_reference():
   """The seed's eqs. (1)-(4) (jaxbn.reference) on the concatenated real rows, float64, and
   JAX's autodiff of them: what one process holding the whole global batch computes."""
-  import jax
   import jax.numpy as jnp
 
   from jaxbn.reference import batch_norm_reference
@@ -166,19 +167,18 @@ def _one_process_reference():
   }
 
 
-def _gloo_available() -> bool:
+def _require_gloo() -> None:
+  """Skips unless this jaxlib has gloo, JAX's CPU collectives across processes."""
   from jax._src.lib import _jax
 
-  return hasattr(_jax, "make_gloo_tcp_collectives")
+  if not hasattr(_jax, "make_gloo_tcp_collectives"):
+    pytest.skip("this jaxlib has no gloo CPU collectives (_jax.make_gloo_tcp_collectives)")
 
 
 def test_two_processes_pool_exact_statistics_and_gradients(tmp_path):
-  import pytest
-
   import jaxbn
 
-  if not _gloo_available():
-    pytest.skip("this jaxlib has no gloo CPU collectives (_jax.make_gloo_tcp_collectives)")
+  _require_gloo()
   # Built here once, so the children load the cached library instead of both compiling it.
   kernels = jaxbn.kernels.status().available
   modes = [m for m in MODES if kernels or m[1] is not True]
@@ -223,27 +223,29 @@ def _records(workdir: pathlib.Path) -> list[dict]:
 
 
 def test_experiments_train_data_parallel_across_processes(tmp_path):
-  import jax
-
   from configs import default
   from experiments import progress, train
 
-  two = tmp_path / "two"
+  _require_gloo()
+  two, one = tmp_path / "two", tmp_path / "one"
   overrides = [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
                for k, v in TINY.items()]
-  # Its own session: on timeout the launcher and both processes are killed together.
-  launcher = subprocess.Popen(
-      [sys.executable, "-m", "experiments.launch", "--num_processes=2", "--",
-       "--config=configs/default.py", f"--workdir={two}", *overrides],
-      cwd=ROOT, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      start_new_session=True)
+  log_path = tmp_path / "launch.log"
+  with open(log_path, "w") as log:
+    # Its own session: on timeout the launcher and both processes are killed together.
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "experiments.launch", "--num_processes=2", "--",
+         "--config=configs/default.py", f"--workdir={two}", *overrides],
+        cwd=ROOT, env=_child_env(), stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
   try:
-    log = launcher.communicate(timeout=TIMEOUT_S)[0]
+    launcher.wait(timeout=LAUNCH_TIMEOUT_S)
   except subprocess.TimeoutExpired:
     os.killpg(launcher.pid, signal.SIGKILL)
-    raise AssertionError(f"experiments.launch still running after {TIMEOUT_S} s: killed.\n"
-                         f"{launcher.communicate()[0][-3000:]}")
-  assert launcher.returncode == 0, log[-5000:]
+    launcher.wait()
+    raise AssertionError(f"experiments.launch still running after {LAUNCH_TIMEOUT_S} s: "
+                         f"killed.\n{log_path.read_text()[-3000:]}") from None
+  assert launcher.returncode == 0, log_path.read_text()[-5000:]
 
   config = default.get_config()
   for key, value in TINY.items():
@@ -252,10 +254,10 @@ def test_experiments_train_data_parallel_across_processes(tmp_path):
     for group in groups:
       target = target[group]
     target[field] = value
-  one = tmp_path / "one"
-  # One process (this one, its devices sharing each batch), on the same global batches, in
+  # One process (this one, its devices sharing each batch) on the same global batches, in
   # the settings `experiments.main` runs with: conftest.py's float64 would draw other batch
-  # indices (int64), its strict promotion would refuse Flax's and optax's code.
+  # indices (int64), its strict promotion would refuse Flax's and optax's code. (Run after
+  # the launch, not beside it: a busy core delays every cross-process all-reduce.)
   with (jax.enable_x64(False), jax.numpy_dtype_promotion("standard"),
         jax.numpy_rank_promotion("allow")):
     train.train_and_evaluate(config, one, reporter=progress.QuietReporter())
@@ -270,7 +272,8 @@ def test_experiments_train_data_parallel_across_processes(tmp_path):
       np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
   assert json.loads((two / "summary.json").read_text())["final_test_accuracy"] == \
       json.loads((one / "summary.json").read_text())["final_test_accuracy"]
-  # Process 0 alone wrote the workdir's files; both wrote their part of each checkpoint.
+  # The workdir holds what a one-process run's holds, and both processes wrote their part
+  # of each checkpoint.
   files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*")
                            if "checkpoints" not in p.parts)
   assert files(two) == files(one)
