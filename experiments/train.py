@@ -72,6 +72,7 @@ class Context:
     self.config = config
     self.workdir = workdir
     self.reporter = reporter
+    # Every process's devices with jax.distributed: data_parallel shards each batch over all.
     self.mesh = Mesh(np.array(jax.devices()), ("data",))
     replicated = NamedSharding(self.mesh, P())
     self.replicated = replicated
