@@ -72,7 +72,9 @@ class BatchNorm(nn.Module):
     unbiased_running_var: keep the running variance unbiased, m/(m − 1)·var (the BN paper's
       Algorithm 2 and PyTorch) instead of biased (Flax).
     use_cpu_kernel: jaxbn's fused C++ kernels on CPU: None (default) wherever the call
-      allows, True to require them, False for pure JAX (see `jaxbn.batch_norm`).
+      allows and the operands are whole (one device, or per device under shard_map;
+      a sharded jit gets their pure-JAX twins), True to require them (even under a
+      sharded jit), False for pure JAX (see `jaxbn.batch_norm`).
   """
 
   use_running_average: bool | None = None

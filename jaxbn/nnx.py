@@ -60,7 +60,9 @@ class BatchNorm(nnx.Module):
     gradient: "analytic" (the custom_vjp) or "autodiff".
     unbiased_running_var: keep the running variance unbiased, m/(m − 1)·var.
     use_cpu_kernel: jaxbn's fused C++ kernels on CPU: None (default) wherever the call
-      allows, True to require them, False for pure JAX (see `jaxbn.batch_norm`).
+      allows and the operands are whole (one device, or per device under shard_map;
+      a sharded jit gets their pure-JAX twins), True to require them (even under a
+      sharded jit), False for pure JAX (see `jaxbn.batch_norm`).
   """
 
   def __init__(
