@@ -1,4 +1,5 @@
-"""Builds, verifies, caches and registers jaxbn's C++ CPU kernels (`jaxbn/csrc/batch_norm_cpu.cc`).
+"""Builds, verifies, caches and registers jaxbn's C++ CPU kernels (`jaxbn/csrc/batch_norm_cpu.cc`
+and the headers beside it).
 
 The kernels are compiled on first use with the machine's C++ compiler against the XLA FFI
 headers that ship with jaxlib, and cached, so an install needs no compiler and no build step.
@@ -62,7 +63,8 @@ except ImportError:  # Windows: no inter-process lock; the atomic renames still 
 
 logger = logging.getLogger("jaxbn")
 
-SOURCE = Path(__file__).parent / "csrc" / "batch_norm_cpu.cc"
+CSRC = Path(__file__).parent / "csrc"
+SOURCE = CSRC / "batch_norm_cpu.cc"  # the one translation unit; its headers sit beside it
 # FFI target name -> exported handler symbol in the compiled library.
 TARGETS = {
     "jaxbn_moments": "JaxbnMoments",
@@ -198,11 +200,21 @@ def _cache_path(compiler: list[str], timeout: float) -> tuple[list[str], Path]:
   extra = shlex.split(os.environ.get("JAXBN_CXXFLAGS_EXTRA", ""))
   command = [*compiler, *FLAGS, *extra, f"-I{jax.ffi.include_dir()}"]
   key = hashlib.sha256()
-  for part in (SOURCE.read_bytes(), " ".join(command).encode(),
+  for part in (_sources_digest(), " ".join(command).encode(),
                _compiler_version(compiler, timeout), jaxlib.__version__.encode(),
                platform.machine().encode(), _cpu_flags()):
     key.update(part)
   return command, cache_dir() / f"batch_norm_cpu-{key.hexdigest()[:16]}.so"
+
+
+def _sources_digest() -> bytes:
+  """Every file the compile reads from csrc, by name and content: a header edit rebuilds.
+  (`#include "x.h"` finds the headers beside SOURCE without an -I.)"""
+  digest = hashlib.sha256()
+  for path in sorted([*CSRC.glob("*.cc"), *CSRC.glob("*.h")]):
+    digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+    digest.update(path.read_bytes())
+  return digest.digest()
 
 
 def _build(compiler: list[str]) -> Path:

@@ -1,0 +1,447 @@
+// The passes of jaxbn's CPU kernels over activations, each run by a Team (team.h) on the
+// (outer, C, inner) view of x:
+//
+//   BatchMoments   reads x once            → per feature μ, M2 = Σ (x − μ)²   eqs. (1)-(2)
+//   BatchGradSums  reads x and dy          → Σ dy, Σ dy·(x − μ)              eqs. (5)-(6)
+//   NormalizeMap   reads x, writes y       → y = ((x − hi) − lo)·a + b       eqs. (3)-(4)
+//   GradInputMap   reads x, dy, writes dx  → dx = a·dy + b + k·(x − μ)       closed form of (7)
+//
+// Each has a channels-last form (inner == 1: rows × C, vectorized across features) and a
+// channels-first one (inner > 1: pieces of one feature's contiguous values, vectorized along
+// them, through team.h's one piece iterator).
+//
+// Moments is one pass yet as exact as a two-pass algorithm: rows are taken in cache-sized
+// chunks; each chunk's mean and M2 come from two sweeps of the chunk while it sits in cache
+// (sum, then Σd and Σd² of d = x − chunk mean, the corrected two-pass form), and chunks are
+// combined in double precision with Chan, Golub & LeVeque's pairwise update
+//   M2 = M2_a + M2_b + δ² n_a n_b / n,   δ = mean_b − mean_a.
+// Float sums run over one chunk only; nothing sums x itself over the whole batch, so a feature
+// with |μ| ≫ σ keeps its digits. μ leaves as a float pair hi + lo, so that x − μ can be formed
+// as (x − hi) − lo: x − hi is exact when x is near μ (Sterbenz), and lo carries what hi cannot.
+// (simd.h says why everything is in an unnamed namespace.)
+
+#ifndef JAXBN_CSRC_PASSES_H_
+#define JAXBN_CSRC_PASSES_H_
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "simd.h"
+#include "team.h"
+
+namespace jaxbn {
+namespace {
+
+// Features per column block of the channels-last passes: a chunk of kChunkRows rows of a
+// block (64 KiB in float32) stays in cache between the two sweeps of the moments.
+constexpr int64_t kBlockFeatures = 1024;
+
+// ---------------------------------------------------------------------------------------
+// Running (count, mean, M2) per feature, merged pairwise (Chan, Golub & LeVeque).
+
+struct Moments {
+  std::vector<double> count, mean, m2;
+  explicit Moments(int64_t c) : count(c, 0.0), mean(c, 0.0), m2(c, 0.0) {}
+
+  void Add(int64_t f, double n_b, double mean_b, double m2_b) {
+    if (n_b == 0) return;
+    double n_a = count[f], n = n_a + n_b;
+    double delta = mean_b - mean[f];
+    mean[f] += delta * (n_b / n);
+    m2[f] += m2_b + delta * delta * (n_a * n_b / n);
+    count[f] = n;
+  }
+
+  // A chunk of n values with provisional mean `shift` and Σd, Σd² of d = x − shift
+  // (the corrected two-pass form: the chunk's mean is shift + Σd/n).
+  void AddChunk(int64_t f, double n, double shift, double sum_d, double sum_dd) {
+    Add(f, n, shift + sum_d / n, sum_dd - sum_d * sum_d / n);
+  }
+
+  // Chunks of n_b values for features [f0, f0 + width), all after n_a values each: the
+  // channels-last case, where every feature has the same count, so the weights are shared.
+  template <typename A>
+  void AddChunks(int64_t f0, int64_t width, double n_a, double n_b, const A* shift,
+                 const A* sum_d, const A* sum_dd) {
+    const double inv_b = 1.0 / n_b, w_b = n_b / (n_a + n_b), w_ab = n_a * n_b / (n_a + n_b);
+    double* mu = mean.data() + f0;
+    double* q = m2.data() + f0;
+    for (int64_t j = 0; j < width; ++j) {
+      const double sd = sum_d[j];
+      const double delta = (shift[j] + sd * inv_b) - mu[j];
+      mu[j] += delta * w_b;
+      q[j] += (sum_dd[j] - sd * sd * inv_b) + delta * delta * w_ab;
+    }
+  }
+
+  void SetCount(double n) { std::fill(count.begin(), count.end(), n); }
+
+  void Merge(const Moments& other) {
+    for (size_t f = 0; f < count.size(); ++f) Add(f, other.count[f], other.mean[f], other.m2[f]);
+  }
+};
+
+// Channels-last: each chunk of rows is swept twice (sum, then Σd and Σd²) while it is in cache.
+template <typename T>
+void MomentsRows(Team& team, const T* x, const uint8_t* mask, int64_t rows, int64_t features,
+                 Moments& out) {
+  using A = Compute<T>;
+  using V = Simd<A>;
+  constexpr int L = kLanes<A>;
+  const int64_t block = std::min(features, kBlockFeatures);
+  const Split split = RowSplit(team, rows, features);
+  Reduce(team, split.parts, features, out, [&](int64_t p, Moments& acc) {
+    const int64_t tiles = block / L;
+    std::vector<V> s(tiles), shift(tiles), sd(tiles), sdd(tiles);
+    std::vector<A> s1(L), shift1(L), sd1(L), sdd1(L);  // the < L features left over
+    double seen = 0;  // rows taken so far by this part
+    for (int64_t r0 = split.Begin(p); r0 < split.End(p); r0 += kChunkRows) {
+      const int64_t r1 = std::min(r0 + kChunkRows, split.End(p));
+      const int64_t kept = mask ? CountKept(mask + r0, r1 - r0) : r1 - r0;
+      if (kept == 0) continue;
+      const A n = static_cast<A>(kept);
+      auto skip = [&](int64_t r) { return mask != nullptr && mask[r] == 0; };
+      for (int64_t c0 = 0; c0 < features; c0 += block) {
+        const int64_t width = std::min(block, features - c0);
+        const int64_t full = width / L, rest = width - full * L;
+        std::fill(s.begin(), s.end(), V{});
+        std::fill(sd.begin(), sd.end(), V{});
+        std::fill(sdd.begin(), sdd.end(), V{});
+        std::fill(s1.begin(), s1.end(), A(0));
+        std::fill(sd1.begin(), sd1.end(), A(0));
+        std::fill(sdd1.begin(), sdd1.end(), A(0));
+        for (int64_t r = r0; r < r1; ++r) {
+          if (skip(r)) continue;
+          const T* row = x + r * features + c0;
+          for (int64_t t = 0; t < full; ++t) s[t] += LoadV<A>(row + t * L);
+          for (int64_t c = 0; c < rest; ++c) s1[c] += Load<A>(row, full * L + c);
+        }
+        for (int64_t t = 0; t < full; ++t) shift[t] = s[t] / n;
+        for (int64_t c = 0; c < rest; ++c) shift1[c] = s1[c] / n;
+        for (int64_t r = r0; r < r1; ++r) {
+          if (skip(r)) continue;
+          const T* row = x + r * features + c0;
+          for (int64_t t = 0; t < full; ++t) {
+            V d = LoadV<A>(row + t * L) - shift[t];
+            sd[t] += d;
+            sdd[t] += d * d;
+          }
+          for (int64_t c = 0; c < rest; ++c) {
+            A d = Load<A>(row, full * L + c) - shift1[c];
+            sd1[c] += d;
+            sdd1[c] += d * d;
+          }
+        }
+        acc.AddChunks(c0, full * L, seen, n, reinterpret_cast<const A*>(shift.data()),
+                      reinterpret_cast<const A*>(sd.data()),
+                      reinterpret_cast<const A*>(sdd.data()));
+        acc.AddChunks(c0 + full * L, rest, seen, n, shift1.data(), sd1.data(), sdd1.data());
+      }
+      seen += kept;
+    }
+    acc.SetCount(seen);
+  });
+}
+
+// Sweeps one contiguous run of len values of x (and of g, for two-input sums), with their
+// mask bytes (or none): term(x, g, keep, acc1, acc2) on vectors of kLanes<A> values, then on
+// the leftover values one at a time; term is generic, so one lambda serves every case and
+// applies Keep(keep, ·) to what it adds. Returns the accumulators' totals.
+template <typename A, typename T, typename G, typename Fn>
+inline void SweepRun(const T* x, const G* g, const uint8_t* mask, int64_t len, Fn&& term,
+                     A* out1, A* out2) {
+  constexpr int L = kLanes<A>;
+  Simd<A> a{}, b{};
+  int64_t i = 0;
+  if (mask == nullptr) {
+    for (; i + L <= len; i += L) term(LoadV<A>(x + i), LoadV<A>(g + i), AllKept{}, a, b);
+  } else {
+    for (; i + L <= len; i += L)
+      term(LoadV<A>(x + i), LoadV<A>(g + i), LoadKeep<A>(mask + i), a, b);
+  }
+  A s1 = HorizontalSum<A>(a), s2 = HorizontalSum<A>(b);
+  for (; i < len; ++i) {
+    if (mask == nullptr) {
+      term(Load<A>(x, i), Load<A>(g, i), AllKept{}, s1, s2);
+    } else {
+      term(Load<A>(x, i), Load<A>(g, i), mask[i] != 0, s1, s2);
+    }
+  }
+  *out1 = s1;
+  *out2 = s2;
+}
+
+// Channels-first: each piece is swept twice (sum, then Σd and Σd²) and added as one chunk.
+template <typename T>
+void MomentsPieces(Team& team, const T* x, const uint8_t* mask, Shape3 s, Moments& out) {
+  using A = Compute<T>;
+  const Pieces pieces(team, s, mask);
+  Reduce(team, pieces.parts(), s.features, out, [&](int64_t p, Moments& acc) {
+    pieces.ForEach(p, [&](const Piece& piece) {
+      const T* v = x + piece.offset;
+      const uint8_t* m = piece.mask;
+      const int64_t len = piece.len;
+      const int64_t kept = m ? CountKept(m, len) : len;
+      if (kept == 0) return;
+      A sum, unused;
+      SweepRun<A>(v, v, m, len,
+                  [](auto xv, auto, auto keep, auto& a, auto&) { a += Keep(keep, xv); }, &sum,
+                  &unused);
+      const A shift = sum / static_cast<A>(kept);
+      A sd, sdd;
+      SweepRun<A>(
+          v, v, m, len,
+          [shift](auto xv, auto, auto keep, auto& a, auto& b) {
+            auto d = Keep(keep, xv - shift);
+            a += d;
+            b += d * d;
+          },
+          &sd, &sdd);
+      acc.AddChunk(piece.feature, static_cast<double>(kept), shift, sd, sdd);
+    });
+  });
+}
+
+template <typename T>
+void BatchMoments(Team& team, const T* x, const uint8_t* mask, Shape3 s, Moments& out) {
+  if (s.inner == 1) {
+    MomentsRows(team, x, mask, s.outer, s.features, out);
+  } else {
+    MomentsPieces(team, x, mask, s, out);
+  }
+}
+
+// μ of feature c as the float pair hi + lo.
+template <typename A>
+void SplitMean(const Moments& moments, int64_t c, A* hi, A* lo) {
+  const A h = static_cast<A>(moments.mean[c]);
+  hi[c] = h;
+  lo[c] = static_cast<A>(moments.mean[c] - static_cast<double>(h));
+}
+
+// ---------------------------------------------------------------------------------------
+// Σ dy and Σ dy·(x − μ) per feature, one pass over x and dy; x − μ is (x − hi) − lo.
+// Float sums run over one chunk; chunks add up in double.
+
+struct FeatureSums {
+  std::vector<double> g, gc;  // Σ dy, Σ dy·(x − μ)
+  explicit FeatureSums(int64_t c) : g(c, 0.0), gc(c, 0.0) {}
+
+  void Merge(const FeatureSums& other) {
+    for (size_t c = 0; c < g.size(); ++c) {
+      g[c] += other.g[c];
+      gc[c] += other.gc[c];
+    }
+  }
+};
+
+template <typename T, typename G>
+void GradSumsRows(Team& team, const T* x, const G* g, const uint8_t* mask, int64_t rows,
+                  int64_t features, const Compute<T>* hi, const Compute<T>* lo,
+                  FeatureSums& out) {
+  using A = Compute<T>;
+  using V = Simd<A>;
+  constexpr int L = kLanes<A>;
+  const int64_t block = std::min(features, kBlockFeatures);
+  const Split split = RowSplit(team, rows, features);
+  Reduce(team, split.parts, features, out, [&](int64_t p, FeatureSums& acc) {
+    const int64_t tiles = block / L;
+    std::vector<V> sg(tiles), sgc(tiles), h(tiles), l(tiles);
+    std::vector<A> sg1(L), sgc1(L);
+    for (int64_t c0 = 0; c0 < features; c0 += block) {
+      const int64_t width = std::min(block, features - c0);
+      const int64_t full = width / L, rest = width - full * L;
+      for (int64_t t = 0; t < full; ++t) {
+        h[t] = LoadV<A>(hi + c0 + t * L);
+        l[t] = LoadV<A>(lo + c0 + t * L);
+      }
+      for (int64_t r0 = split.Begin(p); r0 < split.End(p); r0 += kChunkRows) {
+        const int64_t r1 = std::min(r0 + kChunkRows, split.End(p));
+        std::fill(sg.begin(), sg.end(), V{});
+        std::fill(sgc.begin(), sgc.end(), V{});
+        std::fill(sg1.begin(), sg1.end(), A(0));
+        std::fill(sgc1.begin(), sgc1.end(), A(0));
+        for (int64_t r = r0; r < r1; ++r) {
+          if (mask != nullptr && mask[r] == 0) continue;
+          const T* xr = x + r * features + c0;
+          const G* gr = g + r * features + c0;
+          for (int64_t t = 0; t < full; ++t) {
+            V gv = LoadV<A>(gr + t * L);
+            sg[t] += gv;
+            sgc[t] += gv * ((LoadV<A>(xr + t * L) - h[t]) - l[t]);
+          }
+          for (int64_t c = 0; c < rest; ++c) {
+            const int64_t f = full * L + c;
+            A gv = Load<A>(gr, f);
+            sg1[c] += gv;
+            sgc1[c] += gv * ((Load<A>(xr, f) - hi[c0 + f]) - lo[c0 + f]);
+          }
+        }
+        for (int64_t t = 0; t < full; ++t)
+          for (int k = 0; k < L; ++k) {
+            acc.g[c0 + t * L + k] += sg[t][k];
+            acc.gc[c0 + t * L + k] += sgc[t][k];
+          }
+        for (int64_t c = 0; c < rest; ++c) {
+          acc.g[c0 + full * L + c] += sg1[c];
+          acc.gc[c0 + full * L + c] += sgc1[c];
+        }
+      }
+    }
+  });
+}
+
+template <typename T, typename G>
+void GradSumsPieces(Team& team, const T* x, const G* g, const uint8_t* mask, Shape3 s,
+                    const Compute<T>* hi, const Compute<T>* lo, FeatureSums& out) {
+  using A = Compute<T>;
+  const Pieces pieces(team, s, mask);
+  Reduce(team, pieces.parts(), s.features, out, [&](int64_t p, FeatureSums& acc) {
+    pieces.ForEach(p, [&](const Piece& piece) {
+      const int64_t c = piece.feature;
+      const A h = hi[c], l = lo[c];
+      A sg, sgc;
+      SweepRun<A>(
+          x + piece.offset, g + piece.offset, piece.mask, piece.len,
+          [h, l](auto xv, auto gv, auto keep, auto& a, auto& b) {
+            a += Keep(keep, gv);
+            b += Keep(keep, gv * ((xv - h) - l));
+          },
+          &sg, &sgc);
+      acc.g[c] += sg;
+      acc.gc[c] += sgc;
+    });
+  });
+}
+
+template <typename T, typename G>
+void BatchGradSums(Team& team, const T* x, const G* g, const uint8_t* mask, Shape3 s,
+                   const Compute<T>* hi, const Compute<T>* lo, FeatureSums& out) {
+  if (s.inner == 1) {
+    GradSumsRows(team, x, g, mask, s.outer, s.features, hi, lo, out);
+  } else {
+    GradSumsPieces(team, x, g, mask, s, hi, lo, out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// The two elementwise passes, with per-feature coefficients. A coefficients struct holds
+// them by name, as K: pointers to per-feature vectors (const A*), one feature's values (A),
+// or kLanes features' values (Simd<A>); At<K>(c) reads feature c's (or c's and the next
+// kLanes − 1 features'), and the call operator is the formula.
+
+// Feature c's value of a per-feature vector (K = A), or features [c, c + kLanes)'s.
+template <typename K, typename A>
+inline K FeatureValue(const A* v, int64_t c) {
+  if constexpr (std::is_same_v<K, A>) {
+    return v[c];
+  } else {
+    return LoadV<A>(v + c);
+  }
+}
+
+// y = ((x − hi) − lo)·a + b, eqs. (3)-(4): μ = hi + lo, a = γ/σ, b = β.
+template <typename K>
+struct Normalization {
+  K hi, lo, a, b;
+
+  template <typename V, typename A>
+  Normalization<V> At(int64_t c) const {
+    return {FeatureValue<V, A>(hi, c), FeatureValue<V, A>(lo, c), FeatureValue<V, A>(a, c),
+            FeatureValue<V, A>(b, c)};
+  }
+  template <typename X, typename G>
+  auto operator()(X x, G /*dy*/) const {
+    return ((x - hi) - lo) * a + b;
+  }
+};
+
+// dx = a·dy + b + k·((x − hi) − lo), the closed form of eq. (7): μ = hi + lo, a = γ/σ,
+// b = −a·(Σ dy)/m, k = −a/σ²·(Σ dy·(x − μ))/m.
+template <typename K>
+struct GradInput {
+  K hi, lo, a, b, k;
+
+  template <typename V, typename A>
+  GradInput<V> At(int64_t c) const {
+    return {FeatureValue<V, A>(hi, c), FeatureValue<V, A>(lo, c), FeatureValue<V, A>(a, c),
+            FeatureValue<V, A>(b, c), FeatureValue<V, A>(k, c)};
+  }
+  template <typename X, typename G>
+  auto operator()(X x, G dy) const {
+    return a * dy + b + k * ((x - hi) - lo);
+  }
+};
+
+// out = formula(x, g) over the array, vectorized along features (channels-last) or along the
+// contiguous values of one feature (channels-first); masked positions get 0. `Formula` is
+// Normalization or GradInput of const A*.
+template <typename A, typename T, typename G, typename O, template <typename> class Formula>
+void Map(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Shape3 s,
+         const Formula<const A*>& formula) {
+  using V = Simd<A>;
+  constexpr int L = kLanes<A>;
+  if (s.inner == 1) {
+    const Split split = RowSplit(team, s.outer, s.features);
+    team.Run(split.parts, [&](int64_t p) {
+      for (int64_t o = split.Begin(p); o < split.End(p); ++o) {
+        const int64_t base = o * s.features;
+        if (mask != nullptr && mask[o] == 0) {  // all-zero bits are 0 in every output type
+          std::memset(static_cast<void*>(out + base), 0, s.features * sizeof(O));
+          continue;
+        }
+        int64_t c = 0;
+        for (; c + L <= s.features; c += L) {
+          const Formula<V> f = formula.template At<V, A>(c);
+          StoreV<A>(out + base + c, f(LoadV<A>(x + base + c), LoadV<A>(g + base + c)));
+        }
+        for (; c < s.features; ++c) {
+          const Formula<A> f = formula.template At<A, A>(c);
+          Store<A>(out, base + c, f(Load<A>(x, base + c), Load<A>(g, base + c)));
+        }
+      }
+    });
+    return;
+  }
+  const Pieces pieces(team, s, mask);
+  team.Run(pieces.parts(), [&](int64_t p) {
+    pieces.ForEach(p, [&](const Piece& piece) {
+      const Formula<A> f = formula.template At<A, A>(piece.feature);
+      const int64_t base = piece.offset, len = piece.len;
+      const uint8_t* m = piece.mask;
+      int64_t i = 0;
+      if (m == nullptr) {
+        for (; i + L <= len; i += L)
+          StoreV<A>(out + base + i, f(LoadV<A>(x + base + i), LoadV<A>(g + base + i)));
+        for (; i < len; ++i)
+          Store<A>(out, base + i, f(Load<A>(x, base + i), Load<A>(g, base + i)));
+      } else {
+        for (; i + L <= len; i += L)
+          StoreV<A>(out + base + i,
+                    Keep(LoadKeep<A>(m + i), f(LoadV<A>(x + base + i), LoadV<A>(g + base + i))));
+        for (; i < len; ++i)
+          Store<A>(out, base + i, Keep(m[i] != 0, f(Load<A>(x, base + i), Load<A>(g, base + i))));
+      }
+    });
+  });
+}
+
+template <typename A, typename T, typename Y>
+void NormalizeMap(Team& team, const T* x, const uint8_t* mask, Y* y, Shape3 s,
+                  const Normalization<const A*>& coefficients) {
+  Map<A>(team, x, x, mask, y, s, coefficients);
+}
+
+template <typename A, typename T, typename G>
+void GradInputMap(Team& team, const T* x, const G* dy, const uint8_t* mask, T* dx, Shape3 s,
+                  const GradInput<const A*>& coefficients) {
+  Map<A>(team, x, dy, mask, dx, s, coefficients);
+}
+
+}  // namespace
+}  // namespace jaxbn
+
+#endif  // JAXBN_CSRC_PASSES_H_

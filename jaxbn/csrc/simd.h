@@ -1,0 +1,174 @@
+// Element types, SIMD vectors and masks for jaxbn's CPU kernels (batch_norm_cpu.cc).
+//
+// float and bfloat16 compute in float, double in double. Vectors are 64 bytes of the compute
+// type through GCC/Clang vector extensions: the compiler maps them onto whatever -march offers
+// (AVX-512, AVX2, NEON). No fast-math anywhere: reductions vectorize through independent
+// per-lane accumulators, never by reassociating a sum.
+//
+// Like team.h and passes.h, this header belongs to the one translation unit that makes the
+// library (and to the scheduler's test program): everything is in an unnamed namespace, so the
+// library exports its six handlers and nothing else, and two builds loaded into one process
+// cannot resolve to each other's functions.
+
+#ifndef JAXBN_CSRC_SIMD_H_
+#define JAXBN_CSRC_SIMD_H_
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+namespace jaxbn {
+namespace {
+
+// bfloat16, stored as its 16 bits (it has no C++ type the FFI headers know).
+struct BF16 {
+  uint16_t bits;
+};
+
+template <typename T>
+struct ComputeOf {
+  using type = float;
+};
+template <>
+struct ComputeOf<double> {
+  using type = double;
+};
+template <typename T>
+using Compute = typename ComputeOf<T>::type;
+
+inline float ToFloat(BF16 v) {
+  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline BF16 ToBF16(float v) {
+  // Round to nearest, ties to even; a NaN stays a (quiet) NaN.
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;
+  return BF16{static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded)};
+}
+
+template <typename A>
+inline A Load(const float* p, int64_t i) { return static_cast<A>(p[i]); }
+template <typename A>
+inline A Load(const double* p, int64_t i) { return static_cast<A>(p[i]); }
+template <typename A>
+inline A Load(const BF16* p, int64_t i) { return static_cast<A>(ToFloat(p[i])); }
+
+template <typename A>
+inline void Store(float* p, int64_t i, A v) { p[i] = static_cast<float>(v); }
+template <typename A>
+inline void Store(double* p, int64_t i, A v) { p[i] = static_cast<double>(v); }
+template <typename A>
+inline void Store(BF16* p, int64_t i, A v) { p[i] = ToBF16(static_cast<float>(v)); }
+
+typedef float F32V __attribute__((vector_size(64)));
+typedef double F64V __attribute__((vector_size(64)));
+typedef uint32_t U32V __attribute__((vector_size(64)));
+typedef uint16_t U16V __attribute__((vector_size(32)));
+
+template <typename A>
+struct SimdOf;
+template <>
+struct SimdOf<float> {
+  using V = F32V;
+  static constexpr int kLanes = 16;
+};
+template <>
+struct SimdOf<double> {
+  using V = F64V;
+  static constexpr int kLanes = 8;
+};
+template <typename A>
+using Simd = typename SimdOf<A>::V;
+template <typename A>
+constexpr int kLanes = SimdOf<A>::kLanes;
+
+// LoadV<A>(p): kLanes<A> elements from p as a vector of A; StoreV does the reverse.
+template <typename A, typename T>
+inline Simd<A> LoadV(const T* p) {
+  if constexpr (sizeof(T) == sizeof(A) && !std::is_same_v<T, BF16>) {
+    Simd<A> v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  } else if constexpr (std::is_same_v<T, BF16> && std::is_same_v<A, float>) {
+    U16V h;
+    std::memcpy(&h, p, sizeof h);
+    U32V w = __builtin_convertvector(h, U32V) << 16;
+    F32V v;
+    std::memcpy(&v, &w, sizeof v);
+    return v;
+  } else {
+    Simd<A> v;
+    for (int l = 0; l < kLanes<A>; ++l) v[l] = Load<A>(p, l);
+    return v;
+  }
+}
+
+template <typename A, typename T>
+inline void StoreV(T* p, Simd<A> v) {
+  if constexpr (sizeof(T) == sizeof(A) && !std::is_same_v<T, BF16>) {
+    std::memcpy(p, &v, sizeof v);
+  } else if constexpr (std::is_same_v<T, BF16> && std::is_same_v<A, float>) {
+    U32V u;
+    std::memcpy(&u, &v, sizeof u);
+    U32V rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    U32V quiet_nan = (u >> 16) | 0x40u;
+    U32V bits = (u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded;
+    U16V h = __builtin_convertvector(bits, U16V);
+    std::memcpy(p, &h, sizeof h);
+  } else {
+    for (int l = 0; l < kLanes<A>; ++l) Store<A>(p, l, v[l]);
+  }
+}
+
+template <typename A>
+inline A HorizontalSum(Simd<A> v) {
+  A s = 0;
+  for (int l = 0; l < kLanes<A>; ++l) s += v[l];
+  return s;
+}
+
+// Masks: one byte per (outer, inner) position, shared by every feature (a mask that varies
+// across features takes the pure-JAX path); a null pointer means no mask. Masked values take
+// no part in any sum and their outputs are 0 whatever x holds, NaN included, so masked terms
+// are dropped with a select, never multiplied by 0.
+typedef int32_t I32V __attribute__((vector_size(64)));
+typedef int64_t I64V __attribute__((vector_size(64)));
+typedef uint8_t U8x16 __attribute__((vector_size(16)));
+typedef uint8_t U8x8 __attribute__((vector_size(8)));
+
+// Lane conditions for Keep: kLanes<A> mask bytes as integers as wide as A.
+inline I32V LoadKeep(const uint8_t* m, float*) {
+  U8x16 b;
+  std::memcpy(&b, m, sizeof b);
+  return __builtin_convertvector(b, I32V) != 0;
+}
+inline I64V LoadKeep(const uint8_t* m, double*) {
+  U8x8 b;
+  std::memcpy(&b, m, sizeof b);
+  return __builtin_convertvector(b, I64V) != 0;
+}
+template <typename A>
+inline auto LoadKeep(const uint8_t* m) { return LoadKeep(m, static_cast<A*>(nullptr)); }
+
+struct AllKept {};  // the condition when there is no mask
+template <typename V>
+inline V Keep(AllKept, V v) { return v; }
+template <typename K, typename V>
+inline V Keep(K keep, V v) { return keep ? v : V{}; }  // lane-wise for vectors
+
+inline int64_t CountKept(const uint8_t* m, int64_t len) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < len; ++i) n += m[i] != 0;
+  return n;
+}
+
+}  // namespace
+}  // namespace jaxbn
+
+#endif  // JAXBN_CSRC_SIMD_H_
