@@ -1,7 +1,7 @@
 """The per-feature formulas that sit between batch normalization's passes over the activations.
 
-One definition for every path: `jaxbn.ops` (pure JAX, and the four-kernel path under
-`axis_name`) and `jaxbn.kernels`' pure-JAX twins call these; the fused C++ kernels
+One definition for every path: `jaxbn._passes` calls these for the pure-JAX path of
+`jaxbn.ops`, the pooled CPU path and `jaxbn.kernels`' pure-JAX twins; the fused C++ kernels
 (`jaxbn/csrc/batch_norm_cpu.cc`, Forward and Backward) repeat them in the same order of
 operations (with 1/√ where JAX has rsqrt: within an ulp), and the tests hold the two to each
 other.
@@ -15,7 +15,8 @@ from jax import lax
 
 
 def variance(m2: jax.Array, count) -> jax.Array:
-  """Eq. (2) without ε: M2/m, where M2 = Σ (x − μ)²; never below 0."""
+  """Eq. (2) without ε: M2/m, where M2 = Σ (x − μ)²; never below 0. The fused kernels' form
+  (their statistics come as M2); `shifted_variance` is the same from a shifted pass."""
   return jnp.maximum(m2 / count, 0)
 
 

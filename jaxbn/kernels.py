@@ -4,7 +4,7 @@ Each array is viewed as (outer, C, inner) — C features, reduced over outer and
 C and inner given as static `Layout` (NHWC with axis=-1: (N·H·W, C, 1); NCHW with axis=1:
 (N, C, H·W)). Per-feature vectors are in the compute dtype (float32 for float32/bfloat16
 activations, float64 for float64). μ travels as a pair hi + lo, so that x − μ is formed as
-(x − hi) − lo without cancellation (see `jaxbn.ops._statistics`).
+(x − hi) − lo without cancellation (see `jaxbn._passes.shifted_moments`).
 
     moments(x)                          → hi, lo, M2 = Σ (x − μ)²      eqs. (1)-(2), one read of x
     normalize(x, hi, lo, a, b)          → ((x − hi) − lo)·a + b        eqs. (3)-(4)
@@ -20,10 +20,11 @@ The per-feature formulas between the passes are `jaxbn._per_feature`'s; the C++ 
 Every kernel takes an optional mask shared by all features (padding: masked values take no
 part in the statistics or sums, and their outputs are 0 whatever x holds).
 
-Every kernel has a pure-JAX twin here (`*_xla`) that computes the same thing. The twins are
-the kernels' derivatives (a `jax.custom_jvp` takes the tangent of the twin, so second-order
-derivatives through jaxbn's analytic backward still work), the tests' reference, and what a
-call compiles to wherever the C++ must not run.
+Every kernel has a pure-JAX twin here (`*_xla`) that computes the same thing: the operands
+viewed as (outer, C, inner), handed to `jaxbn._passes`, the passes every pure-JAX path runs.
+The twins are the kernels' derivatives (a `jax.custom_jvp` takes the tangent of the twin, so
+second-order derivatives through jaxbn's analytic backward still work), the tests' reference,
+and what a call compiles to wherever the C++ must not run.
 
 Where that is, only lowering knows, so each call is one `jaxbn.kernel` primitive whose
 lowering decides: the C++ (an XLA FFI custom call) on CPU when the computation runs on one
@@ -31,7 +32,7 @@ device or per device (inside shard_map or pmap) and is not being exported, and t
 could be built (they are built then, on first use); the twin everywhere else — other
 platforms, a batch that XLA partitions across devices (a custom call cannot be partitioned:
 XLA would gather x onto every device), `jax.export` (the artifact then runs anywhere, without
-jaxbn). `jaxbn.ops` decides which calls are kernel calls at all.
+jaxbn). `jaxbn._cpu_path` decides which calls are kernel calls at all.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import batching, mlir
 
-from jaxbn import _native_build, _per_feature
+from jaxbn import _native_build, _passes, _per_feature
 
 __all__ = ["Layout", "available", "backward", "forward", "grad_input", "grad_sums",
            "known_status", "moments", "normalize", "status", "supports"]
@@ -229,14 +230,6 @@ def _varying(value: jax.Array, axes: frozenset) -> jax.Array:
   return jax.lax.pcast(value, missing, to="varying") if missing else value
 
 
-def _as3(v: jax.Array, layout: Layout) -> jax.Array:
-  return v.reshape(-1, layout.features, layout.inner)
-
-
-def _column(v: jax.Array) -> jax.Array:
-  return v.reshape(1, -1, 1)
-
-
 def _with_twin_derivatives(kernel, twin, num_static: int = 2):
   """kernel's values, twin's derivatives: jvp (and so vjp) rules for a kernel call. The first
   `num_static` arguments (the layout, `force`, ...) are static for both."""
@@ -257,68 +250,69 @@ def _without_force(twin):
 
 
 # ---------------------------------------------------------------------------------------
-# Pure-JAX twins.
+# Pure-JAX twins: the kernels' view of the operands, then `jaxbn._passes`' passes over it.
+
+_AXES = (0, 2)  # outer and inner: the (outer, C, inner) view's batch axes
 
 
-def _kept(mask, layout: Layout):
+def _keep(mask, layout: Layout):
   """The mask as (outer, 1, inner), or None."""
   return None if mask is None else mask.reshape(-1, 1, layout.inner)
 
 
-def _where(keep, v):
-  # `where`, not multiplication: 0 · NaN is NaN, and padding may hold anything.
-  return v if keep is None else jnp.where(keep, v, jnp.zeros((), v.dtype))
+def _view(layout: Layout, x, mask, dtype):
+  """x as (outer, C, inner) in `dtype`, padding zeroed, and the mask as (outer, 1, inner)."""
+  keep = _keep(mask, layout)
+  return _passes.masked(keep, x.reshape(-1, layout.features, layout.inner).astype(dtype)), keep
 
 
-def _counts(x, layout: Layout, keep, dtype):
+def _column(v: jax.Array) -> jax.Array:
+  return v.reshape(1, -1, 1)
+
+
+def _row(v: jax.Array, layout: Layout) -> jax.Array:
+  return jnp.broadcast_to(v, (1, layout.features, 1)).reshape(layout.features)
+
+
+def _counts(x, layout: Layout, mask, dtype):
   """m per feature: unmasked values (all of outer·inner without a mask)."""
-  if keep is None:
-    return jnp.full((layout.features,), _count(x, layout), dtype)
-  return jnp.broadcast_to(jnp.sum(keep, axis=(0, 2), dtype=dtype), (layout.features,))
-
-
-def _x3(x, layout: Layout, keep, dtype):
-  return _where(keep, _as3(x, layout).astype(dtype))
+  keep = _keep(mask, layout)
+  shape = (_count(x, layout) // layout.inner, layout.features, layout.inner)
+  return _row(_passes.local_count(shape, keep, _AXES, dtype), layout)
 
 
 def moments_xla(layout: Layout, x: jax.Array, mask=None):
-  keep = _kept(mask, layout)
-  x3 = _x3(x, layout, keep, _vector(x, layout).dtype)
-  count = _counts(x, layout, keep, x3.dtype)
-  m = jnp.maximum(count, 1)  # a feature with no values: μ = 0, M2 = 0
-  hi = jnp.sum(x3, axis=(0, 2)) / m
-  d = _where(keep, x3 - _column(hi))
-  lo = jnp.sum(d, axis=(0, 2)) / m
-  m2 = jnp.sum(d * d, axis=(0, 2)) - count * jnp.square(lo)
-  return hi, lo, m2
+  x3, keep = _view(layout, x, mask, _vector(x, layout).dtype)
+  count, m, hi, sum_d, sum_dd = _passes.shifted_moments(
+      x3, keep, _passes.local_count(x3.shape, keep, _AXES, x3.dtype), _AXES)
+  lo = sum_d / m  # a feature with no values: μ = 0, M2 = 0
+  m2 = sum_dd - count * jnp.square(lo)
+  return tuple(_row(v, layout) for v in (hi, lo, m2))
 
 
 def normalize_xla(layout: Layout, x, hi, lo, a, b, mask=None, *, out_dtype=None):
-  keep = _kept(mask, layout)
-  x3 = _x3(x, layout, keep, hi.dtype)
-  y = _where(keep, ((x3 - _column(hi)) - _column(lo)) * _column(a) + _column(b))
+  x3, keep = _view(layout, x, mask, hi.dtype)
+  y = _passes.normalize(x3, *map(_column, (hi, lo, a, b)), keep)
   return y.reshape(x.shape).astype(out_dtype or x.dtype)
 
 
 def grad_sums_xla(layout: Layout, x, dy, hi, lo, mask=None):
-  keep = _kept(mask, layout)
-  x3, g = (_x3(v, layout, keep, hi.dtype) for v in (x, dy))
-  centred = _where(keep, (x3 - _column(hi)) - _column(lo))
-  return jnp.sum(g, axis=(0, 2)), jnp.sum(g * centred, axis=(0, 2))
+  (x3, keep), (g, _) = (_view(layout, v, mask, hi.dtype) for v in (x, dy))
+  sums = _passes.grad_sums(g, _passes.centred(x3, _column(hi), _column(lo), keep), _AXES)
+  return tuple(_row(v, layout) for v in sums)
 
 
 def grad_input_xla(layout: Layout, x, dy, hi, lo, a, b, k, mask=None):
-  keep = _kept(mask, layout)
-  x3, g = (_x3(v, layout, keep, hi.dtype) for v in (x, dy))
-  centred = (x3 - _column(hi)) - _column(lo)
-  dx = _where(keep, _column(a) * g + _column(b) + _column(k) * centred)
+  (x3, keep), (g, _) = (_view(layout, v, mask, hi.dtype) for v in (x, dy))
+  x_centred = _passes.centred(x3, _column(hi), _column(lo), keep)
+  dx = _passes.grad_input(g, x_centred, *map(_column, (a, b, k)), keep)
   return dx.reshape(x.shape).astype(x.dtype)
 
 
 def forward_xla(layout: Layout, x, scale, bias, mask=None, *, epsilon: float, out_dtype=None):
   hi, lo, m2 = moments_xla(layout, x, mask)
-  count = _counts(x, layout, _kept(mask, layout), hi.dtype)
-  var = _per_feature.variance(m2, jnp.maximum(count, 1))
+  count = _counts(x, layout, mask, hi.dtype)
+  var = _per_feature.variance(m2, _passes.at_least_one(count))  # the C++'s M2/m
   inv_std = _per_feature.inverse_std(var, epsilon)
   y = normalize_xla(layout, x, hi, lo, scale * inv_std, bias, mask, out_dtype=out_dtype)
   return y, hi, lo, var, inv_std, count if mask is not None else count[:0]
@@ -326,9 +320,9 @@ def forward_xla(layout: Layout, x, scale, bias, mask=None, *, epsilon: float, ou
 
 def backward_xla(layout: Layout, x, dy, hi, lo, inv_std, scale, mask=None):
   sum_g, sum_g_centred = grad_sums_xla(layout, x, dy, hi, lo, mask)
-  d_scale, d_bias = _per_feature.parameter_gradients(sum_g, sum_g_centred, inv_std)
-  count = jnp.maximum(_counts(x, layout, _kept(mask, layout), hi.dtype), 1)
-  a, b, k = _per_feature.dx_coefficients(scale, inv_std, count, sum_g, sum_g_centred)
+  count = _passes.at_least_one(_counts(x, layout, mask, hi.dtype))
+  d_scale, d_bias, a, b, k = _passes.gradient_coefficients(
+      scale, inv_std, count, sum_g, sum_g_centred)
   return grad_input_xla(layout, x, dy, hi, lo, a, b, k, mask), d_scale, d_bias
 
 

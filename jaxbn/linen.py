@@ -127,10 +127,9 @@ class BatchNorm(nn.Module):
         *(v for v in (x, scale, bias) if v is not None), dtype=self.dtype)
 
     if use_running_average:
-      y = ops.batch_norm_inference(
+      return ops.batch_norm_inference(
           x, ra_mean.value, ra_var.value, scale, bias,
-          axis=self.axis, epsilon=self.epsilon, dtype=out_dtype)
-      return y if mask is None else _zero_padding(y, mask)
+          axis=self.axis, epsilon=self.epsilon, mask=mask, dtype=out_dtype)
 
     y, stats = ops.batch_norm(
         x, scale, bias, axis=self.axis, epsilon=self.epsilon, mask=mask,
@@ -170,11 +169,6 @@ class BatchNorm(nn.Module):
     if self.has_variable("params", name):
       _check_shape(f"params/{name}", self.get_variable("params", name).shape, shape)
     return self.param(name, init, shape, self.param_dtype)
-
-
-def _zero_padding(y, mask):
-  """Masked outputs are 0 in eval too, as in training (whatever the padding held)."""
-  return jnp.where(jnp.asarray(mask, bool), y, jnp.zeros((), y.dtype))
 
 
 def _check_shape(name: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:

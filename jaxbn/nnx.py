@@ -137,11 +137,9 @@ class BatchNorm(nnx.Module):
     out_dtype = dtypes.canonicalize_dtype(
         *(v for v in (x, scale, bias) if v is not None), dtype=self.dtype)
     if use_running_average:
-      y = ops.batch_norm_inference(x, mean, var, scale, bias, axis=self.axis,
-                                   epsilon=self.epsilon, dtype=out_dtype)
       # Masked outputs are 0 in eval too, as in training (whatever the padding held).
-      return y if mask is None else jnp.where(jnp.asarray(mask, bool), y,
-                                              jnp.zeros((), y.dtype))
+      return ops.batch_norm_inference(x, mean, var, scale, bias, axis=self.axis,
+                                      epsilon=self.epsilon, mask=mask, dtype=out_dtype)
     y, stats = ops.batch_norm(
         x, scale, bias, axis=self.axis, epsilon=self.epsilon, mask=mask,
         axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,

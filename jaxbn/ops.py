@@ -15,17 +15,15 @@ and, given dy = ∂L/∂y, the backward the seed derives term by term and leaves
 
 `docs/derivation.md` derives the closed form; `jaxbn.reference` computes it the seed's way.
 
-On CPU the passes over the activations (statistics, normalize, the two backward sums, dx)
-run as fused C++ kernels (`jaxbn.kernels`) when the call allows it — one call for the
-forward and one for the backward, or one per pass when statistics are pooled across devices.
-The per-feature formulas between the passes are `jaxbn._per_feature`'s, for both paths.
+The forward and the backward are each a choice of two paths: pure JAX (the passes over the
+activations of `jaxbn._passes`, the per-feature formulas of `jaxbn._per_feature`), or on CPU,
+where the call allows it, the fused C++ kernels (`jaxbn._cpu_path`), which compute the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Hashable
 from typing import Any, Literal, NamedTuple
 
@@ -34,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxbn import _args, _per_feature, kernels
+from jaxbn import _args, _cpu_path, _passes, kernels
 
 try:  # private: only to name the fix when forward mode meets the custom_vjp
   from jax._src.interpreters.ad import JVPTracer as _JVPTracer
@@ -74,6 +72,25 @@ class _Static:
   kernel_layout: kernels.Layout | None = None
   # use_cpu_kernel=True: the C++ in every CPU lowering, even where lowering would pick the twin.
   force_kernel: bool = False
+
+  def pool(self, values):
+    """Sums per-device values over `axis_name`, if there is one (one collective)."""
+    if self.axis_name is None:
+      return values
+    return lax.psum(values, self.axis_name, axis_index_groups=self.axis_index_groups)
+
+
+class Residuals(NamedTuple):
+  """What the analytic backward keeps: x and per-feature vectors, nothing activation-sized."""
+
+  x: jax.Array
+  mask: jax.Array | None
+  scale: jax.Array
+  bias: jax.Array
+  shift: jax.Array  # μ = shift + delta (`jaxbn._passes.Statistics`)
+  delta: jax.Array
+  inv_std: jax.Array
+  count: jax.Array  # m, at least 1
 
 
 def batch_norm(
@@ -155,7 +172,7 @@ def batch_norm(
   mask = _args.batch_mask(mask, x)
   gradient = _args.gradient_mode(gradient)
   static = dataclasses.replace(
-      static, kernel_layout=_kernel_layout(x, features, mask, static, gradient, use_cpu_kernel),
+      static, kernel_layout=_cpu_path.layout(x, features, mask, static, gradient, use_cpu_kernel),
       force_kernel=use_cpu_kernel is True)
   if gradient == "analytic":
     _refuse_forward_mode(x, scale, bias)
@@ -175,12 +192,13 @@ def batch_norm_inference(
     *,
     axis: _args.Axes = -1,
     epsilon: float = 1e-5,
+    mask: jax.Array | None = None,
     dtype: Any = None,
 ) -> jax.Array:
   """Inference-mode batch normalization with given (running) statistics.
 
   y = γ (x − mean) / √(var + ε) + β is affine in x, so JAX's autodiff is already exact here
-  and forward mode works.
+  and forward mode works. With `mask`, padding's outputs are 0, as in training.
 
   Args:
     x: activations, any floating dtype.
@@ -190,6 +208,8 @@ def batch_norm_inference(
     bias: β, with the feature shape; None means β = 0.
     axis: the feature axis or axes.
     epsilon: ε, added to `var`.
+    mask: boolean, broadcastable to x; False marks padding, whose outputs are 0 whatever it
+      holds (the statistics are given, so the mask changes nothing else).
     dtype: the output dtype; default x's dtype.
 
   Returns:
@@ -211,8 +231,9 @@ def batch_norm_inference(
   inv_std = lax.rsqrt(vector("var", var, None) + eps)
   scale = vector("scale", scale, jnp.ones(shape, cdt))
   bias = vector("bias", bias, jnp.zeros(shape, cdt))
+  mask = _args.batch_mask(mask, x)
   y = (x.astype(cdt) - mean) * (scale * inv_std) + bias
-  return y.astype(out_dtype)
+  return _passes.masked(mask, y.astype(out_dtype))
 
 
 def update_running_stats(
@@ -266,229 +287,41 @@ def update_running_stats(
 
 
 # ----------------------------------------------------------------------------------------
-# Which path a call takes.
-
-
-def _kernel_layout(x, features, mask, static: _Static, gradient: str,
-                   use_cpu_kernel: bool | None) -> kernels.Layout | None:
-  """The kernels' (features, inner) view of x if this call can use them, else None.
-
-  Only what tracing can see is decided here; whether a kernel call runs the C++ or its
-  pure-JAX twin is decided when it is lowered (`jaxbn.kernels`).
-  """
-  if use_cpu_kernel is not None and not isinstance(use_cpu_kernel, bool):
-    raise TypeError(f"use_cpu_kernel must be None, True or False, got {use_cpu_kernel!r}.")
-  if use_cpu_kernel is False:
-    return None
-  refusal = _kernel_refusal(x, features, mask, static, gradient, build=use_cpu_kernel is True)
-  if refusal is not None:
-    if use_cpu_kernel:
-      raise ValueError(f"use_cpu_kernel=True, but {refusal}.")
-    return None
-  first, last = features[0], features[-1]
-  return kernels.Layout(features=math.prod(x.shape[first:last + 1]),
-                        inner=math.prod(x.shape[last + 1:]))
-
-
-def _kernel_refusal(x, features, mask, static: _Static, gradient: str, *,
-                    build: bool) -> str | None:
-  """Why this call cannot use the kernels, or None if it can (as far as tracing knows).
-
-  `build`: find out now whether the kernels can be built (building them); otherwise only a
-  status this process already knows refuses, and lowering decides the rest.
-  """
-  if gradient != "analytic":
-    return "gradient='autodiff' differentiates the pure-JAX forward"
-  if mask is not None and any(mask.shape[a] != 1 for a in features):
-    return "a mask that varies across the feature axes needs the pure-JAX path"
-  if static.use_fast_variance:
-    return "use_fast_variance=True is the pure-JAX one-pass formula"
-  if features != tuple(range(features[0], features[-1] + 1)):
-    return f"feature axes {features} are not contiguous"
-  spec = getattr(jax.typeof(x).sharding, "spec", ())
-  if any(axes is not None for axes in spec):
-    # XLA cannot partition a custom call: it would gather x onto every device.
-    return (f"x is sharded across devices ({spec}); use shard_map with axis_name for "
-            "data-parallel kernels")
-  if not kernels.supports(x.dtype, static.out_dtype):
-    return f"dtypes {x.dtype} -> {static.out_dtype} are not float32/bfloat16/float64"
-  if x.size == 0:
-    return f"x of shape {x.shape} is empty: there is nothing to compute"
-  # Before `kernels.available()`, which builds them: a GPU/TPU host would compile a CPU library
-  # it never calls. Computations sent to CPU there (jax.default_device) take the pure path.
-  if jax.default_backend() != "cpu":
-    return f"JAX's default backend is {jax.default_backend()}, and the kernels run on CPU only"
-  status = kernels.status() if build else kernels.known_status()
-  if status is not None and not status.available:
-    # Known unavailable: the pure-JAX path itself, not kernel calls that lower to their twins.
-    return f"the kernels are unavailable: {status.reason}"
-  return None
-
-
-# ----------------------------------------------------------------------------------------
 # The forward pass, shared by both gradient modes.
-
-
-def _psum(static: _Static, values):
-  """Sums per-device values over `axis_name`, if there is one (one collective)."""
-  if static.axis_name is None:
-    return values
-  return lax.psum(values, static.axis_name, axis_index_groups=static.axis_index_groups)
-
-
-def _batch_sums(static: _Static, *terms: jax.Array) -> tuple[jax.Array, ...]:
-  """Per-feature Σ over the batch axes and, with an axis name, over devices (one collective)."""
-  return _psum(static, tuple(jnp.sum(t, axis=static.reduction_axes, keepdims=True)
-                             for t in terms))
-
-
-def _local_count(x: jax.Array, mask: jax.Array | None, static: _Static, cdt) -> jax.Array:
-  """m of eqs. (1)-(2) on this device, per feature (broadcastable against x)."""
-  if mask is None:
-    local = np.prod([x.shape[a] for a in static.reduction_axes], dtype=np.float64)
-    return jnp.full((1,) * x.ndim, local, cdt)
-  return jnp.sum(
-      jnp.broadcast_to(mask, x.shape), axis=static.reduction_axes, dtype=cdt, keepdims=True
-  )
-
-
-def _masked(mask: jax.Array | None, value: jax.Array) -> jax.Array:
-  # `where`, not multiplication: 0 · NaN is NaN, and padding may hold anything.
-  return value if mask is None else jnp.where(mask, value, jnp.zeros((), value.dtype))
-
-
-def _statistics(x_c: jax.Array, local_count: jax.Array, mask: jax.Array | None,
-                static: _Static):
-  """Eqs. (1)-(2): m (0 for a fully masked feature), the mean as shift + delta, and the
-  biased variance (without ε).
-
-  x_c is in the compute dtype with padding already zeroed. Summing x directly in float32 loses
-  |μ|/σ's worth of digits: at x = 1e4 + N(0, 1) the sum's rounding alone moves μ by more than
-  σ/100. So the first pass only finds a shift near μ; the second sums d = x − shift, which is
-  small and exact to form, for the correction delta = mean(d) and the variance
-  mean(d²) − delta² (Chan, Golub & LeVeque's corrected two-pass algorithm). The backward
-  re-forms x − μ as (x − shift) − delta for the same reason.
-  """
-  if static.use_fast_variance:
-    count, s1, s2 = _batch_sums(static, local_count, x_c, x_c * x_c)
-    m = _at_least_one(count)
-    mean = s1 / m
-    return count, mean, jnp.zeros_like(mean), _per_feature.shifted_variance(s2 / m, mean)
-  count, s1 = _batch_sums(static, local_count, x_c)
-  m = _at_least_one(count)
-  shift = s1 / m
-  d = _masked(mask, x_c - shift)
-  sd, sdd = _batch_sums(static, d, d * d)
-  delta = sd / m
-  return count, shift, delta, _per_feature.shifted_variance(sdd / m, delta)
-
-
-def _at_least_one(count: jax.Array) -> jax.Array:
-  # A feature with every value masked has no statistics; m = 1 keeps it finite (its outputs
-  # and gradients are all masked to 0 anyway).
-  return jnp.maximum(count, 1)
-
-
-def _pooled_kernel_moments(hi, lo, m2, local_count, static: _Static):
-  """The kernels' per-device (μ = hi + lo, M2) as _statistics' (m, shift, delta, variance).
-
-  Across devices the pairwise update of the kernels' chunks is done once more: a common
-  shift near the global μ, then each device's Σ(x − shift) and Σ(x − shift)² from its own
-  mean and M2 — no sum of x itself, so |μ| ≫ σ keeps its digits here too.
-  """
-  count = _psum(static, local_count)
-  m = _at_least_one(count)
-  shift = _psum(static, local_count * hi) / m
-  offset = (hi - shift) + lo  # this device's mean − shift
-  sum_d, sum_dd = _psum(static, (local_count * offset, m2 + local_count * offset * offset))
-  delta = sum_d / m
-  return count, shift, delta, _per_feature.shifted_variance(sum_dd / m, delta)
-
-
-def _kernel_mask(mask: jax.Array | None, x: jax.Array, static: _Static) -> jax.Array | None:
-  """The mask as the kernels take it: one bool per (outer, inner) position, i.e. x's shape
-  with the feature axes set to 1 (`_kernel_refusal` ensured it does not vary along them)."""
-  if mask is None:
-    return None
-  return jnp.broadcast_to(mask, tuple(n if a in static.reduction_axes else 1
-                                      for a, n in enumerate(x.shape)))
-
-
-# A kernel call compiles to the C++ on CPU where it runs on whole operands, and to its pure-JAX
-# twin elsewhere (other platforms, a batch partitioned across devices, jax.export): the
-# lowering of `jaxbn.kernels`' primitive decides. Pooled statistics (axis_name) run one kernel
-# call per pass, with the psums between passes in plain JAX.
 
 
 def _forward(x, scale, bias, mask, static: _Static):
   """Eqs. (1)-(4). Returns (y, stats, residuals for the analytic backward)."""
   if static.kernel_layout is None:
-    return _forward_xla(x, scale, bias, mask, static)
-  if static.axis_name is not None:
-    return _forward_pooled(x, scale, bias, mask, static)
-  return _forward_fused(x, scale, bias, mask, static)
+    y, stats = _forward_xla(x, scale, bias, mask, static)
+  else:
+    y, stats = _cpu_path.forward(x, scale, bias, mask, static)
+  feature_shape = tuple(n for a, n in enumerate(static.broadcast_shape)
+                        if a not in static.reduction_axes)
+  squeeze = functools.partial(jnp.squeeze, axis=static.reduction_axes)
+  batch_stats = BatchStats(
+      mean=squeeze(stats.shift + stats.delta),
+      var=squeeze(stats.var),
+      count=jnp.broadcast_to(squeeze(stats.count), feature_shape),
+  )
+  residuals = Residuals(x, mask, scale, bias, stats.shift, stats.delta, stats.inv_std,
+                        _passes.at_least_one(stats.count))
+  return y, batch_stats, residuals
 
 
 def _forward_xla(x, scale, bias, mask, static: _Static):
   cdt = _args.compute_dtype(x)
   # Padding is zeroed before any arithmetic: where-masking only the result would still let
   # autodiff multiply a zero cotangent by a NaN partial (0 · NaN = NaN).
-  x_c = _masked(mask, x.astype(cdt))
-  count, shift, delta, var = _statistics(x_c, _local_count(x, mask, static, cdt), mask, static)
-  inv_std = _per_feature.inverse_std(var, static.epsilon)
+  x_c = _passes.masked(mask, x.astype(cdt))
+  stats = _passes.statistics(
+      x_c, mask, _passes.local_count(x.shape, mask, static.reduction_axes, cdt),
+      static.reduction_axes, epsilon=static.epsilon, pool=static.pool,
+      fast_variance=static.use_fast_variance)
   gamma = scale.astype(cdt).reshape(static.broadcast_shape)
   beta = bias.astype(cdt).reshape(static.broadcast_shape)
-  centred = (x_c - shift) - delta  # x − μ, formed without cancellation
-  y = _masked(mask, centred * (gamma * inv_std) + beta)  # eqs. (3)-(4): γ x̂ + β
-  return _outputs(y.astype(static.out_dtype), x, mask, scale, bias, count, shift, delta, var,
-                  inv_std, static)
-
-
-def _forward_fused(x, scale, bias, mask, static: _Static):
-  """The whole forward in one kernel call: XLA runs nothing between the passes over x."""
-  layout, cdt = static.kernel_layout, _args.compute_dtype(x)
-  y, *vectors, count = kernels.forward(
-      layout, x, scale.astype(cdt).ravel(), bias.astype(cdt).ravel(),
-      _kernel_mask(mask, x, static), epsilon=static.epsilon, out_dtype=static.out_dtype,
-      force=static.force_kernel)
-  shift, delta, var, inv_std = (v.reshape(static.broadcast_shape) for v in vectors)
-  # Without a mask m is known at trace time (and the kernel returns no count).
-  count = (_local_count(x, None, static, cdt) if mask is None
-           else count.reshape(static.broadcast_shape))
-  return _outputs(y, x, mask, scale, bias, count, shift, delta, var, inv_std, static)
-
-
-def _forward_pooled(x, scale, bias, mask, static: _Static):
-  """Statistics pooled over `axis_name`: this device's moments, pooled in JAX, then y."""
-  layout, cdt = static.kernel_layout, _args.compute_dtype(x)
-  kernel_mask = _kernel_mask(mask, x, static)
-  hi, lo, m2 = (v.reshape(static.broadcast_shape)  # eqs. (1)-(2), one read of x
-                for v in kernels.moments(layout, x, kernel_mask, force=static.force_kernel))
-  count, shift, delta, var = _pooled_kernel_moments(
-      hi, lo, m2, _local_count(x, mask, static, cdt), static)
-  inv_std = _per_feature.inverse_std(var, static.epsilon)
-  a = scale.astype(cdt).reshape(static.broadcast_shape) * inv_std
-  y = kernels.normalize(layout, x, shift.ravel(), delta.ravel(), a.ravel(),
-                        bias.astype(cdt).ravel(), kernel_mask, out_dtype=static.out_dtype,
-                        force=static.force_kernel)  # eqs. (3)-(4)
-  return _outputs(y, x, mask, scale, bias, count, shift, delta, var, inv_std, static)
-
-
-def _outputs(y, x, mask, scale, bias, count, shift, delta, var, inv_std, static: _Static):
-  """(y, stats, residuals): the same structure from both paths."""
-  feature_shape = tuple(n for a, n in enumerate(static.broadcast_shape)
-                        if a not in static.reduction_axes)
-  stats = BatchStats(
-      mean=_squeeze(shift + delta, static),
-      var=_squeeze(var, static),
-      count=jnp.broadcast_to(_squeeze(count, static), feature_shape),
-  )
-  residuals = (x, mask, scale, bias, shift, delta, inv_std, _at_least_one(count))
-  return y, stats, residuals
-
-
-def _squeeze(v: jax.Array, static: _Static) -> jax.Array:
-  return jnp.squeeze(v, axis=static.reduction_axes)
+  y = _passes.normalize(x_c, stats.shift, stats.delta, gamma * stats.inv_std, beta, mask)
+  return y.astype(static.out_dtype), stats
 
 
 # ----------------------------------------------------------------------------------------
@@ -506,7 +339,7 @@ def _batch_norm_analytic_fwd(x, scale, bias, mask, static: _Static):
   return (y, stats), residuals
 
 
-def _batch_norm_analytic_bwd(static: _Static, residuals, cotangents):
+def _batch_norm_analytic_bwd(static: _Static, residuals: Residuals, cotangents):
   """Eqs. (5), (6) and the closed form of (7), from x and per-feature vectors only.
 
   With pooled batches (axis_name) m, Σ dy and Σ dy·x̂ in eq. (7) are global sums, while ∂L/∂γ
@@ -514,68 +347,28 @@ def _batch_norm_analytic_bwd(static: _Static, residuals, cotangents):
   """
   dy, _ = cotangents  # stats leave through stop_gradient, so their cotangent is always 0
   if static.kernel_layout is None:
-    return _backward_xla(static, residuals, dy)
-  if static.axis_name is not None:
-    return _backward_pooled(static, residuals, dy)
-  return _backward_fused(static, residuals, dy)
-
-
-def _backward_xla(static: _Static, residuals, dy):
-  x, mask, scale, bias, shift, delta, inv_std, count = residuals
-  cdt = shift.dtype
-  centred = _masked(mask, (x.astype(cdt) - shift) - delta)  # x − μ, recomputed; x̂ = centred/σ
-  g = _masked(mask, dy.astype(cdt))
-  sum_g, sum_g_centred = (
-      jnp.sum(t, axis=static.reduction_axes, keepdims=True) for t in (g, g * centred)
-  )
-  d_scale, d_bias, a, b, k = _gradient_coefficients(
-      static, scale, inv_std, count, sum_g, sum_g_centred)
-  dx = _masked(mask, a * g + b + k * centred)
-  return _cotangents(scale, bias, dx.astype(x.dtype), d_scale, d_bias)
-
-
-def _backward_fused(static: _Static, residuals, dy):
-  """The whole backward in one kernel call; eq. (7)'s sums are this batch's own."""
-  x, mask, scale, bias, shift, delta, inv_std, _ = residuals
-  dx, d_scale, d_bias = kernels.backward(
-      static.kernel_layout, x, dy, shift.ravel(), delta.ravel(), inv_std.ravel(),
-      scale.astype(inv_std.dtype).ravel(), _kernel_mask(mask, x, static),
-      force=static.force_kernel)
-  return _cotangents(scale, bias, dx, d_scale, d_bias)
-
-
-def _backward_pooled(static: _Static, residuals, dy):
-  """Eq. (7) with sums pooled over `axis_name`: this device's sums, pooled in JAX, then dx."""
-  x, mask, scale, bias, shift, delta, inv_std, count = residuals
-  layout, kernel_mask = static.kernel_layout, _kernel_mask(mask, x, static)
-  sum_g, sum_g_centred = (
-      v.reshape(static.broadcast_shape)
-      for v in kernels.grad_sums(layout, x, dy, shift.ravel(), delta.ravel(), kernel_mask,
-                                 force=static.force_kernel))
-  d_scale, d_bias, a, b, k = _gradient_coefficients(
-      static, scale, inv_std, count, sum_g, sum_g_centred)
-  dx = kernels.grad_input(layout, x, dy, shift.ravel(), delta.ravel(), a.ravel(), b.ravel(),
-                          k.ravel(), kernel_mask, force=static.force_kernel)
-  return _cotangents(scale, bias, dx, d_scale, d_bias)
-
-
-def _gradient_coefficients(static: _Static, scale, inv_std, count, sum_g, sum_g_centred):
-  """∂L/∂γ, ∂L/∂β and the per-feature a, b, k of ∂L/∂x = a·dy + b + k·(x − μ), from this
-  device's Σ dy and Σ dy·(x − μ)."""
-  d_scale, d_bias = _per_feature.parameter_gradients(sum_g, sum_g_centred, inv_std)
-  sum_g, sum_g_centred = _psum(static, (sum_g, sum_g_centred))  # eq. (7)'s sums are global
-  gamma = scale.astype(inv_std.dtype).reshape(static.broadcast_shape)
-  a, b, k = _per_feature.dx_coefficients(gamma, inv_std, count, sum_g, sum_g_centred)
-  return d_scale, d_bias, a, b, k
-
-
-def _cotangents(scale, bias, dx, d_scale, d_bias):
+    dx, d_scale, d_bias = _backward_xla(static, residuals, dy)
+  else:
+    dx, d_scale, d_bias = _cpu_path.backward(static, residuals, dy)
+  scale, bias = residuals.scale, residuals.bias
   return (
       dx,
       d_scale.reshape(scale.shape).astype(scale.dtype),
       d_bias.reshape(bias.shape).astype(bias.dtype),
       None,
   )
+
+
+def _backward_xla(static: _Static, residuals: Residuals, dy):
+  r = residuals
+  x_centred = _passes.centred(r.x, r.shift, r.delta, r.mask)  # x − μ recomputed; x̂ = it·1/σ
+  g = _passes.masked(r.mask, dy.astype(r.shift.dtype))
+  sum_g, sum_g_centred = _passes.grad_sums(g, x_centred, static.reduction_axes)
+  gamma = r.scale.astype(r.inv_std.dtype).reshape(static.broadcast_shape)
+  d_scale, d_bias, a, b, k = _passes.gradient_coefficients(
+      gamma, r.inv_std, r.count, sum_g, sum_g_centred, static.pool)
+  dx = _passes.grad_input(g, x_centred, a, b, k, r.mask)
+  return dx.astype(r.x.dtype), d_scale, d_bias
 
 
 _batch_norm_analytic.defvjp(_batch_norm_analytic_fwd, _batch_norm_analytic_bwd)

@@ -353,6 +353,24 @@ def test_inference_with_batch_stats_reproduces_training_output():
   assert half.dtype == jnp.bfloat16
 
 
+def test_inference_mask_zeroes_padding_whatever_it_holds():
+  x, scale, bias = _params((4, 3, 2), 1)
+  mask = jnp.array([True, True, False, True])[:, None, None]  # per example, NCHW-like
+  x = jnp.where(mask, x, jnp.nan)
+  mean, var = jnp.array([0.5, -1.0, 2.0]), jnp.array([1.0, 4.0, 0.25])
+
+  def infer(x, mask=None):
+    return jaxbn.batch_norm_inference(x, mean, var, scale, bias, axis=1, mask=mask)
+
+  y = jax.jit(infer)(x, mask)
+  np.testing.assert_array_equal(y[2], 0)
+  np.testing.assert_array_equal(y[jnp.array([0, 1, 3])], jax.jit(infer)(x)[jnp.array([0, 1, 3])])
+  dx = jax.grad(lambda x: jnp.sum(infer(x, mask) ** 2))(x)
+  assert bool(jnp.all(jnp.isfinite(dx))) and not bool(jnp.any(dx[2]))
+  with pytest.raises(ValueError, match="does not broadcast"):
+    infer(x, jnp.ones((5, 1, 1), bool))
+
+
 # ---------------------------------------------------------------------------------- errors
 
 X = jnp.zeros((4, 3), jnp.float32)

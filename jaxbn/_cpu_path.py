@@ -1,0 +1,153 @@
+"""The CPU path of `jaxbn.ops.batch_norm`: when its passes run as the C++ kernels, and the calls.
+
+`layout` decides, at trace time, whether a call can use the kernels; `forward` and `backward`
+run it. A batch on one device takes one fused call each way (`kernels.forward`,
+`kernels.backward`); statistics pooled across devices (`axis_name`) take one call per pass,
+with the pooling in JAX between them (`jaxbn._passes`). Whether each call then compiles to
+the C++ or to its pure-JAX twin is decided when it is lowered (`jaxbn.kernels`).
+
+`static` is `jaxbn.ops`' description of the call (axes, ε, `axis_name`, the kernel layout);
+`residuals` are its `Residuals`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxbn import _args, _passes, kernels
+
+
+def layout(x, features, mask, static, gradient: str,
+           use_cpu_kernel: bool | None) -> kernels.Layout | None:
+  """The kernels' (features, inner) view of x if this call can use them, else None.
+
+  Only what tracing can see is decided here; whether a kernel call runs the C++ or its
+  pure-JAX twin is decided when it is lowered (`jaxbn.kernels`).
+  """
+  if use_cpu_kernel is not None and not isinstance(use_cpu_kernel, bool):
+    raise TypeError(f"use_cpu_kernel must be None, True or False, got {use_cpu_kernel!r}.")
+  if use_cpu_kernel is False:
+    return None
+  refusal = _refusal(x, features, mask, static, gradient, build=use_cpu_kernel is True)
+  if refusal is not None:
+    if use_cpu_kernel:
+      raise ValueError(f"use_cpu_kernel=True, but {refusal}.")
+    return None
+  first, last = features[0], features[-1]
+  return kernels.Layout(features=math.prod(x.shape[first:last + 1]),
+                        inner=math.prod(x.shape[last + 1:]))
+
+
+def _refusal(x, features, mask, static, gradient: str, *, build: bool) -> str | None:
+  """Why this call cannot use the kernels, or None if it can (as far as tracing knows).
+
+  `build`: find out now whether the kernels can be built (building them); otherwise only a
+  status this process already knows refuses, and lowering decides the rest.
+  """
+  if gradient != "analytic":
+    return "gradient='autodiff' differentiates the pure-JAX forward"
+  if mask is not None and any(mask.shape[a] != 1 for a in features):
+    return "a mask that varies across the feature axes needs the pure-JAX path"
+  if static.use_fast_variance:
+    return "use_fast_variance=True is the pure-JAX one-pass formula"
+  if features != tuple(range(features[0], features[-1] + 1)):
+    return f"feature axes {features} are not contiguous"
+  spec = getattr(jax.typeof(x).sharding, "spec", ())
+  if any(axes is not None for axes in spec):
+    # XLA cannot partition a custom call: it would gather x onto every device.
+    return (f"x is sharded across devices ({spec}); use shard_map with axis_name for "
+            "data-parallel kernels")
+  if not kernels.supports(x.dtype, static.out_dtype):
+    return f"dtypes {x.dtype} -> {static.out_dtype} are not float32/bfloat16/float64"
+  if x.size == 0:
+    return f"x of shape {x.shape} is empty: there is nothing to compute"
+  # Before `kernels.available()`, which builds them: a GPU/TPU host would compile a CPU library
+  # it never calls. Computations sent to CPU there (jax.default_device) take the pure path.
+  if jax.default_backend() != "cpu":
+    return f"JAX's default backend is {jax.default_backend()}, and the kernels run on CPU only"
+  status = kernels.status() if build else kernels.known_status()
+  if status is not None and not status.available:
+    # Known unavailable: the pure-JAX path itself, not kernel calls that lower to their twins.
+    return f"the kernels are unavailable: {status.reason}"
+  return None
+
+
+def forward(x, scale, bias, mask, static) -> tuple[jax.Array, _passes.Statistics]:
+  """Eqs. (1)-(4) through the kernels: (y, the statistics, broadcastable against x)."""
+  cdt = _args.compute_dtype(x)
+  if static.axis_name is None:
+    return _forward_fused(x, scale, bias, mask, static, cdt)
+  return _forward_pooled(x, scale, bias, mask, static, cdt)
+
+
+def backward(static, residuals, dy) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Eqs. (5)-(7) through the kernels: (∂L/∂x, ∂L/∂γ, ∂L/∂β), the last two flat."""
+  if static.axis_name is None:
+    return _backward_fused(static, residuals, dy)
+  return _backward_pooled(static, residuals, dy)
+
+
+def _mask(mask, x, static):
+  """The mask as the kernels take it: one bool per (outer, inner) position, i.e. x's shape
+  with the feature axes set to 1 (`_refusal` ensured it does not vary along them)."""
+  if mask is None:
+    return None
+  return jnp.broadcast_to(mask, tuple(n if a in static.reduction_axes else 1
+                                      for a, n in enumerate(x.shape)))
+
+
+def _forward_fused(x, scale, bias, mask, static, cdt):
+  """The whole forward in one kernel call: XLA runs nothing between the passes over x."""
+  y, *vectors, count = kernels.forward(
+      static.kernel_layout, x, scale.astype(cdt).ravel(), bias.astype(cdt).ravel(),
+      _mask(mask, x, static), epsilon=static.epsilon, out_dtype=static.out_dtype,
+      force=static.force_kernel)
+  shift, delta, var, inv_std = (v.reshape(static.broadcast_shape) for v in vectors)
+  # Without a mask m is known at trace time (and the kernel returns no count).
+  count = (_passes.local_count(x.shape, None, static.reduction_axes, cdt) if mask is None
+           else count.reshape(static.broadcast_shape))
+  return y, _passes.Statistics(count, shift, delta, var, inv_std)
+
+
+def _forward_pooled(x, scale, bias, mask, static, cdt):
+  """Statistics pooled over `axis_name`: this device's moments, pooled in JAX, then y."""
+  layout, kernel_mask = static.kernel_layout, _mask(mask, x, static)
+  hi, lo, m2 = (v.reshape(static.broadcast_shape)  # eqs. (1)-(2), one read of x
+                for v in kernels.moments(layout, x, kernel_mask, force=static.force_kernel))
+  stats = _passes.pooled_statistics(
+      _passes.local_count(x.shape, mask, static.reduction_axes, cdt), hi, lo, m2,
+      epsilon=static.epsilon, pool=static.pool)
+  a = scale.astype(cdt).reshape(static.broadcast_shape) * stats.inv_std
+  y = kernels.normalize(layout, x, stats.shift.ravel(), stats.delta.ravel(), a.ravel(),
+                        bias.astype(cdt).ravel(), kernel_mask, out_dtype=static.out_dtype,
+                        force=static.force_kernel)  # eqs. (3)-(4)
+  return y, stats
+
+
+def _backward_fused(static, residuals, dy):
+  """The whole backward in one kernel call; eq. (7)'s sums are this batch's own."""
+  r = residuals
+  return kernels.backward(
+      static.kernel_layout, r.x, dy, r.shift.ravel(), r.delta.ravel(), r.inv_std.ravel(),
+      r.scale.astype(r.inv_std.dtype).ravel(), _mask(r.mask, r.x, static),
+      force=static.force_kernel)
+
+
+def _backward_pooled(static, residuals, dy):
+  """Eq. (7) with sums pooled over `axis_name`: this device's sums, pooled in JAX, then dx."""
+  r = residuals
+  layout, kernel_mask = static.kernel_layout, _mask(r.mask, r.x, static)
+  shift, delta = r.shift.ravel(), r.delta.ravel()
+  sum_g, sum_g_centred = (
+      v.reshape(static.broadcast_shape)
+      for v in kernels.grad_sums(layout, r.x, dy, shift, delta, kernel_mask,
+                                 force=static.force_kernel))
+  gamma = r.scale.astype(r.inv_std.dtype).reshape(static.broadcast_shape)
+  d_scale, d_bias, a, b, k = _passes.gradient_coefficients(
+      gamma, r.inv_std, r.count, sum_g, sum_g_centred, static.pool)
+  dx = kernels.grad_input(layout, r.x, dy, shift, delta, a.ravel(), b.ravel(), k.ravel(),
+                          kernel_mask, force=static.force_kernel)
+  return dx, d_scale, d_bias
