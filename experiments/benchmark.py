@@ -26,7 +26,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import allocator, bench_ops, models, plots, workdir as workdir_lib
+from experiments import allocator, bench_ops, models, plots, train, workdir as workdir_lib
 
 IMPLEMENTATIONS = {
     "jaxbn analytic": {"bn_impl": "jaxbn", "gradient": "analytic"},
@@ -44,32 +44,19 @@ def _model(name: str, impl: dict, model_config) -> tuple:
 
 
 def make_step_chunk(model, x_all, y_all, batch_size: int, steps: int):
+  """`steps` of the runs' own `train.train_step` (plain SGD) in one jitted scan, each on a
+  batch drawn on device; returns the chunk and a function making its initial state."""
   tx = optax.sgd(0.1)
 
-  def loss_fn(params, batch_stats, x, y):
-    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                                  train=True, mutable=["batch_stats"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
-
-  def step(carry, key):
-    params, batch_stats, opt_state = carry
+  def step(state, key):
     idx = jax.random.randint(key, (batch_size,), 0, x_all.shape[0])
-    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch_stats, x_all[idx], y_all[idx])
-    changes, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, changes), updates["batch_stats"], opt_state), loss
+    return train.train_step(model, tx, state, x_all[idx], y_all[idx])
 
   @jax.jit
-  def chunk(carry, key):
-    # Unrolled when short: XLA:CPU convolutions inside a while loop are ~10x slower.
-    return jax.lax.scan(step, carry, jax.random.split(key, steps),
-                        unroll=steps if steps <= 8 else 1)
+  def chunk(state, key):
+    return train.scan_steps(step, state, length=steps, xs=jax.random.split(key, steps))
 
-  def init():
-    variables = model.init(jax.random.key(0), x_all[:batch_size], train=False)
-    return (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
-
-  return chunk, init
+  return chunk, lambda: train.init_state(model, tx, x_all[:batch_size], seed=0)
 
 
 def throughput(config) -> list[dict]:
@@ -83,19 +70,18 @@ def throughput(config) -> list[dict]:
     steps = config.steps_per_call[net]
     chunks = {}
     for name, impl in IMPLEMENTATIONS.items():
-      chunk, init = make_step_chunk(_model(net, impl, config.model), x_all, y_all, batch,
-                                       steps)
-      carry = init()
+      chunk, init = make_step_chunk(_model(net, impl, config.model), x_all, y_all, batch, steps)
+      state = init()
       start = time.perf_counter()
-      compiled = chunk.lower(carry, jax.random.key(0)).compile()
+      compiled = chunk.lower(state, jax.random.key(0)).compile()
       compile_s = time.perf_counter() - start
-      carry, loss = compiled(carry, jax.random.key(1))  # warm-up
+      state, loss = compiled(state, jax.random.key(1))  # warm-up
       jax.block_until_ready(loss)
-      chunks[name] = {"run": compiled, "carry": carry, "times": [], "compile_s": compile_s}
+      chunks[name] = {"run": compiled, "state": state, "times": [], "compile_s": compile_s}
     for repeat in range(config.repeats):  # interleaved: every implementation each round
       for entry in chunks.values():
         start = time.perf_counter()
-        entry["carry"], loss = entry["run"](entry["carry"], jax.random.key(2 + repeat))
+        entry["state"], loss = entry["run"](entry["state"], jax.random.key(2 + repeat))
         jax.block_until_ready(loss)
         entry["times"].append(time.perf_counter() - start)
     for name, entry in chunks.items():

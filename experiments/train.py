@@ -1,13 +1,12 @@
-"""Training: jitted lax.scan chunks with donated state, evaluation, checkpoints, the studies.
+"""Training: the train step, jitted lax.scan chunks with donated state, the run loop, checkpoints.
 
 `train_and_evaluate(config, workdir)` validates the config, claims the workdir, then runs the
-config's study. Every run resumes from its latest orbax checkpoint; runs already finished are
-read back from their `result.json`.
+config's study (`studies.py`; what a run measures is `evaluation.py`). Every run resumes from
+its latest orbax checkpoint; runs already finished are read back from their `result.json`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -30,39 +29,17 @@ from jax.sharding import PartitionSpec as P
 from configs import default as default_config
 from experiments import config as config_lib
 from experiments import data as data_lib
-from experiments import distributed, models, plots, progress, workdir as workdir_lib
-
-EVAL_BATCH = 500
+from experiments import distributed, plots, progress, workdir as workdir_lib
 
 
 @flax.struct.dataclass
 class TrainState:
+  """What a run checkpoints and resumes from."""
+
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
-
-
-@flax.struct.dataclass
-class Lockstep:
-  """Two training states advanced together (the gradient_agreement study)."""
-
-  analytic: TrainState
-  autodiff: TrainState
-
-  @property
-  def step(self) -> jax.Array:
-    return self.analytic.step
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-  """One training run of a study: which net, which learning rate, which backward."""
-
-  name: str
-  batch_norm: bool
-  learning_rate: float
-  gradient: str
 
 
 class Context:
@@ -109,11 +86,15 @@ def make_optimizer(opt_config, num_steps: int) -> optax.GradientTransformation:
   return optax.chain(base, optax.scale_by_schedule(decay))
 
 
-def init_state(model, tx, sample_x, seed: int, learning_rate: float) -> TrainState:
+def init_state(model, tx, sample_x, seed: int, *,
+               learning_rate: float | None = None) -> TrainState:
+  """Fresh parameters and optimizer state; `learning_rate` sets `make_optimizer`'s injected
+  peak rate (None: `tx` has none to set, e.g. the benchmark's plain SGD)."""
   variables = model.init(jax.random.key(seed), sample_x, train=False)
   params = variables["params"]
   opt_state = tx.init(params)
-  opt_state[0].hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
+  if learning_rate is not None:
+    opt_state[0].hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get("batch_stats", {}), opt_state=opt_state)
 
@@ -124,6 +105,24 @@ def loss_and_stats(model, params, batch_stats, x, y):
                                 mutable=["batch_stats"])
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
   return loss, updates.get("batch_stats", {})
+
+
+def apply_gradients(tx, state: TrainState, grads, batch_stats) -> TrainState:
+  """One optimizer update, the step counted and the running statistics replaced."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       batch_stats=batch_stats, opt_state=opt_state)
+
+
+def train_step(model, tx, state: TrainState, x, y) -> tuple[TrainState, jax.Array]:
+  """One SGD step on the batch `(x, y)`, pure: `(state, batch) -> (state, loss)`.
+
+  The runs and the benchmark both scan it, so the benchmark times the step that trains.
+  """
+  (loss, batch_stats), grads = jax.value_and_grad(
+      functools.partial(loss_and_stats, model), has_aux=True)(
+          state.params, state.batch_stats, x, y)
+  return apply_gradients(tx, state, grads, batch_stats), loss
 
 
 def sample_batch(ctx: Context, step, batch_size: int):
@@ -145,84 +144,26 @@ def steps_per_call(config) -> int:
   return config.steps_per_call or config.eval_every
 
 
-def _scan(step, state, length: int):
-  # A short chunk is unrolled: no while loop at all (see steps_per_call).
-  return jax.lax.scan(step, state, None, length=length, unroll=length if length <= 8 else 1)
+def scan_steps(step, state, *, length: int, xs=None):
+  """`lax.scan` of `step` over a chunk; a short chunk is unrolled, no while loop at all
+  (see steps_per_call)."""
+  return jax.lax.scan(step, state, xs, length=length, unroll=length if length <= 8 else 1)
 
 
 def make_train_chunk(model, tx, ctx: Context) -> Callable:
   """`steps_per_call` SGD steps in one lax.scan, jitted once, the state donated."""
   config = ctx.config
 
-  def train_step(state: TrainState, _):
+  def step(state: TrainState, _):
     x, y = sample_batch(ctx, state.step, config.batch_size)
-    (loss, batch_stats), grads = jax.value_and_grad(
-        functools.partial(loss_and_stats, model), has_aux=True)(
-            state.params, state.batch_stats, x, y)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         batch_stats=batch_stats, opt_state=opt_state), {"loss": loss}
+    state, loss = train_step(model, tx, state, x, y)
+    return state, {"loss": loss}
 
   @functools.partial(jax.jit, donate_argnums=0)
   def chunk(state):
-    return _scan(train_step, state, steps_per_call(config))
+    return scan_steps(step, state, length=steps_per_call(config))
 
   return chunk
-
-
-def make_evaluate(model, ctx: Context) -> Callable:
-  """Test accuracy and loss with the running statistics (inference mode)."""
-  n = ctx.x_test.shape[0]
-  padded = -(-n // EVAL_BATCH) * EVAL_BATCH
-  pad = lambda a: np.concatenate([a, np.zeros((padded - n, *a.shape[1:]), a.dtype)])
-  batches = lambda a: jax.device_put(pad(a).reshape(-1, EVAL_BATCH, *a.shape[1:]), ctx.replicated)
-  x, y = batches(ctx.x_test), batches(ctx.y_test)
-  weight = batches(np.ones(n, np.float32))
-
-  @jax.jit
-  def evaluate(params, batch_stats):
-    def one(batch):
-      xb, yb, wb = batch
-      logits = model.apply({"params": params, "batch_stats": batch_stats}, xb, train=False)
-      losses = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
-      return (jnp.sum(wb * (jnp.argmax(logits, -1) == yb)), jnp.sum(wb * losses))
-    correct, loss = jax.lax.map(one, (x, y, weight))
-    return {"test_accuracy": jnp.sum(correct) / n, "test_loss": jnp.sum(loss) / n}
-
-  return lambda state: evaluate(state.params, state.batch_stats)
-
-
-def make_diagnostics(model, ctx: Context) -> Callable:
-  """The BN paper's Fig. 1b, c and the seed's saturation argument, at each evaluation:
-  percentiles of one unit's activation input in the last hidden layer (inference mode, on
-  test examples), the fraction of activation inputs with |x| > saturation per layer, and
-  the gradient norm of each layer's kernel on a fixed training batch."""
-  diag = ctx.config.diagnostics
-
-  @jax.jit
-  def diagnostics(params, batch_stats):
-    variables = {"params": params, "batch_stats": batch_stats}
-    _, sown = model.apply(variables, ctx.x_diag, train=False, mutable=["intermediates"])
-    inputs = [v[0] for _, v in sorted(sown["intermediates"].items(),
-                                      key=lambda kv: int(kv[0].rsplit("_", 1)[1]))]
-    unit = inputs[-1][..., diag.unit].ravel()
-    grads = jax.grad(lambda p: loss_and_stats(model, p, batch_stats, ctx.x_grad,
-                                              ctx.y_grad)[0])(params)
-    kernels = [grads[name]["kernel"] for name in sorted(grads, key=_layer_order)
-               if "kernel" in grads[name]]  # Dense/Conv layers, not BatchNorm
-    return {
-        "unit_percentiles": jnp.percentile(unit, jnp.array([15.0, 50.0, 85.0])),
-        "saturated_fraction": jnp.stack([jnp.mean(jnp.abs(a) > diag.saturation)
-                                         for a in inputs]),
-        "grad_norm": jnp.stack([jnp.linalg.norm(k) for k in kernels]),
-    }
-
-  return lambda state: diagnostics(state.params, state.batch_stats)
-
-
-def _layer_order(name: str) -> tuple[str, int]:
-  kind, _, index = name.rpartition("_")
-  return (kind, int(index)) if index.isdigit() else (name, 0)
 
 
 def _to_python(tree) -> Any:
@@ -316,131 +257,6 @@ def _maybe_inject_fault(step: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _eval_summary(first_step, per_step, evaluation) -> list[dict]:
-  """One record per chunk: mean training loss, then the evaluation."""
-  steps = len(per_step["loss"])
-  return [{"step": first_step + steps, "train_loss": float(np.mean(per_step["loss"])),
-           **evaluation}]
-
-
-def train_run(run: Run, ctx: Context) -> dict:
-  """A standard run: the config's model with or without BN, evaluated after every chunk.
-
-  Runs that differ only in learning rate share their compiled functions (the rate lives in
-  the optimizer state).
-  """
-  config = ctx.config
-  result_path = ctx.workdir / "runs" / run.name / "result.json"
-  if result_path.exists():  # finished: nothing to compile
-    return json.loads(result_path.read_text())
-  key = (run.batch_norm, run.gradient)
-  if key not in ctx.compiled:
-    model = models.create(config.model, batch_norm=run.batch_norm, gradient=run.gradient,
-                          sharded_batch=ctx.sharded_batch)
-    tx = make_optimizer(config.optimizer, config.num_steps)
-    test, diagnostics = make_evaluate(model, ctx), make_diagnostics(model, ctx)
-    state = _initial_state(model, tx, ctx, config.optimizer.learning_rate)
-    ctx.compiled[key] = (model, tx, compile_ahead(make_train_chunk(model, tx, ctx), state),
-                         lambda s: {**test(s), **diagnostics(s)})
-  model, tx, chunk, evaluate = ctx.compiled[key]
-  state = _initial_state(model, tx, ctx, run.learning_rate)
-  return run_loop(run.name, ctx, state, chunk, evaluate, _eval_summary)
-
-
-def _initial_state(model, tx, ctx: Context, learning_rate: float) -> TrainState:
-  return jax.device_put(init_state(model, tx, ctx.x_grad, ctx.config.seed, learning_rate),
-                        ctx.replicated)
-
-
-# ------------------------------------------------------------------------------ studies
-
-
-def _variant_runs(config, learning_rate=None, suffix="") -> list[Run]:
-  lr = config.optimizer.learning_rate if learning_rate is None else learning_rate
-  return [Run(f"{variant}{suffix}", variant == "bn", lr, config.model.gradient)
-          for variant in config.variants]
-
-
-def study_compare(ctx: Context) -> dict:
-  results = {run.name: train_run(run, ctx) for run in _variant_runs(ctx.config)}
-  histories = {name: workdir_lib.read_metrics(ctx.workdir / "runs" / name) for name in results}
-  return {"results": results, "histories": histories}
-
-
-def study_lr_sweep(ctx: Context) -> dict:
-  results = {}
-  for lr in ctx.config.sweep.learning_rates:
-    for run in _variant_runs(ctx.config, lr, suffix=f"_lr{lr:g}"):
-      results[run.name] = {**train_run(run, ctx), "learning_rate": lr,
-                           "variant": "bn" if run.batch_norm else "plain"}
-  return {"results": results}
-
-
-def study_gradient_agreement(ctx: Context) -> dict:
-  """The BN net twice in lockstep: analytic and autodiff backward, same batches.
-
-  Per step: both losses, and the max relative difference between the two backwards'
-  gradients at the *same* point (the analytic run's parameters), so the comparison measures
-  the backward and not the drift between trajectories.
-  """
-  config = ctx.config
-  analytic = models.create(config.model, batch_norm=True, gradient="analytic",
-                           sharded_batch=ctx.sharded_batch)
-  autodiff = models.create(config.model, batch_norm=True, gradient="autodiff",
-                           sharded_batch=ctx.sharded_batch)
-  tx = make_optimizer(config.optimizer, config.num_steps)
-  lr = config.optimizer.learning_rate
-  init = init_state(analytic, tx, ctx.x_grad, config.seed, lr)
-  # Two copies: the chunk donates its input, and one buffer must not be donated twice.
-  state = jax.device_put(Lockstep(init, jax.tree.map(jnp.copy, init)), ctx.replicated)
-  grad = lambda model: jax.value_and_grad(functools.partial(loss_and_stats, model), has_aux=True)
-
-  def step(states: Lockstep, _):
-    a, b = states.analytic, states.autodiff
-    x, y = sample_batch(ctx, a.step, config.batch_size)
-    (loss_a, stats_a), grads_a = grad(analytic)(a.params, a.batch_stats, x, y)
-    (loss_b, stats_b), grads_b = grad(autodiff)(b.params, b.batch_stats, x, y)
-    _, grads_b_at_a = grad(autodiff)(a.params, a.batch_stats, x, y)
-    rel = jnp.max(jnp.stack([
-        jnp.max(jnp.abs(g - h)) / jnp.maximum(jnp.max(jnp.abs(h)), 1e-30)
-        for g, h in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b_at_a), strict=True)]))
-
-    def apply(s, grads, stats):
-      updates, opt_state = tx.update(grads, s.opt_state, s.params)
-      return s.replace(step=s.step + 1, params=optax.apply_updates(s.params, updates),
-                       batch_stats=stats, opt_state=opt_state)
-
-    return Lockstep(apply(a, grads_a, stats_a), apply(b, grads_b, stats_b)), {
-        "loss": jnp.stack([loss_a, loss_b]), "max_rel_grad_diff": rel}
-
-  chunk = jax.jit(lambda s: _scan(step, s, steps_per_call(config)), donate_argnums=0)
-  evaluate_a, evaluate_b = make_evaluate(analytic, ctx), make_evaluate(autodiff, ctx)
-
-  def evaluate(states: Lockstep):
-    a, b = evaluate_a(states.analytic), evaluate_b(states.autodiff)
-    return {"test_accuracy": a["test_accuracy"], "test_accuracy_autodiff": b["test_accuracy"]}
-
-  def summarize(first_step, per_step, evaluation):
-    records = [{"step": first_step + i + 1,
-                "loss_analytic": float(per_step["loss"][i, 0]),
-                "loss_autodiff": float(per_step["loss"][i, 1]),
-                "max_rel_grad_diff": float(per_step["max_rel_grad_diff"][i])}
-               for i in range(len(per_step["max_rel_grad_diff"]))]
-    records[-1].update(evaluation)
-    return records
-
-  result = run_loop("lockstep", ctx, state, compile_ahead(chunk, state), evaluate, summarize)
-  history = workdir_lib.read_metrics(ctx.workdir / "runs" / "lockstep")
-  return {"results": {"lockstep": result}, "histories": {"lockstep": history}}
-
-
-STUDIES = {
-    "compare": study_compare,
-    "lr_sweep": study_lr_sweep,
-    "gradient_agreement": study_gradient_agreement,
-}
-
-
 # ---------------------------------------------------------------------------- entry point
 
 
@@ -470,7 +286,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   workdir = pathlib.Path(workdir)
   reporter = (reporter or progress.make_reporter()) if primary else progress.QuietReporter()
   ctx = Context(config, workdir, dataset, reporter)
+  # Imported here, not at the top: the studies are built from this module's loop.
+  from experiments import studies  # pylint: disable=import-outside-toplevel
   with reporter:
-    outcome = STUDIES[config.study](ctx)
+    outcome = studies.STUDIES[config.study](ctx)
   summary = plots.write_study_outputs(config, workdir, outcome) if primary else None
   return {"results": outcome["results"], "summary": summary}

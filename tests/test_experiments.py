@@ -15,6 +15,8 @@ from experiments import config as config_lib
 from experiments import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Trains tiny runs and starts processes: outside the fast tier (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
 CONFIGS = ("default", "paper_fig1", "lr_sweep", "gradient_agreement", "saturation", "cnn",
            "mnist1d_mlp")
 # Synthetic data, a few steps: what the tests change in every config.

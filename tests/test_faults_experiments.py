@@ -26,6 +26,8 @@ from experiments import plots, train
 from experiments import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Trains tiny runs and starts processes: outside the fast tier (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
 ConfigError = config_lib.ConfigError
 
 

@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Starts processes that import and compile everything: outside the fast tier.
+pytestmark = pytest.mark.slow
 
 PROCESSES = 2
 LOCAL_DEVICES = 2
