@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = ROOT / "tests" / "csrc" / "team_stress.cc"
 CSRC = ROOT / "jaxbn" / "csrc"
 
+pytestmark = pytest.mark.slow  # a compile and a subprocess: about 10 s on two idle cores
+
 
 def _compiler() -> list[str] | None:
   return shlex.split(os.environ.get("CXX", "")) or next(
