@@ -20,6 +20,7 @@ def test_grid_covers_layouts_dtypes_masks_and_distributions():
   assert {c.distribution for c in cases} >= {"offset-1e4", "constant-feature"}
 
 
+@pytest.mark.slow
 def test_every_grid_comparison_passes(grid_results):
   failed = [r for r in grid_results if not r.passed]
   assert not failed, failed
@@ -27,6 +28,7 @@ def test_every_grid_comparison_passes(grid_results):
   assert {"analytic vs autodiff", "analytic vs finite differences", "staged vs analytic"} <= pairs
 
 
+@pytest.mark.slow
 def test_float64_tolerances_are_the_issues(grid_results):
   for r in grid_results:
     if r.pair == "analytic vs autodiff":
@@ -37,6 +39,7 @@ def test_float64_tolerances_are_the_issues(grid_results):
       assert r.tolerance == 1e-12 and r.max_rel <= 1e-12
 
 
+@pytest.mark.slow
 def test_float32_analytic_within_twice_autodiffs_error(grid_results):
   f32 = [r for r in grid_results if r.case.endswith("float32")]
   by_case = {}
@@ -60,6 +63,7 @@ def test_a_wrong_gradient_fails(monkeypatch):
   assert verdict["forward vs reference"] is True
 
 
+@pytest.mark.slow
 def test_symbolic_identities_are_proved():
   results = checks.symbolic_checks((2, 3, 4))
   assert {r.m for r in results} == {2, 3, 4}

@@ -108,6 +108,7 @@ print(kernels.moments(kernels.Layout(3, 1), jnp.arange(12.0).reshape(4, 3))[0])
 """
 
 
+@pytest.mark.slow
 def test_a_truncated_library_is_rebuilt_not_loaded(cache, fake_cxx, good_library):
   script = fake_cxx(f'cp "{good_library}" "$out"')
   library = _library_path(script)
@@ -138,6 +139,7 @@ def test_an_empty_library_is_refused_and_not_cached(cache, fake_cxx, caplog):
   assert len(unavailable) == 2 and "JAXBN_CPU_KERNEL=0" in unavailable[0]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(C_COMPILER is None, reason="no C compiler to build a foreign library")
 def test_a_foreign_library_at_the_cache_path_is_replaced_without_running_it(
     tmp_path, cache, fake_cxx, good_library, registered, caplog):
@@ -238,6 +240,7 @@ def test_without_a_compiler_one_warning_names_the_fix(tmp_path, cache, monkeypat
   assert "pure-JAX path" in warning and reason in warning and fix in warning
 
 
+@pytest.mark.slow
 def test_a_hanging_compiler_is_killed_with_its_children(tmp_path, cache, fake_cxx,
                                                          monkeypatch):
   pid_file = tmp_path / "child.pid"
@@ -270,6 +273,7 @@ def test_the_next_build_removes_partials_that_dead_builds_left(cache, fake_cxx, 
   assert fresh.exists()  # younger than the timeout: a build may still be writing it
 
 
+@pytest.mark.slow
 def test_waiting_for_another_process_build_is_bounded(tmp_path, cache, fake_cxx, monkeypatch):
   marker = tmp_path / "compiled"
   fake_cxx(f'touch "{marker}"; exit 1')

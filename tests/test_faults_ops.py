@@ -97,6 +97,7 @@ def test_forward_mode_error_reaches_module_users():
     jax.jvp(lambda x: bn.apply(variables, x, mutable=["batch_stats"])[0], (X,), (X,))
 
 
+@pytest.mark.slow
 def test_forward_over_reverse_still_works():
   # The check must not catch a Hessian's outer jvp, which JAX runs on the linearized program.
   loss = lambda x: jnp.sum(jnp.tanh(jaxbn.batch_norm(x)[0]))

@@ -256,6 +256,7 @@ def test_forward_mode_needs_autodiff():
   np.testing.assert_allclose(jnp.vdot(u, jv), jnp.vdot(ju, v), rtol=1e-12)  # <u, Jv> = <Jᵀu, v>
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("masked", [False, True])
 def test_hessian_vector_products_match_autodiff(masked):
   """Reverse-over-reverse: the analytic backward is itself differentiated exactly."""
@@ -318,6 +319,7 @@ def test_residuals_are_x_and_per_feature_vectors(dtype):
   assert out.getvalue().count("[2,3,3,4]") > 1
 
 
+@pytest.mark.slow
 @settings(max_examples=8, deadline=None, derandomize=True)  # same examples in every CI run
 @given(
     shape=st.lists(st.integers(1, 4), min_size=2, max_size=4),

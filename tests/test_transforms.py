@@ -90,6 +90,7 @@ LINEN_CASES = {"vmap": (_Ensemble, (3, 6, 4)), "scan": (_Stack, (6, 4)),
                "remat": (_Remat, (6, 4)), "jit": (_Jit, (6, 4))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", LINEN_CASES)
 def test_linen_transform_matches_flax(case):
   module, shape = LINEN_CASES[case]
@@ -188,6 +189,7 @@ def test_nnx_transform_matches_flax(case):
 # ------------------------------------------------------------------ jax.vmap on the core
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gradient", ["analytic", "autodiff"])
 def test_vmap_without_axis_name_is_one_batch_norm_per_instance(gradient):
   x, dy = _x((3, 6, 4)), _x((3, 6, 4), seed=1)
