@@ -50,6 +50,7 @@ def inputs():
           rng.standard_normal(SHAPE[-1]))
 
 
+@pytest.mark.slow
 def test_exported_step_runs_in_a_fresh_process_without_jaxbn(tmp_path, inputs):
   step = jax.jit(_train_step)
   # In this process the same step runs the kernels...

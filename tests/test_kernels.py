@@ -325,6 +325,7 @@ def test_large_offset_float32_forward_keeps_its_digits():
   assert np.max(np.abs(np.asarray(y, np.float64) - truth)) < 1e-6
 
 
+@pytest.mark.slow
 def test_second_order_derivatives_go_through_the_twins():
   shape, axis = CASES["nchw"]
   x, dy = _data(shape, jnp.float64, offset=1.0)
@@ -374,6 +375,7 @@ def test_a_training_step_is_two_kernel_calls_and_gpu_lowering_has_none():
   assert "jaxbn_" not in traced.lower(lowering_platforms=("cuda",)).as_text()
 
 
+@pytest.mark.slow
 def test_pooled_statistics_use_the_four_pass_kernels_with_twin_derivatives():
   # Under an axis name the statistics are pooled between the passes, in JAX: vmap over a
   # named axis stands in for devices here.
@@ -433,6 +435,7 @@ except ValueError as e:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env,reason", [
     ({"CXX": "/nonexistent/c++"}, "build or load failed"),
     ({"JAXBN_CPU_KERNEL": "0"}, "disabled by JAXBN_CPU_KERNEL=0"),

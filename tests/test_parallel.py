@@ -119,6 +119,7 @@ def test_pmap_equals_single_device(batch):
   np.testing.assert_allclose(stats.mean, jnp.broadcast_to(stats.mean[0], stats.mean.shape))
 
 
+@pytest.mark.slow
 def test_vmap_axis_name_equals_single_device(batch):
   want = _single_device(batch["x"], batch["scale"], batch["bias"], batch["dy"], None, "analytic")
   y, stats, (dx, dscale, dbias) = jax.vmap(

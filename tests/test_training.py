@@ -73,6 +73,7 @@ def _sgd_trajectory(model, x, labels, steps=4, learning_rate=0.5):
   return params, batch_stats, jnp.stack(losses)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, shape", [(MLP, (16, 8)), (CNN, (4, 6, 6, 2))],
                          ids=["mlp", "cnn"])
 def test_analytic_and_autodiff_train_the_same(model, shape):
@@ -90,6 +91,7 @@ def test_analytic_and_autodiff_train_the_same(model, shape):
 DEVICES = 8
 
 
+@pytest.mark.slow
 def test_sharded_jit_and_shard_map_equal_single_device(mesh):
   x, labels = _batch((32, 8), seed=1, dtype=jnp.float32)
   model = MLP()
