@@ -28,7 +28,6 @@ def _compiler() -> list[str] | None:
       ([c] for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
 
 
-@pytest.mark.slow
 def test_every_index_runs_once_at_16_threads(tmp_path):
   compiler = _compiler()
   if compiler is None:
