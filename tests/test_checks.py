@@ -50,6 +50,7 @@ def test_float32_analytic_within_twice_autodiffs_error(grid_results):
     assert errors["analytic"] <= 2 * errors["autodiff"], case
 
 
+@pytest.mark.slow
 def test_a_wrong_gradient_fails(monkeypatch):
   right = checks._grad_analytic
   monkeypatch.setattr(

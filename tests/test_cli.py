@@ -3,9 +3,12 @@
 
 import dataclasses
 
+import pytest
+
 from jaxbn import checks, cli
 
 
+@pytest.mark.slow
 def test_check_passes_and_prints_the_table(capsys):
   assert cli.main(["check", "--quick"]) == 0
   out = capsys.readouterr().out

@@ -61,6 +61,7 @@ def test_kernels_build_here():
   assert kernels.status().library.stat().st_mode & 0o005 == 0o005
 
 
+@pytest.mark.slow
 def test_kernels_run_in_a_fresh_process_without_batch_norm_first():
   code = ("import jax.numpy as jnp; from jaxbn import kernels; "
           "print(kernels.moments(kernels.Layout(3, 1), jnp.arange(12.0).reshape(4, 3))[0])")

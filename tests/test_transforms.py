@@ -172,6 +172,7 @@ NNX_CASES = {"vmap": (_nnx_ensemble, (3, 6, 4)), "scan": (_nnx_stack, (6, 4)),
              "remat": (_nnx_remat, (6, 4)), "jit": (_nnx_jit, (6, 4))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", NNX_CASES)
 def test_nnx_transform_matches_flax(case):
   build, shape = NNX_CASES[case]
