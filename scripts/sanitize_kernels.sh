@@ -40,7 +40,8 @@ echo "sanitize_kernels: compiling with $JAXBN_CXXFLAGS_EXTRA"
 library=$("$python" -c 'import os, shlex
 from jaxbn import _native_build
 print(_native_build._build(shlex.split(os.environ["CXX"])))')
-nm -D "$library" | grep -q __asan_init || { echo "sanitize_kernels: $library is not instrumented" >&2; exit 2; }
+# grep -q exits at the first match; with pipefail a piped nm killed by SIGPIPE would fail the test.
+grep -q __asan_init <(nm -D "$library") || { echo "sanitize_kernels: $library is not instrumented" >&2; exit 2; }
 
 # Any report aborts the process that hit it (pytest, or a test's subprocess) and is written to
 # report.<pid>, so that one in a subprocess whose output a test swallowed still counts.
