@@ -20,6 +20,7 @@ def test_check_passes_and_prints_the_table(capsys):
   assert "CPU kernels: in use" in out  # the grid's unmasked cases ran through them
 
 
+@pytest.mark.slow
 def test_check_exits_nonzero_on_a_failure(monkeypatch, capsys):
   real = checks.check_case
 
