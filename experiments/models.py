@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
-import ml_collections
 import jax
 
 import jaxbn.linen
@@ -84,16 +83,13 @@ class SmallCNN(nn.Module):
     return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
 
 
-def create(model_config, *, batch_norm: bool, gradient: str | None = None,
-           sharded_batch: bool = False) -> nn.Module:
+def create(model_config, *, batch_norm: bool, gradient: str | None = None) -> nn.Module:
   """The model a config describes, with BN on or off (a study's variant).
 
-  `sharded_batch`: the batch is split across devices by jit (an auto-mode mesh, which jaxbn
-  cannot see at trace time); jaxbn's CPU kernels cannot be partitioned, so BN stays pure JAX.
+  A batch sharded by jit needs nothing here: jaxbn compiles its kernels' pure-JAX twins
+  wherever the C++ would see only part of the batch, so XLA partitions BN like any op.
   """
   gradient = gradient or model_config.gradient
-  if sharded_batch and model_config.bn_impl == "jaxbn":
-    model_config = ml_collections.ConfigDict({**model_config.to_dict(), "bn_impl": "jaxbn-xla"})
   if model_config.name == "cnn":
     return SmallCNN(features=tuple(model_config.cnn_features), batch_norm=batch_norm,
                     bn_momentum=model_config.bn_momentum, bn_impl=model_config.bn_impl,

@@ -61,8 +61,7 @@ def train_run(run: Run, ctx: train.Context) -> dict:
     return json.loads(result_path.read_text())
   key = (run.batch_norm, run.gradient)
   if key not in ctx.compiled:
-    model = models.create(config.model, batch_norm=run.batch_norm, gradient=run.gradient,
-                          sharded_batch=ctx.sharded_batch)
+    model = models.create(config.model, batch_norm=run.batch_norm, gradient=run.gradient)
     tx = train.make_optimizer(config.optimizer, config.num_steps)
     test = evaluation_lib.make_evaluate(model, ctx)
     diagnostics = evaluation_lib.make_diagnostics(model, ctx)
@@ -109,10 +108,8 @@ def study_gradient_agreement(ctx: train.Context) -> dict:
   the backward and not the drift between trajectories.
   """
   config = ctx.config
-  analytic = models.create(config.model, batch_norm=True, gradient="analytic",
-                           sharded_batch=ctx.sharded_batch)
-  autodiff = models.create(config.model, batch_norm=True, gradient="autodiff",
-                           sharded_batch=ctx.sharded_batch)
+  analytic = models.create(config.model, batch_norm=True, gradient="analytic")
+  autodiff = models.create(config.model, batch_norm=True, gradient="autodiff")
   tx = train.make_optimizer(config.optimizer, config.num_steps)
   init = train.init_state(analytic, tx, ctx.x_grad, config.seed,
                           learning_rate=config.optimizer.learning_rate)

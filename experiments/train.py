@@ -55,7 +55,6 @@ class Context:
     self.replicated = replicated
     self.batch_sharding = (NamedSharding(self.mesh, P("data")) if config.data_parallel
                            else replicated)
-    self.sharded_batch = config.data_parallel and jax.device_count() > 1
     put = lambda a: jax.device_put(a, replicated)
     self.x_train, self.y_train = put(dataset.x_train), put(dataset.y_train)
     self.x_test, self.y_test = dataset.x_test, dataset.y_test
