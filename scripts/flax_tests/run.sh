@@ -21,7 +21,8 @@ FLAX_COMMIT=${FLAX_COMMIT:-18f8f311c275d57f46d95e41b15aa97b454754c0}
 PY=${PY:-$repo/.venv/bin/python}
 scratch=${SCRATCH:-${TMPDIR:-/tmp}/jaxbn-flax-tests}
 rm -rf "$scratch" && mkdir -p "$scratch/site" && cd "$scratch" || exit 1
-git --git-dir="$flax_git" archive "$FLAX_COMMIT" tests | tar -x || exit 1
+# The subtree alone: a mirror may lack blobs elsewhere in the tree (large notebooks).
+git --git-dir="$flax_git" archive --prefix=tests/ "$FLAX_COMMIT:tests" | tar -x || exit 1
 cp "$here/conftest.py" "$here/pytest.ini" "$here/test_ids.txt" "$here/summarize.py" .
 # tests/nnx/module_test.py imports cloudpickle; installed beside the tests, not into the venv.
 "$PY" -c "import cloudpickle" 2>/dev/null || "$PY" -m pip install -q --target site cloudpickle
