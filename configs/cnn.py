@@ -1,4 +1,4 @@
-"""A small CNN with BN over N·H·W on Fashion-MNIST, the batch sharded over all local devices."""
+"""A small CNN with BN over N·H·W on Fashion-MNIST, the batch sharded over every device."""
 
 from configs import default
 

@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every = 250  # evaluation interval: one jitted lax.scan over these steps
   config.steps_per_call = 0  # > 0: steps per jitted call instead (must divide eval_every)
   config.checkpoint_every = 2000  # a multiple of eval_every
-  config.data_parallel = False  # shard the batch over all local devices
+  config.data_parallel = False  # shard the batch over every device of every process
 
   # Diagnostics at each evaluation (MLP): the input of `unit` in the last hidden layer
   # (BN paper Fig. 1b, c), saturated fractions |x| > saturation and gradient norms per layer.

@@ -50,12 +50,14 @@ def main(argv):
                            cpu_devices=_CPU_DEVICES.value)
   except ValueError as error:
     raise app.UsageError(str(error)) from None
+  # `--workdir=~/x` reaches us unexpanded (the shell expands ~ only at a word's start).
+  workdir = os.path.expanduser(_WORKDIR.value)
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+    train.train_and_evaluate(_CONFIG.value, workdir, overwrite=_OVERWRITE.value)
   except config_lib.ConfigError as error:
     raise app.UsageError(str(error)) from None
   if distributed.is_primary():
-    print(f"Summary: {os.path.join(_WORKDIR.value, 'summary.md')}")
+    print(f"Summary: {os.path.join(workdir, 'summary.md')}")
 
 
 if __name__ == "__main__":
