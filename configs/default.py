@@ -9,7 +9,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  # compare | lr_sweep | gradient_agreement
+  # compare | lr_sweep | gradient_agreement | noisy_bn | ics | landscape
   config.study = "compare"
   config.seed = 0
   # Which nets to train: "bn" (BatchNorm before each activation) and/or "plain".
@@ -55,6 +55,12 @@ def get_config() -> ml_collections.ConfigDict:
   # lr_sweep only.
   config.sweep = ml_collections.ConfigDict()
   config.sweep.learning_rates = (0.01, 0.05, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+  # Santurkar et al.'s probes only (studies noisy_bn | ics | landscape, experiments/ics_studies.py).
+  config.probes = ml_collections.ConfigDict()
+  config.probes.noise_mean_range = 0.5  # noisy BN: the noise's mean each step ~ U(-r, r)
+  config.probes.noise_std_range = (0.5, 1.0)  # noisy BN: the noise's std each step ~ U(lo, hi)
+  config.probes.step_multiples = (0.25, 0.5, 1.0, 2.0, 4.0)  # landscape: η / learning rate
 
   config.lock()
   return config

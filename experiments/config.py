@@ -9,14 +9,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from experiments import data
+from experiments import data, ics_config
 
-STUDIES = ("compare", "lr_sweep", "gradient_agreement")
+STUDIES = ("compare", "lr_sweep", "gradient_agreement", *ics_config.PROBE_STUDIES)
 CHOICES = {
     "study": STUDIES,
     "data.name": data.NAMES,
     "model.name": ("mlp", "cnn"),
-    "model.activation": ("sigmoid", "relu"),
+    "model.activation": ("sigmoid", "relu", "linear"),
     "model.bn_impl": ("jaxbn", "jaxbn-xla", "jaxbn-fast", "flax"),
     "model.gradient": ("analytic", "autodiff"),
     "optimizer.name": ("sgd", "adam"),
@@ -101,6 +101,7 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
                       f"{config.sweep.learning_rates!r}.")
   if config.study == "gradient_agreement" and "bn" not in config.variants:
     raise ConfigError("config.variants must include 'bn' for study gradient_agreement.")
+  ics_config.validate(config, ConfigError)
   _check_data(config)
 
 

@@ -12,7 +12,7 @@ import jax
 
 import jaxbn.linen
 
-ACTIVATIONS = {"sigmoid": nn.sigmoid, "relu": nn.relu}
+ACTIVATIONS = {"sigmoid": nn.sigmoid, "relu": nn.relu, "linear": lambda x: x}  # linear: a deep linear net
 
 
 def _batch_norm(impl: str, train: bool, momentum: float, gradient: str):

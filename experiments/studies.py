@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import evaluation as evaluation_lib
-from experiments import models, train, workdir as workdir_lib
+from experiments import ics_studies, models, train, workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,4 +159,5 @@ STUDIES = {
     "compare": study_compare,
     "lr_sweep": study_lr_sweep,
     "gradient_agreement": study_gradient_agreement,
+    **ics_studies.STUDIES,  # Santurkar et al.'s probes: noisy_bn, ics, landscape
 }
