@@ -77,7 +77,8 @@ def internal_covariate_shift(grad_fn: Callable[[PyTree], PyTree], params: dict,
     earlier = {name for group in layers[:i] for name in group}
     mixed = {name: updated[name] if name in earlier else value for name, value in params.items()}
     g = jnp.ravel(_at(grads, path))
-    g_shifted = jnp.ravel(_at(grad_fn(mixed), path))
+    # Nothing before the first layer moves: its G′ is G, with no second backward.
+    g_shifted = jnp.ravel(_at(grad_fn(mixed), path)) if earlier else g
     difference = jnp.linalg.norm(g - g_shifted)
     norm = jnp.linalg.norm(g)
     l2.append(difference)

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import ics_studies, models, noisy_bn, probes
+from experiments import ics_studies, models, noisy_bn, probes, train
 
 
 @pytest.fixture(autouse=True)
@@ -124,17 +124,23 @@ def _ics(model, tx, params, stats, x, y):
 def test_ics_is_zero_when_the_earlier_layers_are_frozen(batch_norm):
   model, (x, y) = _net(batch_norm), _batch()
   params, stats = _init(model, x)
-  # Only the read-out layer (Dense_1) trains: no layer has an earlier layer that moves.
-  frozen = optax.multi_transform(
-      {"train": optax.sgd(0.5), "frozen": optax.set_to_zero()},
-      {name: "train" if name == "Dense_1" else "frozen" for name in params})
-  found = _ics(model, frozen, params, stats, x, y)
+  groups, weights = ics_studies.layer_groups(params)
+  grad_fn = jax.grad(lambda p: train.loss_and_stats(model, p, stats, x, y)[0])
+  ics = lambda p, u: probes.internal_covariate_shift(grad_fn, p, u, layers=groups,
+                                                     weights=weights)
+
+  @jax.jit
+  def frozen_and_moving(p):
+    sgd = optax.apply_updates(p, jax.tree.map(lambda g: -0.5 * g, grad_fn(p)))
+    # Only the read-out layer (Dense_1) moves: no layer has an earlier layer that moves.
+    return ics(p, {**p, "Dense_1": sgd["Dense_1"]}), ics(p, sgd)
+
+  found, moving = frozen_and_moving(params)
   np.testing.assert_array_equal(found["l2"], np.zeros(2))
   np.testing.assert_allclose(found["cosine"], np.ones(2), rtol=1e-14)
-  # The same net with every layer training does shift: the probe can see it.
-  moving = optax.sgd(0.5)
-  found = _ics(model, moving, params, stats, x, y)
-  assert found["l2"][0] == 0 and np.all(np.asarray(found["l2"][1:]) > 0)
+  # The same net with every layer moving does shift: the probe can see it.
+  found = moving
+  assert found["l2"][0] == 0 and found["l2"][1] > 0 and found["cosine"][1] < 1
 
 
 def test_analytic_and_autodiff_backward_give_the_same_probe_values():
@@ -142,11 +148,17 @@ def test_analytic_and_autodiff_backward_give_the_same_probe_values():
   analytic, autodiff = _net(True, "analytic"), _net(True, "autodiff")
   params, stats = _init(analytic, x)
   tx = optax.sgd(0.5)
-  ics = [_ics(m, tx, params, stats, x, y) for m in (analytic, autodiff)]
   etas = jnp.asarray([0.1, 0.5, 2.0], jnp.float64)
-  land = [jax.jit(functools.partial(ics_studies.landscape_on_batch, m))(params, stats, x, y,
-                                                                         etas)
-          for m in (analytic, autodiff)]
+
+  def probes_of(model):
+    @jax.jit
+    def both(params):
+      return (ics_studies.ics_on_batch(model, tx, params, stats, tx.init(params), x, y),
+              ics_studies.landscape_on_batch(model, params, stats, x, y, etas))
+    return both(params)
+
+  (ics_a, land_a), (ics_b, land_b) = probes_of(analytic), probes_of(autodiff)
+  ics, land = (ics_a, ics_b), (land_a, land_b)
   for key in ("l2", "relative", "cosine"):
     np.testing.assert_allclose(ics[0][key], ics[1][key], rtol=1e-9, atol=1e-12)
   for key in ("loss", "grad_change", "smoothness"):
