@@ -13,6 +13,7 @@ from experiments.plots import plt
 COLOURS = {**plots.COLOURS, "noisy_bn": "tab:green"}
 LABELS = {**plots.LABELS, "noisy_bn": "with noisy BN"}
 ORDER = ("plain", "bn", "noisy_bn")
+MAX_LAYER_PANELS = 5
 
 
 def _evals(history: list) -> list:
@@ -140,7 +141,9 @@ def plot_ics(outcome: dict, path: pathlib.Path) -> None:
   first = next((_evals(outcome["histories"][n]) for n in names if _evals(outcome["histories"][n])),
                [])
   depth = len(first[0]["ics_l2"]) if first else 1
-  layers = list(range(1, depth)) or [0]
+  # At most MAX_LAYER_PANELS layers, evenly spread from the second to the last.
+  layers = (sorted({int(round(i)) for i in np.linspace(1, depth - 1, MAX_LAYER_PANELS)})
+            if depth > 1 else [0])
   fig, axes = plt.subplots(3, len(layers), figsize=(3.6 * len(layers), 8.4), squeeze=False)
   for column, layer in enumerate(layers):
     for name in names:
