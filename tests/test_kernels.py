@@ -116,28 +116,34 @@ def test_kernels_match_their_twins(case, dtype):
   shape, axis = CASES[case]
   layout = _layout(shape, axis)
   x, dy = _data(shape, dtype, offset=2.0)
-  hi, lo, _ = kernels.moments(layout, x)
   rng = np.random.default_rng(1)
-  a, b, k = (jnp.asarray(rng.uniform(0.5, 2, layout.features), hi.dtype) for _ in range(3))
-  pairs = {
-      "normalize": (kernels.normalize(layout, x, hi, lo, a, b),
-                    kernels.normalize_xla(layout, x, hi, lo, a, b)),
-      "normalize to float32": (kernels.normalize(layout, x, hi, lo, a, b, out_dtype=jnp.float32),
-                               kernels.normalize_xla(layout, x, hi, lo, a, b,
-                                                     out_dtype=jnp.float32)),
-      "grad_input": (kernels.grad_input(layout, x, dy, hi, lo, a, b, k),
-                     kernels.grad_input_xla(layout, x, dy, hi, lo, a, b, k)),
-      "grad_input, float32 dy": (
-          kernels.grad_input(layout, x, dy.astype(jnp.float32), hi, lo, a, b, k),
-          kernels.grad_input_xla(layout, x, dy.astype(jnp.float32), hi, lo, a, b, k)),
-  }
+  a, b, k = (jnp.asarray(rng.uniform(0.5, 2, layout.features), jnp.float32) for _ in range(3))
+
+  @jax.jit  # one compilation per case for every call below
+  def run(x, dy, a, b, k):
+    hi, lo, _ = kernels.moments(layout, x)
+    pairs = {
+        "normalize": (kernels.normalize(layout, x, hi, lo, a, b),
+                      kernels.normalize_xla(layout, x, hi, lo, a, b)),
+        "normalize to float32": (
+            kernels.normalize(layout, x, hi, lo, a, b, out_dtype=jnp.float32),
+            kernels.normalize_xla(layout, x, hi, lo, a, b, out_dtype=jnp.float32)),
+        "grad_input": (kernels.grad_input(layout, x, dy, hi, lo, a, b, k),
+                       kernels.grad_input_xla(layout, x, dy, hi, lo, a, b, k)),
+        "grad_input, float32 dy": (
+            kernels.grad_input(layout, x, dy.astype(jnp.float32), hi, lo, a, b, k),
+            kernels.grad_input_xla(layout, x, dy.astype(jnp.float32), hi, lo, a, b, k)),
+    }
+    return hi, lo, pairs, kernels.grad_sums(layout, x, dy, hi, lo)
+
+  hi, lo, pairs, (sum_g, sum_gc) = run(x, dy, a, b, k)
+  assert hi.dtype == jnp.float32  # the statistics of float32 and bfloat16 x
   for name, (got, want) in pairs.items():
     assert got.dtype == want.dtype and got.shape == want.shape, name
     # Elementwise in float32 then rounded: equal up to one rounding of the output.
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                rtol=float(jnp.finfo(got.dtype).eps), atol=1e-6, err_msg=name)
   # Sums: float32 partial sums over chunks, float64 between them, against float64 truth.
-  sum_g, sum_gc = kernels.grad_sums(layout, x, dy, hi, lo)
   x3, g3 = (np.asarray(v, np.float64).reshape(-1, layout.features, layout.inner)
             for v in (x, dy))
   centred = x3 - (np.asarray(hi, np.float64) + np.asarray(lo, np.float64))[None, :, None]
@@ -156,11 +162,18 @@ def test_fused_forward_and_backward_match_their_twins(case, dtype):
   cdt = jnp.float64 if dtype == jnp.float64 else jnp.float32
   rng = np.random.default_rng(5)
   scale, bias = (jnp.asarray(rng.uniform(0.5, 2, layout.features), cdt) for _ in range(2))
-  got = kernels.forward(layout, x, scale, bias, epsilon=1e-3)
-  want = kernels.forward_xla(layout, x, scale, bias, epsilon=1e-3)
-  hi, lo, inv_std = got[1], got[2], got[4]
-  got += kernels.backward(layout, x, dy, hi, lo, inv_std, scale)
-  want += kernels.backward_xla(layout, x, dy, hi, lo, inv_std, scale)
+
+  @jax.jit  # one compilation per case for both paths
+  def run(x, dy, scale, bias):
+    got = kernels.forward(layout, x, scale, bias, epsilon=1e-3)
+    want = kernels.forward_xla(layout, x, scale, bias, epsilon=1e-3)
+    hi, lo, inv_std = got[1], got[2], got[4]
+    got += kernels.backward(layout, x, dy, hi, lo, inv_std, scale)
+    want += kernels.backward_xla(layout, x, dy, hi, lo, inv_std, scale)
+    return got, want
+
+  got, want = run(x, dy, scale, bias)
+  hi, lo = got[1], got[2]
   eps = float(jnp.finfo(cdt).eps)
   # μ = hi + lo as a whole, against long-double truth to a few ulps of σ (not of |μ|): lo
   # carries what hi cannot, so an all-zero lo would fail this in float32.
@@ -211,20 +224,26 @@ def test_masked_kernels_match_their_twins_and_zero_the_padding(case):
   rng = np.random.default_rng(8)
   scale, bias, a, b, k = (jnp.asarray(rng.uniform(0.5, 2, layout.features), jnp.float32)
                           for _ in range(5))
-  fwd = kernels.forward(layout, x, scale, bias, keep, epsilon=1e-3)
+
+  @jax.jit  # one compilation per case for every pair
+  def run(x, dy, keep, scale, bias, a, b, k):
+    fwd = kernels.forward(layout, x, scale, bias, keep, epsilon=1e-3)
+    hi, lo = fwd[1], fwd[2]
+    return fwd, {
+        "forward": (fwd, kernels.forward_xla(layout, x, scale, bias, keep, epsilon=1e-3)),
+        "backward": (kernels.backward(layout, x, dy, hi, lo, fwd[4], scale, keep),
+                     kernels.backward_xla(layout, x, dy, hi, lo, fwd[4], scale, keep)),
+        "moments": (kernels.moments(layout, x, keep), kernels.moments_xla(layout, x, keep)),
+        "normalize": ((kernels.normalize(layout, x, hi, lo, a, b, keep),),
+                      (kernels.normalize_xla(layout, x, hi, lo, a, b, keep),)),
+        "grad_sums": (kernels.grad_sums(layout, x, dy, hi, lo, keep),
+                      kernels.grad_sums_xla(layout, x, dy, hi, lo, keep)),
+        "grad_input": ((kernels.grad_input(layout, x, dy, hi, lo, a, b, k, keep),),
+                       (kernels.grad_input_xla(layout, x, dy, hi, lo, a, b, k, keep),)),
+    }
+
+  fwd, pairs = run(x, dy, keep, scale, bias, a, b, k)
   hi, lo = fwd[1], fwd[2]
-  pairs = {
-      "forward": (fwd, kernels.forward_xla(layout, x, scale, bias, keep, epsilon=1e-3)),
-      "backward": (kernels.backward(layout, x, dy, hi, lo, fwd[4], scale, keep),
-                   kernels.backward_xla(layout, x, dy, hi, lo, fwd[4], scale, keep)),
-      "moments": (kernels.moments(layout, x, keep), kernels.moments_xla(layout, x, keep)),
-      "normalize": ((kernels.normalize(layout, x, hi, lo, a, b, keep),),
-                    (kernels.normalize_xla(layout, x, hi, lo, a, b, keep),)),
-      "grad_sums": (kernels.grad_sums(layout, x, dy, hi, lo, keep),
-                    kernels.grad_sums_xla(layout, x, dy, hi, lo, keep)),
-      "grad_input": ((kernels.grad_input(layout, x, dy, hi, lo, a, b, k, keep),),
-                     (kernels.grad_input_xla(layout, x, dy, hi, lo, a, b, k, keep),)),
-  }
   padding = ~np.broadcast_to(np.asarray(keep), (keep.shape[0], layout.features, layout.inner))
   for name, (got, want) in pairs.items():
     for i, (g, w) in enumerate(zip(got, want)):
@@ -255,6 +274,12 @@ def _bn_outputs(x, scale, bias, dy, axis, use_cpu_kernel, **kwargs):
   return (y, stats.mean, stats.var, *vjp((dy, jax.tree.map(jnp.zeros_like, stats))))
 
 
+def _bn_with_and_without_kernels(x, scale, bias, dy, axis, **kwargs):
+  """_bn_outputs with the kernels and without, both from one compilation."""
+  return jax.jit(lambda *a: tuple(_bn_outputs(*a, axis, use, **kwargs) for use in (True, False)))(
+      x, scale, bias, dy)
+
+
 @pytest.mark.parametrize("case", ["nhwc-tail", "nchw", "two-axes", "dense-wide"])
 @pytest.mark.parametrize("dtype,rtol", [(jnp.float64, 1e-12), (jnp.float32, 2e-5)])
 def test_batch_norm_with_kernels_equals_pure_jax(case, dtype, rtol):
@@ -265,8 +290,7 @@ def test_batch_norm_with_kernels_equals_pure_jax(case, dtype, rtol):
   scale = jnp.asarray(rng.uniform(0.5, 2, n), dtype).reshape(
       [shape[a % len(shape)] for a in sorted(a % len(shape) for a in np.atleast_1d(axis))])
   bias = jnp.asarray(rng.standard_normal(scale.shape), dtype)
-  got = _bn_outputs(x, scale, bias, dy, axis, True)
-  want = _bn_outputs(x, scale, bias, dy, axis, False)
+  got, want = _bn_with_and_without_kernels(x, scale, bias, dy, axis)
   names = ("y", "mean", "var", "dx", "dscale", "dbias")
   for name, g, w in zip(names, got, want):
     scale_of = float(jnp.max(jnp.abs(w)))
@@ -287,8 +311,7 @@ def test_masked_batch_norm_with_kernels_equals_pure_jax(shape, axis, mask_shape,
   x = jnp.where(mask, x, jnp.nan)  # padding may hold anything
   c = shape[axis]
   scale, bias = jnp.linspace(0.5, 2, c, dtype=dtype), jnp.linspace(-1, 1, c, dtype=dtype)
-  got = _bn_outputs(x, scale, bias, dy, axis, True, mask=mask)
-  want = _bn_outputs(x, scale, bias, dy, axis, False, mask=mask)
+  got, want = _bn_with_and_without_kernels(x, scale, bias, dy, axis, mask=mask)
   for name, g, w in zip(("y", "mean", "var", "dx", "dscale", "dbias"), got, want):
     assert np.all(np.isfinite(g)), name
     np.testing.assert_allclose(g, w, rtol=0, atol=rtol * float(jnp.max(jnp.abs(w))),
@@ -303,8 +326,7 @@ def test_bfloat16_and_mixed_output_dtype_equal_pure_jax():
   scale, bias = jnp.full(33, 1.5, jnp.float32), jnp.full(33, 0.25, jnp.float32)
   for out in (None, jnp.float32):
     g = dy if out is None else dy.astype(out)
-    got = _bn_outputs(x, scale, bias, g, axis, True, dtype=out)
-    want = _bn_outputs(x, scale, bias, g, axis, False, dtype=out)
+    got, want = _bn_with_and_without_kernels(x, scale, bias, g, axis, dtype=out)
     for name, a, b in zip(("y", "mean", "var", "dx", "dscale", "dbias"), got, want):
       assert a.dtype == b.dtype, name
       top = float(jnp.max(jnp.abs(b.astype(jnp.float32))))
@@ -352,8 +374,9 @@ def test_second_order_derivatives_go_through_the_twins():
 
 def test_vmap_runs_each_instance_on_its_own():
   x, _ = _data((3, 20, 5), jnp.float32, offset=1.0)
-  per = jax.vmap(lambda x: jaxbn.batch_norm(x, use_cpu_kernel=True)[0])(x)
-  loop = jnp.stack([jaxbn.batch_norm(v, use_cpu_kernel=False)[0] for v in x])
+  per, loop = jax.jit(lambda x: (  # one compilation for both
+      jax.vmap(lambda x: jaxbn.batch_norm(x, use_cpu_kernel=True)[0])(x),
+      jnp.stack([jaxbn.batch_norm(v, use_cpu_kernel=False)[0] for v in x])))(x)
   np.testing.assert_allclose(per, loop, rtol=0, atol=2e-6)
 
 
