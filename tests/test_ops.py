@@ -1,7 +1,8 @@
 """jaxbn.ops: forward values, numerics, masks, composition with JAX transforms, errors."""
 
-import io
 import contextlib
+import functools
+import io
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,16 @@ def _loss(mode, **kwargs):
     y, _ = jaxbn.batch_norm(x, scale, bias, gradient=mode, **kwargs)
     return jnp.sum(dy * y)
   return loss
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "axis", "epsilon"))
+def _outputs_and_grads(x, scale, bias, dy, mask=None, *, mode, axis=-1, epsilon=1e-5):
+  """y, stats and the gradients wrt (x, scale, bias) of Σ dy·y, from one compilation (shared
+  by every test that calls it with the same shapes and options)."""
+  kwargs = dict(mask=mask, axis=axis, epsilon=epsilon)
+  y, stats = jaxbn.batch_norm(x, scale, bias, gradient=mode, **kwargs)
+  grads = jax.grad(_loss(mode, **kwargs), argnums=(0, 1, 2))(x, scale, bias, dy)
+  return y, stats, grads
 
 
 # ------------------------------------------------------------------------------- forward
@@ -134,11 +145,10 @@ def test_fast_variance_is_one_pass_formula():
 def test_constant_feature_gives_bias_and_finite_gradients(dtype, mode):
   x, scale, bias = _params((16, 3), -1, dtype)
   x = x.at[:, 1].set(0.1)  # 0.1 is not exact in binary: the mean's rounding must not show
-  y, stats = jaxbn.batch_norm(x, scale, bias, gradient=mode)
+  dy = jnp.asarray(_rng(3).standard_normal(x.shape), dtype)
+  y, stats, grads = _outputs_and_grads(x, scale, bias, dy, mode=mode)
   assert stats.var[1] == 0
   np.testing.assert_allclose(y[:, 1], jnp.full(16, bias[1]), atol=10 * float(jnp.finfo(dtype).eps))
-  dy = jnp.asarray(_rng(3).standard_normal(x.shape), dtype)
-  grads = jax.grad(_loss(mode), argnums=(0, 1, 2))(x, scale, bias, dy)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
 
 
@@ -157,14 +167,12 @@ def _padded(seed=4, rows=10, real=7, features=3):
 def test_mask_equals_batch_of_unmasked_rows(mode):
   x, dy, mask = _padded()
   _, scale, bias = _params((10, 3), -1)
-  y, stats = jaxbn.batch_norm(x, scale, bias, mask=mask, gradient=mode)
-  y_real, stats_real = jaxbn.batch_norm(x[:7], scale, bias, gradient=mode)
+  y, stats, grads = _outputs_and_grads(x, scale, bias, dy, mask, mode=mode)
+  y_real, stats_real, grads_real = _outputs_and_grads(x[:7], scale, bias, dy[:7], mode=mode)
   np.testing.assert_allclose(y[:7], y_real, rtol=1e-12)
   np.testing.assert_array_equal(y[7:], 0)
   np.testing.assert_allclose(stats.mean, stats_real.mean, rtol=1e-12)
   np.testing.assert_allclose(stats.var, stats_real.var, rtol=1e-12)
-  grads = jax.grad(_loss(mode, mask=mask), argnums=(0, 1, 2))(x, scale, bias, dy)
-  grads_real = jax.grad(_loss(mode), argnums=(0, 1, 2))(x[:7], scale, bias, dy[:7])
   np.testing.assert_allclose(grads[0][:7], grads_real[0], rtol=1e-12)
   np.testing.assert_array_equal(grads[0][7:], 0)
   np.testing.assert_allclose(grads[1], grads_real[1], rtol=1e-12)
@@ -179,13 +187,12 @@ def test_padding_reaches_no_output_or_gradient(mode, fill):
   dy = jnp.where(mask, dy, fill)  # the cotangent at padding may be garbage too
   _, scale, bias = _params((10, 3), -1)
   clean_x, _, _ = _padded()
-  y, stats = jaxbn.batch_norm(x, scale, bias, mask=mask, gradient=mode)
-  y_clean, _ = jaxbn.batch_norm(clean_x, scale, bias, mask=mask, gradient=mode)
+  # One compilation per mode, shared by every fill and by the clean run.
+  y, stats, grads = _outputs_and_grads(x, scale, bias, dy, mask, mode=mode)
+  y_clean, _, clean = _outputs_and_grads(clean_x, scale, bias, jnp.where(mask, dy, 0), mask,
+                                         mode=mode)
   np.testing.assert_array_equal(y, y_clean)
   assert np.all(np.isfinite(stats.mean)) and np.all(np.isfinite(stats.var))
-  grads = jax.grad(_loss(mode, mask=mask), argnums=(0, 1, 2))(x, scale, bias, dy)
-  clean = jax.grad(_loss(mode, mask=mask), argnums=(0, 1, 2))(
-      clean_x, scale, bias, jnp.where(mask, dy, 0))
   for g, c in zip(grads, clean, strict=True):
     np.testing.assert_array_equal(g, c)
 
@@ -216,8 +223,9 @@ def test_analytic_equals_autodiff_of_same_forward(layout):
   shape, axis = LAYOUTS[layout]
   x, scale, bias = _params(shape, axis)
   dy = jnp.asarray(_rng(7).standard_normal(shape))
-  analytic = jax.grad(_loss("analytic", axis=axis), argnums=(0, 1, 2))(x, scale, bias, dy)
-  autodiff = jax.grad(_loss("autodiff", axis=axis), argnums=(0, 1, 2))(x, scale, bias, dy)
+  analytic, autodiff = jax.jit(lambda *a: tuple(  # one compilation for both
+      jax.grad(_loss(mode, axis=axis), argnums=(0, 1, 2))(*a)
+      for mode in ("analytic", "autodiff")))(x, scale, bias, dy)
   for a, b in zip(analytic, autodiff, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
@@ -228,9 +236,8 @@ def test_input_gradient_is_orthogonal_to_shift_and_scale(mode):
   epsilon = 0.3  # large, so the ε term is far above rounding
   x, scale, bias = _params((9, 3), -1)
   dy = jnp.asarray(_rng(13).standard_normal(x.shape))
-  dx = jax.grad(_loss(mode, epsilon=epsilon))(x, scale, bias, dy)
+  _, stats, (dx, _, _) = _outputs_and_grads(x, scale, bias, dy, mode=mode, epsilon=epsilon)
   np.testing.assert_allclose(jnp.sum(dx, 0), 0, atol=1e-13)
-  _, stats = jaxbn.batch_norm(x, epsilon=epsilon)
   sigma2 = stats.var + epsilon
   x_hat = (x - stats.mean[None]) / jnp.sqrt(sigma2)[None]
   want = scale / jnp.sqrt(sigma2) * jnp.sum(dy * x_hat, 0) * epsilon / sigma2
