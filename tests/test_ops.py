@@ -83,7 +83,7 @@ def test_forward_and_stats_match_numpy(layout):
 
 def test_scale_and_bias_default_to_identity():
   x, _, _ = _params((6, 3), -1)
-  y, _ = jaxbn.batch_norm(x)
+  y, _ = jax.jit(jaxbn.batch_norm)(x)
   y_np, _, _ = _numpy_batch_norm(x, np.ones(3), np.zeros(3), -1)
   np.testing.assert_allclose(y, y_np, rtol=1e-12, atol=1e-12)
 
@@ -92,7 +92,10 @@ def test_scale_and_bias_default_to_identity():
 def test_half_precision_in_same_dtype_out_float32_stats(dtype):
   x64, scale, bias = _params((64, 5), -1)
   x = x64.astype(dtype)
-  y, stats = jaxbn.batch_norm(x, scale.astype(jnp.float32), bias.astype(jnp.float32))
+  y, stats, dx = jax.jit(lambda x, s, b: (  # one compilation for the outputs and dx
+      *jaxbn.batch_norm(x, s, b),
+      jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x)[0].astype(jnp.float32) ** 2))(x)))(
+          x, scale.astype(jnp.float32), bias.astype(jnp.float32))
   assert y.dtype == dtype
   assert stats.mean.dtype == jnp.float32 and stats.var.dtype == jnp.float32
   # Truth from the same rounded inputs: the only errors left are the output's rounding.
@@ -101,14 +104,13 @@ def test_half_precision_in_same_dtype_out_float32_stats(dtype):
   np.testing.assert_allclose(stats.var, var_true, rtol=1e-5)
   resolution = float(jnp.finfo(dtype).eps)
   np.testing.assert_allclose(y.astype(jnp.float64), y_true, rtol=resolution, atol=resolution)
-  dx = jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x)[0].astype(jnp.float32) ** 2))(x)
   assert dx.dtype == dtype
 
 
 def test_output_dtype_override():
   x, scale, bias = _params((8, 3), -1, jnp.bfloat16)
-  y, _ = jaxbn.batch_norm(x, scale.astype(jnp.float32), bias.astype(jnp.float32),
-                          dtype=jnp.float32)
+  y, _ = jax.jit(lambda *a: jaxbn.batch_norm(*a, dtype=jnp.float32))(
+      x, scale.astype(jnp.float32), bias.astype(jnp.float32))
   assert y.dtype == jnp.float32
   y_true, _, _ = _numpy_batch_norm(x.astype(jnp.float64), scale.astype(jnp.float32),
                                    bias.astype(jnp.float32), -1)
@@ -129,13 +131,14 @@ def test_float32_large_mean_keeps_its_digits(batch):
 
 
 def test_fast_variance_is_one_pass_formula():
-  x = jnp.asarray(_rng(2).standard_normal((32, 3)) + 1.0)
-  _, stats = jaxbn.batch_norm(x, use_fast_variance=True)
-  np.testing.assert_allclose(stats.var, jnp.mean(x * x, 0) - jnp.mean(x, 0) ** 2, rtol=1e-12)
+  x = _rng(2).standard_normal((32, 3)) + 1.0
+  variances = jax.jit(lambda x: tuple(  # one compilation per dtype for both formulas
+      jaxbn.batch_norm(x, use_fast_variance=fast)[1].var for fast in (True, False)))
+  np.testing.assert_allclose(variances(jnp.asarray(x))[0], np.mean(x * x, 0) - np.mean(x, 0) ** 2,
+                             rtol=1e-12)
   # ...and it is the numerically fragile one: at |μ|/σ = 1e4 in float32 it loses the variance.
   x32 = (1e4 + _rng(1).standard_normal((4096, 2))).astype(np.float32)
-  fast = np.asarray(jaxbn.batch_norm(jnp.asarray(x32), use_fast_variance=True)[1].var, np.float64)
-  two_pass = np.asarray(jaxbn.batch_norm(jnp.asarray(x32))[1].var, np.float64)
+  fast, two_pass = (np.asarray(v, np.float64) for v in variances(jnp.asarray(x32)))
   true = x32.astype(np.float64).var(0)
   assert np.max(np.abs(two_pass - true)) < 1e-3 < np.max(np.abs(fast - true))
 
@@ -200,7 +203,8 @@ def test_padding_reaches_no_output_or_gradient(mode, fill):
 def test_per_feature_mask_counts_each_feature():
   x = jnp.asarray(_rng(5).standard_normal((8, 2)))
   mask = jnp.asarray(np.stack([np.arange(8) < 5, np.arange(8) < 3], axis=1))
-  _, stats = jaxbn.batch_norm(x, mask=mask)
+  _, stats = jax.jit(lambda x, mask: jaxbn.batch_norm(x, mask=mask))(x, mask)
+  x = np.asarray(x)
   np.testing.assert_allclose(stats.mean, [x[:5, 0].mean(), x[:3, 1].mean()], rtol=1e-12)
   np.testing.assert_allclose(stats.var, [x[:5, 0].var(), x[:3, 1].var()], rtol=1e-12)
 
@@ -208,8 +212,9 @@ def test_per_feature_mask_counts_each_feature():
 def test_fully_masked_feature_stays_finite():
   x = jnp.asarray(_rng(6).standard_normal((4, 2)))
   mask = jnp.asarray([[True, False]] * 4)
-  y, stats = jaxbn.batch_norm(x, mask=mask)
-  dx = jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, mask=mask)[0] ** 3))(x)
+  y, stats, dx = jax.jit(lambda x: (  # one compilation for the outputs and dx
+      *jaxbn.batch_norm(x, mask=mask),
+      jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, mask=mask)[0] ** 3))(x)))(x)
   assert np.all(np.isfinite(y)) and np.all(np.isfinite(dx)) and np.all(np.isfinite(stats.var))
   np.testing.assert_array_equal(y[:, 1], 0)
   np.testing.assert_array_equal(dx[:, 1], 0)
@@ -246,9 +251,11 @@ def test_input_gradient_is_orthogonal_to_shift_and_scale(mode):
 
 def test_gradient_does_not_flow_through_stats():
   x, scale, bias = _params((6, 3), -1)
-  for mode in ("analytic", "autodiff"):
-    grad = jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, scale, bias, gradient=mode)[1].mean))
-    np.testing.assert_array_equal(grad(x), 0)
+  grads = jax.jit(lambda x: [  # one compilation for both modes
+      jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, scale, bias, gradient=mode)[1].mean))(x)
+      for mode in ("analytic", "autodiff")])(x)
+  for grad in grads:
+    np.testing.assert_array_equal(grad, 0)
 
 
 def test_forward_mode_needs_autodiff():
@@ -258,8 +265,8 @@ def test_forward_mode_needs_autodiff():
   f = lambda mode: (lambda x: jaxbn.batch_norm(x, scale, bias, gradient=mode)[0])
   with pytest.raises(TypeError, match="custom_vjp"):
     jax.jvp(f("analytic"), (x,), (v,))
-  _, jv = jax.jvp(f("autodiff"), (x,), (v,))
-  (ju,) = jax.vjp(f("analytic"), x)[1](u)
+  jv, (ju,) = jax.jit(lambda x, v, u: (  # one compilation for both products
+      jax.jvp(f("autodiff"), (x,), (v,))[1], jax.vjp(f("analytic"), x)[1](u)))(x, v, u)
   np.testing.assert_allclose(jnp.vdot(u, jv), jnp.vdot(ju, v), rtol=1e-12)  # <u, Jv> = <Jᵀu, v>
 
 
@@ -292,10 +299,11 @@ def test_composes_with_jit_vmap_checkpoint():
   loss = lambda x, s, b: jnp.sum(dy * jaxbn.batch_norm(x, s, b)[0])
   grad = jax.grad(loss, argnums=(0, 1, 2))
 
-  looped = [grad(xs[i], scales[i], biases[i]) for i in range(ensemble)]
-  vmapped = jax.jit(jax.vmap(grad))(xs, scales, biases)
-  checkpointed = jax.jit(jax.vmap(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2))))(
-      xs, scales, biases)
+  # One compilation: the per-member loop next to vmap and vmap of checkpoint, all under jit.
+  looped, vmapped, checkpointed = jax.jit(lambda *a: (
+      [grad(*(v[i] for v in a)) for i in range(ensemble)],
+      jax.vmap(grad)(*a),
+      jax.vmap(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(*a)))(xs, scales, biases)
   for i in range(ensemble):
     for j in range(3):
       np.testing.assert_allclose(vmapped[j][i], looped[i][j], rtol=1e-12, atol=1e-14)
@@ -353,12 +361,15 @@ def test_property_analytic_equals_autodiff(shape, data):
 
 def test_inference_with_batch_stats_reproduces_training_output():
   x, scale, bias = _params((2, 4, 3, 3), 1)
-  y, stats = jaxbn.batch_norm(x, scale, bias, axis=1)
-  y_inf = jax.jit(lambda *a: jaxbn.batch_norm_inference(*a, axis=1))(
-      x, stats.mean, stats.var, scale, bias)
+  def train_then_infer(x, scale, bias):  # one compilation for all three
+    y, stats = jaxbn.batch_norm(x, scale, bias, axis=1)
+    y_inf = jaxbn.batch_norm_inference(x, stats.mean, stats.var, scale, bias, axis=1)
+    half = jaxbn.batch_norm_inference(x.astype(jnp.bfloat16), stats.mean, stats.var, scale,
+                                      bias, axis=1)
+    return y, y_inf, half
+
+  y, y_inf, half = jax.jit(train_then_infer)(x, scale, bias)
   np.testing.assert_allclose(y_inf, y, rtol=1e-12, atol=1e-12)
-  half = jaxbn.batch_norm_inference(x.astype(jnp.bfloat16), stats.mean, stats.var, scale, bias,
-                                    axis=1)
   assert half.dtype == jnp.bfloat16
 
 
@@ -371,11 +382,11 @@ def test_inference_mask_zeroes_padding_whatever_it_holds():
   def infer(x, mask=None):
     return jaxbn.batch_norm_inference(x, mean, var, scale, bias, axis=1, mask=mask)
 
-  y = jax.jit(infer)(x, mask)
+  y, y_unmasked, dx = (np.asarray(v) for v in jax.jit(lambda x: (  # one compilation
+      infer(x, mask), infer(x), jax.grad(lambda x: jnp.sum(infer(x, mask) ** 2))(x)))(x))
   np.testing.assert_array_equal(y[2], 0)
-  np.testing.assert_array_equal(y[jnp.array([0, 1, 3])], jax.jit(infer)(x)[jnp.array([0, 1, 3])])
-  dx = jax.grad(lambda x: jnp.sum(infer(x, mask) ** 2))(x)
-  assert bool(jnp.all(jnp.isfinite(dx))) and not bool(jnp.any(dx[2]))
+  np.testing.assert_array_equal(y[[0, 1, 3]], y_unmasked[[0, 1, 3]])
+  assert np.all(np.isfinite(dx)) and not np.any(dx[2])
   with pytest.raises(ValueError, match="does not broadcast"):
     infer(x, jnp.ones((5, 1, 1), bool))
 
@@ -424,12 +435,13 @@ def test_batch_of_one_value_per_feature_gives_beta(shape, use_cpu_kernel):
   scale, bias = jnp.full(3, 2.0, jnp.float32), jnp.array([0.5, -1.0, 3.0], jnp.float32)
   axis = -1 if len(shape) == 2 else 1
   f = lambda x, s, b: jaxbn.batch_norm(x, s, b, axis=axis, use_cpu_kernel=use_cpu_kernel)
-  y, stats = f(x, scale, bias)
+  dy = jnp.asarray(_rng(5).standard_normal(shape), jnp.float32)
+  y, stats, (dx, dscale, dbias) = jax.jit(lambda x, scale, bias, dy: (  # one compilation
+      *f(x, scale, bias), jax.vjp(lambda *a: f(*a)[0], x, scale, bias)[1](dy)))(
+          x, scale, bias, dy)
   np.testing.assert_array_equal(y.reshape(3), bias)
   np.testing.assert_array_equal(stats.mean, x.reshape(3))
   np.testing.assert_array_equal(stats.var, 0)
-  dy = jnp.asarray(_rng(5).standard_normal(shape), jnp.float32)
-  dx, dscale, dbias = jax.vjp(lambda *a: f(*a)[0], x, scale, bias)[1](dy)
   # y does not depend on x. dx = a·dy + b with b = −a·dy: the kernels fuse it into one FMA,
   # which leaves a·dy's rounding (a = γ/σ = 2/√ε here), so 0 up to an ulp of a·dy.
   a_dy = np.abs(np.asarray(dy)) * 2 / np.sqrt(1e-5)
