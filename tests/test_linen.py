@@ -102,14 +102,17 @@ def test_parity_with_flax(name):
     assert _signature(ours_vars) == _signature(flax_vars)
     ours_vars = _random_params(ours_vars)
 
-    y_flax, stats_flax, grads_flax = jax.jit(
-        lambda v, x: _train_step(flax_bn, v, x, w, mask))(flax_vars, x)
-    y_ours, stats_ours, grads_ours = jax.jit(
-        lambda v, x: _train_step(jaxbn_bn, v, x, w, mask))(ours_vars, x)
-    y_eval_flax = flax_bn.apply({**flax_vars, "batch_stats": stats_flax}, x,
-                                use_running_average=True)
-    y_eval_ours = jaxbn_bn.apply({**ours_vars, "batch_stats": stats_ours}, x,
-                                 use_running_average=True)
+    @jax.jit  # one compilation per config: both modules' train steps, then their evals
+    def run(flax_vars, ours_vars, x):
+      results = []
+      for bn, variables in ((flax_bn, flax_vars), (jaxbn_bn, ours_vars)):
+        y, stats, grads = _train_step(bn, variables, x, w, mask)
+        y_eval = bn.apply({**variables, "batch_stats": stats}, x, use_running_average=True)
+        results.append((y, stats, grads, y_eval))
+      return results
+
+    ((y_flax, stats_flax, grads_flax, y_eval_flax),
+     (y_ours, stats_ours, grads_ours, y_eval_ours)) = run(flax_vars, ours_vars, x)
 
   assert y_ours.dtype == y_flax.dtype and y_eval_ours.dtype == y_eval_flax.dtype
   keep = np.ones(x.shape, bool) if mask is None else np.broadcast_to(mask, x.shape)
@@ -143,13 +146,14 @@ def test_flax_checkpoint_restores_into_jaxbn():
   x, w, _ = _data(config)
   with jax.numpy_dtype_promotion("standard"):
     flax_vars = _random_params(flax_bn.init(jax.random.key(0), x, use_running_average=False))
-    _, stats, _ = _train_step(flax_bn, flax_vars, x, w, None)
+    _, stats, _ = jax.jit(lambda v, x: _train_step(flax_bn, v, x, w, None))(flax_vars, x)
     trained = {**flax_vars, "batch_stats": stats}
     template = jaxbn_bn.init(jax.random.key(1), x, use_running_average=False)
     restored = serialization.from_bytes(template, serialization.to_bytes(trained))
-    np.testing.assert_allclose(
+    ours, theirs = jax.jit(lambda restored, trained, x: (  # one compilation for both evals
         jaxbn_bn.apply(restored, x, use_running_average=True),
-        flax_bn.apply(trained, x, use_running_average=True), rtol=1e-6, atol=1e-6)
+        flax_bn.apply(trained, x, use_running_average=True)))(restored, trained, x)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
 
 
 def test_no_update_during_init_and_axis_name_ignored():
@@ -186,7 +190,7 @@ def test_gradient_attribute_selects_the_backward():
     jax.jvp(lambda x: bn.apply(v, x, mutable=["batch_stats"])[0], (x,), (x,))
   bn = jaxbn.linen.BatchNorm(use_running_average=False, gradient="autodiff")
   v = bn.init(jax.random.key(0), x)
-  jax.jvp(lambda x: bn.apply(v, x, mutable=["batch_stats"])[0], (x,), (x,))
+  jax.jit(lambda x: jax.jvp(lambda x: bn.apply(v, x, mutable=["batch_stats"])[0], (x,), (x,)))(x)
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -241,8 +245,8 @@ def test_unseen_features_keep_their_running_statistics():
                                             "var": jnp.full(3, 2.0, jnp.float32)}}
   # feature 0: all padding; feature 1: one value (no unbiased variance); feature 2: four.
   mask = jnp.asarray([[False, True, True]] + [[False, False, True]] * 3)
-  _, updates = bn.apply(variables, x, use_running_average=False, mask=mask,
-                        mutable=["batch_stats"])
+  _, updates = jax.jit(lambda variables, x: bn.apply(
+      variables, x, use_running_average=False, mask=mask, mutable=["batch_stats"]))(variables, x)
   stats = updates["batch_stats"]
   assert stats["mean"][0] == 5.0 and stats["var"][0] == 2.0
   assert stats["mean"][1] == 0.5 * 5.0 + 0.5 * x[0, 1] and stats["var"][1] == 2.0
@@ -256,7 +260,8 @@ def test_init_with_one_example_and_masked_eval_outputs():
   assert variables["params"]["scale"].shape == (6,)
   x = jnp.ones((4, 6), jnp.float32).at[3].set(jnp.nan)
   mask = (jnp.arange(4) < 3)[:, None]
-  y = jaxbn.linen.BatchNorm().apply(variables, x, use_running_average=True, mask=mask)
+  y = jax.jit(lambda variables, x: jaxbn.linen.BatchNorm().apply(
+      variables, x, use_running_average=True, mask=mask))(variables, x)
   np.testing.assert_array_equal(y[3], 0)
   assert np.all(np.isfinite(y))
 
