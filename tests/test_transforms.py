@@ -104,7 +104,7 @@ def test_linen_transform_matches_flax(case):
       y, updates = model.apply({**variables, "params": params}, x, mutable=["batch_stats"])
       return jnp.sum(w * y), updates
 
-    (_, updates), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    (_, updates), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
     results[name] = (jax.tree.map(jnp.shape, variables), updates, grads)
   assert results["jaxbn"][0] == results["flax"][0]  # the same variables, stacked the same
   _assert_trees_close(results["jaxbn"][1:], results["flax"][1:])
@@ -180,7 +180,7 @@ def test_nnx_transform_matches_flax(case):
   results = {}
   for name, bn in NNX.items():
     model, forward = build(bn, x)
-    grads = nnx.grad(lambda model, forward=forward: jnp.sum(w * forward(model)))(model)
+    grads = nnx.jit(nnx.grad(lambda model, forward=forward: jnp.sum(w * forward(model))))(model)
     state = nnx.state(model, nnx.BatchStat)  # updated by the traced call, as Flax's
     results[name] = (jax.tree.map(jnp.shape, nnx.state(model)), state, nnx.state(grads))
   assert results["jaxbn"][0] == results["flax"][0]
@@ -197,20 +197,23 @@ def test_vmap_without_axis_name_is_one_batch_norm_per_instance(gradient):
   scale, bias = _x((3, 4), seed=2), _x((3, 4), seed=3)
   f = functools.partial(jaxbn.batch_norm, gradient=gradient)
   vjp = lambda x, s, b, dy: jax.vjp(lambda *a: f(*a)[0], x, s, b)[1](dy)
-  batched = jax.vmap(f)(x, scale, bias), jax.vmap(vjp)(x, scale, bias, dy)
-  looped = [(f(x[i], scale[i], bias[i]), vjp(x[i], scale[i], bias[i], dy[i])) for i in range(3)]
+  batched, looped = jax.jit(lambda x, scale, bias, dy: (  # one compilation for both
+      (jax.vmap(f)(x, scale, bias), jax.vmap(vjp)(x, scale, bias, dy)),
+      [(f(x[i], scale[i], bias[i]), vjp(x[i], scale[i], bias[i], dy[i])) for i in range(3)]))(
+          x, scale, bias, dy)
   _assert_trees_close(batched, jax.tree.map(lambda *v: jnp.stack(v), *looped))
 
 
 def test_vmap_with_axis_name_pools_like_flax():
   # Flax's own statistics under the same vmap: pmean of the per-instance moments.
   x = _x((3, 6, 4))
-  ours = jax.vmap(lambda x: jaxbn.batch_norm(x, axis_name="i"), axis_name="i")(x)
   flax_bn = nn.BatchNorm(use_running_average=False, axis_name="i", use_fast_variance=False,
                          use_bias=False, use_scale=False)
   variables = flax_bn.init(jax.random.key(0), x[0])
-  theirs, updates = jax.vmap(
-      lambda x: flax_bn.apply(variables, x, mutable=["batch_stats"]), axis_name="i")(x)
+  ours, (theirs, updates) = jax.jit(lambda x: (  # one compilation for both
+      jax.vmap(lambda x: jaxbn.batch_norm(x, axis_name="i"), axis_name="i")(x),
+      jax.vmap(lambda x: flax_bn.apply(variables, x, mutable=["batch_stats"]),
+               axis_name="i")(x)))(x)
   _assert_trees_close(ours[0], theirs)
   expected_mean = 0.99 * 0 + 0.01 * ours[1].mean
   _assert_trees_close(updates["batch_stats"]["mean"], expected_mean)
