@@ -14,8 +14,11 @@ from experiments import train
 
 # Trains tiny runs: outside the fast tier (pytest -m 'not slow').
 pytestmark = pytest.mark.slow
-CONFIGS = ("ics_noisy_bn", "ics_definition", "ics_deep_linear", "ics_landscape",
-           "ics_landscape_relu")
+ALL_CONFIGS = ("ics_noisy_bn", "ics_definition", "ics_deep_linear", "ics_landscape",
+               "ics_landscape_relu")
+# One config per study trains (tiny); the other two differ only in the net (linear, ReLU
+# activations) and are validated below, which costs no compile.
+CONFIGS = ("ics_noisy_bn", "ics_definition", "ics_landscape")
 TINY = {
     "data.name": "synthetic", "data.num_samples": 256, "batch_size": 16, "num_steps": 20,
     "eval_every": 10, "checkpoint_every": 10, "diagnostics.num_examples": 32,
@@ -83,6 +86,14 @@ def test_every_probe_config_runs_tiny(name, tmp_path):
   # A finished study re-runs from its results without writing.
   again = train.train_and_evaluate(config, tmp_path, reporter=_quiet())
   assert again["summary"] == summary
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_every_probe_config_validates(name):
+  from configs import default
+  config = importlib.import_module(f"configs.{name}").get_config()
+  config_lib.validate(config, default.get_config())
+  assert config.study in ("noisy_bn", "ics", "landscape")
 
 
 @pytest.mark.parametrize("key, value, message", [
