@@ -79,14 +79,18 @@ def noisy_summary(outcome: dict) -> dict:
 
 def plot_noisy(outcome: dict, path: pathlib.Path, unit: int) -> None:
   names = _names(outcome)
-  fig, axes = plt.subplots(1, 1 + len(names), figsize=(4.2 * (1 + len(names)), 3.4))
+  fig, axes = plt.subplots(1, 2 + len(names), figsize=(4.2 * (2 + len(names)), 3.4))
   for name in names:
     steps, accuracy = _column(outcome["histories"][name], "test_accuracy")
     axes[0].plot(steps, accuracy, color=COLOURS[name], label=LABELS[name])
+    steps, loss = _column(outcome["histories"][name], "train_loss")
+    axes[1].plot(steps, loss, color=COLOURS[name], label=LABELS[name])
   axes[0].set(xlabel="training steps", ylabel="test accuracy", title="(a) test accuracy")
+  axes[1].set(xlabel="training steps", ylabel="training loss",
+              title="(b) training loss (noisy BN: with its noise)")
   axes[0].legend()
   limits = []
-  for ax, name in zip(axes[1:], names, strict=True):
+  for ax, name in zip(axes[2:], names, strict=True):
     evals = _evals(outcome["histories"][name])
     steps = np.array([r["step"] for r in evals])
     pct = np.array([r["unit_train_percentiles"] for r in evals]).reshape(len(evals), -1)
@@ -98,7 +102,7 @@ def plot_noisy(outcome: dict, path: pathlib.Path, unit: int) -> None:
     ax.set(xlabel="training steps", ylabel="activation input (training mode)",
            title=f"{LABELS[name]}: unit {unit}, last hidden layer")
   if limits:
-    for ax in axes[1:]:
+    for ax in axes[2:]:
       ax.set_ylim(min(limits), max(limits))
   fig.text(0.5, -0.06, "shaded: 5–95th and 15–85th percentiles over 1,000 test examples; "
            "line: median", ha="center", fontsize=8)
