@@ -52,13 +52,13 @@ def test_overflowing_variance_is_nan_on_both_paths(use_cpu_kernel):
   x = jnp.asarray(x, jnp.float32)
   scale, bias = jnp.full(4, 2.0, jnp.float32), jnp.full(4, 0.5, jnp.float32)
   f = lambda x, s, b: jaxbn.batch_norm(x, s, b, use_cpu_kernel=use_cpu_kernel)
-  y, stats = f(x, scale, bias)
+  dy = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  y, stats, fine, (dx, dscale, dbias) = jax.jit(lambda x, scale, bias, dy: (  # one compile
+      *f(x, scale, bias), f(x[:, ::3], scale[::3], bias[::3])[0],
+      jax.vjp(lambda *a: f(*a)[0], x, scale, bias)[1](dy)))(x, scale, bias, dy)
   np.testing.assert_array_equal(np.isposinf(stats.var), [False, True, True, False])
   assert np.all(np.isnan(y[:, 1:3]))
-  fine = jaxbn.batch_norm(x[:, ::3], scale[::3], bias[::3], use_cpu_kernel=use_cpu_kernel)[0]
   np.testing.assert_array_equal(y[:, ::3], fine)
-  dy = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
-  dx, dscale, dbias = jax.vjp(lambda *a: f(*a)[0], x, scale, bias)[1](dy)
   assert np.all(np.isnan(dx[:, 1:3])) and np.all(np.isnan(dscale[1:3]))
   assert np.all(np.isfinite(dx[:, ::3])) and np.all(np.isfinite(dscale[::3]))
   # Eq. (6) needs no σ, so ∂L/∂β stays finite (summed in another order than jnp.sum).
@@ -70,7 +70,8 @@ def test_overflow_gives_the_same_answer_on_both_paths():
     pytest.skip("no C++ compiler, so there is no kernel path to compare")
   x = jnp.asarray(np.random.default_rng(2).standard_normal((64, 3)) * [1e18, 3e18, 1e37],
                   jnp.float32)
-  kernel, pure = (jaxbn.batch_norm(x, use_cpu_kernel=k) for k in (True, False))
+  kernel, pure = jax.jit(lambda x: tuple(  # one compilation for both paths
+      jaxbn.batch_norm(x, use_cpu_kernel=k) for k in (True, False)))(x)
   for a, b in zip(jax.tree.leaves(kernel), jax.tree.leaves(pure), strict=True):
     np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
     np.testing.assert_array_equal(np.isposinf(a), np.isposinf(b))
