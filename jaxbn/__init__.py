@@ -1,12 +1,16 @@
 """jaxbn: Batch Normalization derived, implemented and proved in JAX."""
 
 from jaxbn.ops import BatchStats as BatchStats
+from jaxbn.ops import Renorm as Renorm
+from jaxbn.ops import RenormCorrection as RenormCorrection
 from jaxbn.ops import batch_norm as batch_norm
 from jaxbn.ops import batch_norm_inference as batch_norm_inference
 from jaxbn.ops import update_running_stats as update_running_stats
 
 __all__ = [
     "BatchStats",
+    "Renorm",
+    "RenormCorrection",
     "batch_norm",
     "batch_norm_inference",
     "update_running_stats",
