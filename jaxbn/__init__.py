@@ -6,6 +6,7 @@ from jaxbn.ops import RenormCorrection as RenormCorrection
 from jaxbn.ops import batch_norm as batch_norm
 from jaxbn.ops import batch_norm_inference as batch_norm_inference
 from jaxbn.ops import update_running_stats as update_running_stats
+from jaxbn.recompute import recompute_batch_stats as recompute_batch_stats
 
 __all__ = [
     "BatchStats",
@@ -13,5 +14,6 @@ __all__ = [
     "RenormCorrection",
     "batch_norm",
     "batch_norm_inference",
+    "recompute_batch_stats",
     "update_running_stats",
 ]

@@ -11,23 +11,25 @@ import contextvars
 from collections.abc import Callable, Iterator
 from typing import Any
 
-_RECORDER: contextvars.ContextVar[Callable[[Any, Any], None] | None] = contextvars.ContextVar(
+_RECORDER: contextvars.ContextVar[Callable[[Any, Any, bool], None] | None] = contextvars.ContextVar(
     "jaxbn_batch_stats_recorder", default=None)
 
 
-def record(key: Any, stats: Any) -> None:
-  """Called by a module in training mode with its key (linen: its path; nnx: itself) and its
-  `BatchStats`; does nothing unless a recording is under way."""
+def record(key: Any, stats: Any, unbiased: bool) -> None:
+  """Called by a module in training mode with its key (linen: its path; nnx: itself), its
+  `BatchStats` and whether it keeps an unbiased running variance; does nothing unless a
+  recording is under way."""
   recorder = _RECORDER.get()
   if recorder is not None:
-    recorder(key, stats)
+    recorder(key, stats, unbiased)
 
 
 @contextlib.contextmanager
-def recording() -> Iterator[list[tuple[Any, Any]]]:
-  """Collects (key, stats) for every module call traced inside the block, in call order."""
-  records: list[tuple[Any, Any]] = []
-  token = _RECORDER.set(lambda key, stats: records.append((key, stats)))
+def recording() -> Iterator[list[tuple[Any, Any, bool]]]:
+  """Collects (key, stats, unbiased) for every module call traced inside the block, in call
+  order."""
+  records: list[tuple[Any, Any, bool]] = []
+  token = _RECORDER.set(lambda *record: records.append(record))
   try:
     yield records
   finally:
