@@ -27,7 +27,8 @@ def clipping(renorm: bool, renorm_clipping: Mapping[str, Any] | None, renorm_mom
     for name, value, default in (("renorm_clipping", renorm_clipping, None),
                                  ("renorm_warmup_steps", warmup_steps, 0)):
       if value != default:
-        raise ValueError(f"{owner}: {name}={value!r} is set but renorm=False.")
+        shown = dict(value) if isinstance(value, Mapping) else value
+        raise ValueError(f"{owner}: {name}={shown!r} is set but renorm=False.")
     return _KERAS_DEFAULTS["rmax"], _KERAS_DEFAULTS["rmin"], _KERAS_DEFAULTS["dmax"]
   given = dict(renorm_clipping or {})
   unknown = sorted(set(given) - set(CLIPPING_KEYS))
