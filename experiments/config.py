@@ -11,7 +11,8 @@ import numpy as np
 
 from experiments import data
 
-STUDIES = ("compare", "lr_sweep", "gradient_agreement")
+RENORM_STUDIES = ("renorm_groups", "renorm_noniid")  # experiments/renorm_studies.py
+STUDIES = ("compare", "lr_sweep", "gradient_agreement") + RENORM_STUDIES
 CHOICES = {
     "study": STUDIES,
     "data.name": data.NAMES,
@@ -102,6 +103,9 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
   if config.study == "gradient_agreement" and "bn" not in config.variants:
     raise ConfigError("config.variants must include 'bn' for study gradient_agreement.")
   _check_data(config)
+  if config.study in RENORM_STUDIES:
+    from experiments import renorm_studies  # pylint: disable=import-outside-toplevel
+    renorm_studies.validate(config)
 
 
 def _check_data(config) -> None:

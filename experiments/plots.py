@@ -211,6 +211,9 @@ def agreement_summary(history: list, result: dict) -> dict:
 def write_study_outputs(config, workdir: pathlib.Path, outcome: dict) -> dict:
   """plots/*.png, summary.json and summary.md for the study that just ran."""
   plots = workdir / "plots"
+  if config.study.startswith("renorm_"):  # experiments/renorm_studies.py writes its own
+    from experiments import renorm_plots  # pylint: disable=import-outside-toplevel
+    return renorm_plots.write_outputs(config, workdir, outcome)
   if config.study == "compare":
     summary = compare_summary(outcome["histories"], outcome["results"])
     name = f"{config.data.name}, {config.model.name}"

@@ -160,3 +160,8 @@ STUDIES = {
     "lr_sweep": study_lr_sweep,
     "gradient_agreement": study_gradient_agreement,
 }
+
+# Batch Renormalization, ghost batches and recomputed statistics (issue 14).
+from experiments import renorm_studies  # noqa: E402  pylint: disable=wrong-import-position
+
+STUDIES.update(renorm_studies.STUDIES)
