@@ -1,7 +1,8 @@
 """Derivation checks: the analytic backward against every other way of getting the gradient.
 
 Numeric (`run_checks`): over a grid of layouts, feature axes, dtypes, masks and input
-distributions, compare
+distributions — plain batch norm, batch renormalization with r, d inside and at their clips,
+and ghost batches — compare
 
   - the analytic backward (`jaxbn.batch_norm`, the custom_vjp),
   - the staged backward (`jaxbn.reference.staged_backward`, the seed's eq. (7) term by term),
@@ -33,6 +34,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jaxbn import ops, reference
+from jaxbn.ops import Renorm, RenormCorrection
 
 __all__ = [
     "Case",
@@ -68,6 +70,29 @@ LAYOUTS = {
     "two-axes": ((5, 2, 3), (1, 2)),
 }
 DISTRIBUTIONS = ("normal", "offset-1e4", "constant-feature")
+# Variants of the core beyond plain BN, each on a few layouts with normal inputs:
+# renorm with every r, d strictly inside the clips, renorm with every r, d at a clip (both
+# ends), ghost batches, and ghost batches with clipped renorm.
+VARIANTS = {
+    "renorm-inside": ("dense", "nhwc"),
+    "renorm-clipped": ("dense", "nhwc"),
+    "ghost": ("dense", "nhwc", "nchw"),
+    "ghost-renorm-clipped": ("dense",),
+}
+# Virtual batch size per layout: dense → 4 virtual batches of 4 examples (the ghost cases use a
+# batch of 16 there: with 8, a NaN-padded virtual batch kept 3 values, one feature of which
+# was near-constant, |μ|/σ ≈ 14, and float32 rounding put the analytic dx at 2.09× autodiff's
+# error, past FLOAT32_FACTOR); NHWC/NCHW (3, ...) → 3 virtual batches of one example (its
+# H·W positions).
+GHOST_SIZES = {"dense": 4, "nhwc": 1, "nchw": 1}
+GHOST_SHAPES = {"dense": (16, 3)}
+RENORM_CLIPPING = dict(rmax=3.0, rmin=1 / 3, dmax=5.0)
+# The running statistics are placed relative to the batch's: σ = σ_B / r and μ = μ_B − d·σ
+# for these target r, d, alternating over features (the clipped targets are far outside so
+# every virtual batch of a ghost case is clipped too: a virtual batch's μ_g − μ_B moves d by
+# (μ_g − μ_B)/σ, i.e. by 1000·(μ_g − μ_B)/σ_B here, far less than 1000 − dmax).
+RENORM_TARGETS = {"inside": ((1.5, 0.7), (0.5, -0.5)),
+                  "clipped": ((1000.0, 0.001), (1000.0, -1000.0))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,14 +103,18 @@ class Case:
   distribution: str
   masked: bool
   dtype: str
+  variant: str = "bn"  # or a key of VARIANTS
 
   @property
   def name(self) -> str:
     mask = "nan-padded" if self.masked else "unmasked"
-    return f"{self.layout}/{self.distribution}/{mask}/{self.dtype}"
+    layout = self.layout if self.variant == "bn" else f"{self.layout}/{self.variant}"
+    return f"{layout}/{self.distribution}/{mask}/{self.dtype}"
 
   @property
   def shape(self) -> tuple[int, ...]:
+    if self.variant.startswith("ghost") and self.layout in GHOST_SHAPES:
+      return GHOST_SHAPES[self.layout]
     return LAYOUTS[self.layout][0]
 
   @property
@@ -106,13 +135,37 @@ class Comparison:
 
 
 def default_cases() -> list[Case]:
-  """The full grid: every layout × distribution × (unmasked, NaN-padded) × (f64, f32)."""
-  return [
+  """The full grid: every layout × distribution × (unmasked, NaN-padded) × (f64, f32), and
+  each variant on its layouts × (unmasked, NaN-padded) × (f64, f32)."""
+  plain = [
       Case(layout, dist, masked, dtype)
       for layout, dist, masked, dtype in itertools.product(
           LAYOUTS, DISTRIBUTIONS, (False, True), ("float64", "float32")
       )
   ]
+  variants = [
+      Case(layout, "normal", masked, dtype, variant)
+      for variant, layouts in VARIANTS.items()
+      for layout, masked, dtype in itertools.product(layouts, (False, True),
+                                                     ("float64", "float32"))
+  ]
+  return plain + variants
+
+
+def _options(case: Case, x, mask) -> dict:
+  """batch_norm's keyword arguments for the case's variant (none for plain BN)."""
+  options = {}
+  if case.variant.startswith("ghost"):
+    options["virtual_batch_size"] = GHOST_SIZES[case.layout]
+  if "renorm" in case.variant:
+    stats = ops.batch_norm(x, axis=case.axis, epsilon=EPSILON, mask=mask, **options)[1]
+    r_targets, d_targets = RENORM_TARGETS["clipped" if "clipped" in case.variant else "inside"]
+    alternate = lambda pair: jnp.where(jnp.arange(stats.mean.size).reshape(stats.mean.shape)
+                                       % 2 == 0, pair[0], pair[1]).astype(x.dtype)
+    running_std = jnp.sqrt(stats.var + EPSILON) / alternate(r_targets)
+    options["renorm"] = Renorm(mean=stats.mean - alternate(d_targets) * running_std,
+                               var=running_std**2 - EPSILON, **RENORM_CLIPPING)
+  return options
 
 
 def _inputs(case: Case, seed: int = 0):
@@ -140,24 +193,36 @@ def _inputs(case: Case, seed: int = 0):
   return (*(jnp.asarray(v, dtype) for v in (x, scale, bias, dy)), mask)
 
 
-def _grad_analytic(x, scale, bias, dy, mask, axis):
-  f = lambda x, s, b: ops.batch_norm(x, s, b, axis=axis, epsilon=EPSILON, mask=mask)[0]
+def _grad_analytic(x, scale, bias, dy, mask, axis, options=None):
+  f = lambda x, s, b: ops.batch_norm(x, s, b, axis=axis, epsilon=EPSILON, mask=mask,
+                                     **(options or {}))[0]
   return jax.vjp(f, x, scale, bias)[1](dy)
 
 
-def _grad_autodiff(x, scale, bias, dy, mask, axis):
+def _grad_autodiff(x, scale, bias, dy, mask, axis, options=None):
   f = lambda x, s, b: reference.batch_norm_reference(
-      x, s, b, axis=axis, epsilon=EPSILON, mask=mask
+      x, s, b, axis=axis, epsilon=EPSILON, mask=mask, **(options or {})
   )
   return jax.vjp(f, x, scale, bias)[1](dy)
 
 
-def _grad_staged(x, scale, bias, dy, mask, axis):
+def _grad_staged(x, scale, bias, dy, mask, axis, options=None):
+  assert not options, "the seed's staged backward is plain BN's"
   staged = reference.staged_backward(x, scale, dy, axis=axis, epsilon=EPSILON, mask=mask)
   return staged.dL_dx, staged.dL_dgamma, staged.dL_dbeta
 
 
-def _grad_finite_differences(x, scale, bias, dy, mask, axis):
+def _frozen(x, scale, bias, mask, axis, options):
+  """Renorm's r, d held at their values here, as the gradient holds them (stop-gradient):
+  finite differences then see the same function. Ghost cases keep `Renorm`: they are all
+  clipped far outside, where r and d are locally constant anyway."""
+  if "renorm" not in options or "virtual_batch_size" in options:
+    return options
+  stats = ops.batch_norm(x, scale, bias, axis=axis, epsilon=EPSILON, mask=mask, **options)[1]
+  return {**options, "renorm": RenormCorrection(stats.r, stats.d)}
+
+
+def _grad_finite_differences(x, scale, bias, dy, mask, axis, options=None):
   """Five-point central differences of L = Σ dy·y, one direction per input entry.
 
   The step for an entry of x is 1e-3 of its feature's σ (the scale on which y varies), so
@@ -165,10 +230,11 @@ def _grad_finite_differences(x, scale, bias, dy, mask, axis):
   """
   params = (x, scale, bias)
   flat, unravel = ravel_pytree(params)
+  frozen = _frozen(x, scale, bias, mask, axis, options or {})
 
   def loss(theta):
     y = reference.batch_norm_reference(
-        *unravel(theta), axis=axis, epsilon=EPSILON, mask=mask
+        *unravel(theta), axis=axis, epsilon=EPSILON, mask=mask, **frozen
     )
     return jnp.sum(jnp.where(jnp.isfinite(y), dy * y, 0.0))
 
@@ -218,25 +284,29 @@ def _compare(case: Case, pair: str, got, want, tolerance: float) -> Comparison:
 def check_case(case: Case) -> list[Comparison]:
   """All comparisons for one case. Needs float64 enabled (`jax.enable_x64()`)."""
   x, scale, bias, dy, mask = _inputs(case)
-  args = (x, scale, bias, dy, mask, case.axis)
+  options = _options(case, x, mask)
+  args = (x, scale, bias, dy, mask, case.axis, options)
   if case.dtype == "float64":
-    y = ops.batch_norm(x, scale, bias, axis=case.axis, epsilon=EPSILON, mask=mask)[0]
+    y = ops.batch_norm(x, scale, bias, axis=case.axis, epsilon=EPSILON, mask=mask,
+                       **options)[0]
     y_ref = reference.batch_norm_reference(
-        x, scale, bias, axis=case.axis, epsilon=EPSILON, mask=mask
+        x, scale, bias, axis=case.axis, epsilon=EPSILON, mask=mask, **options
     )
     analytic = _grad_analytic(*args)
     literal = lambda pair: max(TOLERANCES[pair], LITERAL_ROUNDING * _centring_condition(x, mask, case.axis))
+    staged = [] if options else [
+        _compare(case, "staged vs analytic", _grad_staged(*args), analytic,
+                 literal("staged vs analytic"))]
     return [
         _compare(case, "forward vs reference", (y,), (y_ref,), literal("forward vs reference")),
         _compare(case, "analytic vs autodiff", analytic, _grad_autodiff(*args),
                  TOLERANCES["analytic vs autodiff"]),
         _compare(case, "analytic vs finite differences", analytic,
                  _grad_finite_differences(*args), TOLERANCES["analytic vs finite differences"]),
-        _compare(case, "staged vs analytic", _grad_staged(*args), analytic,
-                 literal("staged vs analytic")),
+        *staged,
     ]
   # Lower precision: both gradients against the float64 truth from the same (rounded) inputs.
-  args64 = tuple(v.astype(jnp.float64) for v in args[:4]) + args[4:]
+  args64 = tuple(v.astype(jnp.float64) for v in args[:4]) + args[4:]  # options: f32 values
   truth = _grad_autodiff(*args64)
   _, autodiff_rel = _errors(_grad_autodiff(*args), truth)
   return [
