@@ -101,7 +101,8 @@ def plot_groups(summary: dict, path: pathlib.Path, title: str) -> None:
              "(b) train-mode gap" + (", non-i.i.d. test batches" if noniid else "")),
             (None, "recomputed − running test accuracy", "(c) recomputed statistics"))
   groups = sorted({r["group_size"] for r in runs.values()})
-  fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+  fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+  fig.subplots_adjust(wspace=0.32)
   for ax, (key, ylabel, panel_title) in zip(axes, panels, strict=True):
     for norm in ("bn", "renorm", "plain"):
       if key is None:
