@@ -35,9 +35,6 @@ class GhostLayout:
   def split(self, value: jax.Array) -> jax.Array:
     return value.reshape(self.split_shape(value.shape))
 
-  def merge(self, value: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    return value.reshape(shape)
-
   def features(self, features: tuple[int, ...]) -> tuple[int, ...]:
     """The reshaped x's feature axes: the groups axis and the original ones, shifted."""
     shifted = tuple(a if a < self.batch_axis else a + 1 for a in features)
