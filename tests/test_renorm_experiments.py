@@ -32,13 +32,22 @@ def test_class_table_lists_each_class_examples():
     assert sorted(members.tolist()) == np.flatnonzero(labels == c).tolist()
 
 
-@pytest.mark.parametrize("classes_per_batch", [1, 2])
-def test_noniid_batches_hold_that_many_classes_in_equal_shares(classes_per_batch):
-  labels = _labels([40, 7, 25, 0, 60, 13, 30, 2, 50, 9])  # unequal; class 3 empty
+UNEQUAL = [40, 7, 25, 0, 60, 13, 30, 2, 50, 9]  # unequal class sizes; class 3 empty
+
+
+@pytest.fixture(scope="module", params=[1, 2])
+def noniid_draw(request):
+  """(labels, classes_per_batch, a jitted vmap of sample_noniid over keys): one compile."""
+  labels = _labels(UNEQUAL)
   table, counts = batches.class_table(labels, 10)
   draw = jax.jit(jax.vmap(lambda k: batches.sample_noniid(
       k, jnp.asarray(table), jnp.asarray(counts), batch_size=12,
-      classes_per_batch=classes_per_batch)))
+      classes_per_batch=request.param)))
+  return labels, request.param, draw
+
+
+def test_noniid_batches_hold_that_many_classes_in_equal_shares(noniid_draw):
+  labels, classes_per_batch, draw = noniid_draw
   idx = np.asarray(draw(jax.random.split(jax.random.key(0), 300)))
   assert idx.shape == (300, 12) and idx.min() >= 0 and idx.max() < labels.size
   seen = set()
@@ -54,13 +63,11 @@ def test_noniid_batches_hold_that_many_classes_in_equal_shares(classes_per_batch
     assert any(len(set(labels[row[:12 // classes_per_batch]])) > 1 for row in idx)
 
 
-def test_noniid_sampler_is_a_function_of_its_key():
-  labels = _labels([10] * 10)
-  table, counts = batches.class_table(labels, 10)
-  draw = lambda seed: np.asarray(batches.sample_noniid(
-      jax.random.key(seed), jnp.asarray(table), jnp.asarray(counts), batch_size=10,
-      classes_per_batch=2))
-  assert (draw(1) == draw(1)).all() and not (draw(1) == draw(2)).all()
+def test_noniid_sampler_is_a_function_of_its_key(noniid_draw):
+  _, _, draw = noniid_draw
+  keys = jax.random.split(jax.random.key(1), 300)
+  first, again = np.asarray(draw(keys)), np.asarray(draw(keys))
+  assert (first == again).all() and not (first[0] == first[1:]).all(axis=1).all()
 
 
 def test_check_noniid_names_the_argument():
