@@ -1,42 +1,68 @@
-"""renorm_noniid's final checkpoints: recomputed statistics with the pooled (population)
-variance, as `jaxbn.recompute_batch_stats` keeps, vs the mean of per-batch variances (PyTorch's
-`update_bn`), against the running averages. Run after the study, from the repository root:
+"""renorm_noniid's final checkpoints: statistics recomputed with the pooled (population)
+variance, as `jaxbn.recompute_batch_stats` keeps, or with the mean of per-batch variances (as
+PyTorch's `update_bn` with momentum=None), against the running averages. After the study,
+from the repository root:
 
     PYTHONPATH=$PWD python scripts/renorm_recompute_variance.py runs/renorm_noniid
 
 Prints, per net, each seed's test accuracy (%) with the three statistics, and the first
 layer's variance averaged over features and seeds.
 """
-import pathlib, sys, jax, jax.numpy as jnp, numpy as np
+
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
 import jaxbn
 from configs import renorm_noniid
-from experiments import data as data_lib, renorm_studies as rs, train
-config = renorm_noniid.get_config()
-workdir = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "runs/renorm_noniid").resolve()
-ctx = train.Context(config, workdir, data_lib.load(config.data, config.seed), reporter=None)
-sampler = rs.Sampler(config, ctx)
-acc = None
-for norm in ("bn", "renorm"):
-  model = rs.create_model(config, norm, 60)
-  tx = train.make_optimizer(config.optimizer, config.num_steps)
-  states = [train.init_state(model, tx, ctx.x_grad, s, learning_rate=0.1) for s in config.renorm.seeds]
-  target = rs.Seeds(jax.tree.map(lambda *a: jnp.stack(a), *states))
-  mgr = ocp.CheckpointManager(workdir / "runs" / f"{norm}_g60" / "checkpoints")
-  st = mgr.restore(mgr.latest_step(), args=ocp.args.StandardRestore(target)).states
-  accuracy = rs.make_accuracy(model, ctx, sampler.eval_batches(ctx.x_test.shape[0]))
-  ema = accuracy(st.params, st.batch_stats)["iid"]["inference"]
-  pooled = rs.recompute_statistics(model, ctx, sampler, st, 100)
-  keys = jax.random.split(jax.random.key(rs.EVAL_SEED + 1), 100)
-  idx = np.asarray(jax.vmap(sampler.train_indices)(keys)); x = np.asarray(ctx.x_train)[idx]
-  per_batch = []
-  for s in range(3):
-    v = {"params": jax.tree.map(lambda a: a[s], st.params), "batch_stats": jax.tree.map(lambda a: a[s], st.batch_stats)}
-    singles = [jaxbn.recompute_batch_stats(model, [xb], variables=v, train=True)["batch_stats"] for xb in x]
-    per_batch.append(jax.tree.map(lambda *a: jnp.mean(jnp.stack(a), 0), *singles))
-  per_batch = jax.tree.map(lambda *a: jnp.stack(a), *per_batch)
-  print(norm, "EMA", np.round(100*np.asarray(ema), 2),
-        "pooled", np.round(100*np.asarray(accuracy(st.params, pooled)["iid"]["inference"]), 2),
-        "mean-of-batch-var", np.round(100*np.asarray(accuracy(st.params, per_batch)["iid"]["inference"]), 2))
-  l0 = "BatchNorm_0"
-  print("  layer0 var mean: EMA", float(st.batch_stats[l0]["var"].mean()), "pooled", float(pooled[l0]["var"].mean()), "per-batch", float(per_batch[l0]["var"].mean()))
+from experiments import data as data_lib
+from experiments import renorm_studies, train
+
+NUM_BATCHES = 100  # as config.renorm.recompute_batches, the same key
+
+
+def stack(trees):
+  return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+def seed_variables(states, s):
+  return {"params": jax.tree.map(lambda a: a[s], states.params),
+          "batch_stats": jax.tree.map(lambda a: a[s], states.batch_stats)}
+
+
+def main(workdir: pathlib.Path) -> None:
+  config = renorm_noniid.get_config()
+  ctx = train.Context(config, workdir, data_lib.load(config.data, config.seed), reporter=None)
+  sampler = renorm_studies.Sampler(config, ctx)
+  keys = jax.random.split(jax.random.key(renorm_studies.EVAL_SEED + 1), NUM_BATCHES)
+  x = np.asarray(ctx.x_train)[np.asarray(jax.vmap(sampler.train_indices)(keys))]
+  for norm in ("bn", "renorm"):
+    model = renorm_studies.create_model(config, norm, config.batch_size)
+    tx = train.make_optimizer(config.optimizer, config.num_steps)
+    target = renorm_studies.Seeds(stack([
+        train.init_state(model, tx, ctx.x_grad, s, learning_rate=config.optimizer.learning_rate)
+        for s in config.renorm.seeds]))
+    manager = ocp.CheckpointManager(workdir / "runs" / f"{norm}_g{config.batch_size}" /
+                                    "checkpoints")
+    states = manager.restore(manager.latest_step(),
+                             args=ocp.args.StandardRestore(target)).states
+    accuracy = renorm_studies.make_accuracy(model, ctx, sampler.eval_batches(ctx.x_test.shape[0]))
+    pooled = renorm_studies.recompute_statistics(model, ctx, sampler, states, NUM_BATCHES)
+    per_batch = stack([
+        jax.tree.map(lambda *a: jnp.mean(jnp.stack(a), 0), *[
+            jaxbn.recompute_batch_stats(model, [xb], variables=seed_variables(states, s),
+                                        train=True)["batch_stats"] for xb in x])
+        for s in range(len(config.renorm.seeds))])
+    for label, stats in (("running (EMA)", states.batch_stats), ("pooled", pooled),
+                         ("mean of per-batch", per_batch)):
+      scores = np.asarray(accuracy(states.params, stats)["iid"]["inference"])
+      print(f"{norm}: {label}: test accuracy {np.round(100 * scores, 2)}, first layer's "
+            f"variance {float(stats['BatchNorm_0']['var'].mean()):.2f}")
+
+
+if __name__ == "__main__":
+  main(pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "runs/renorm_noniid").resolve())
