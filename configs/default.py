@@ -62,5 +62,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.probes.noise_std_range = (0.5, 1.0)  # noisy BN: the noise's std each step ~ U(lo, hi)
   config.probes.step_multiples = (0.25, 0.5, 1.0, 2.0, 4.0)  # landscape: η / learning rate
 
+  # renorm_groups and renorm_noniid only (experiments/renorm_studies.py): each run trains
+  # one net per seed, vmapped, for every normalization and group size.
+  config.renorm = ml_collections.ConfigDict()
+  config.renorm.seeds = (0, 1, 2)
+  config.renorm.norms = ("bn", "renorm", "plain")  # plain: no BN (group sizes do not apply)
+  config.renorm.group_sizes = (60,)  # examples per BN group: ghost batches when < batch_size
+  config.renorm.rmax = 3.0  # renorm_clipping (Keras 2's names); rmin = 1 / rmax
+  config.renorm.dmax = 5.0
+  config.renorm.momentum = 0.99  # renorm_momentum
+  config.renorm.warmup_steps = 0  # relax the clipping from rmax = 1, dmax = 0 over these
+  config.renorm.classes_per_batch = 0  # > 0: non-i.i.d. training batches of this many classes
+  config.renorm.recompute_batches = 100  # training batches the recomputed statistics average
+
   config.lock()
   return config

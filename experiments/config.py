@@ -11,7 +11,9 @@ import numpy as np
 
 from experiments import data, ics_config
 
-STUDIES = ("compare", "lr_sweep", "gradient_agreement", *ics_config.PROBE_STUDIES)
+RENORM_STUDIES = ("renorm_groups", "renorm_noniid")  # experiments/renorm_studies.py
+STUDIES = ("compare", "lr_sweep", "gradient_agreement", *ics_config.PROBE_STUDIES,
+           *RENORM_STUDIES)
 CHOICES = {
     "study": STUDIES,
     "data.name": data.NAMES,
@@ -103,6 +105,9 @@ def validate(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDic
     raise ConfigError("config.variants must include 'bn' for study gradient_agreement.")
   ics_config.validate(config, ConfigError)
   _check_data(config)
+  if config.study in RENORM_STUDIES:
+    from experiments import renorm_studies  # pylint: disable=import-outside-toplevel
+    renorm_studies.validate(config)
 
 
 def _check_data(config) -> None:

@@ -214,6 +214,9 @@ def write_study_outputs(config, workdir: pathlib.Path, outcome: dict) -> dict:
   from experiments import ics_plots  # pylint: disable=import-outside-toplevel  (imports this module)
   if config.study in ics_plots.WRITERS:
     return ics_plots.WRITERS[config.study](config, workdir, outcome)
+  if config.study.startswith("renorm_"):  # experiments/renorm_studies.py writes its own
+    from experiments import renorm_plots  # pylint: disable=import-outside-toplevel
+    return renorm_plots.write_outputs(config, workdir, outcome)
   if config.study == "compare":
     summary = compare_summary(outcome["histories"], outcome["results"])
     name = f"{config.data.name}, {config.model.name}"

@@ -161,3 +161,8 @@ STUDIES = {
     "gradient_agreement": study_gradient_agreement,
     **ics_studies.STUDIES,  # Santurkar et al.'s probes: noisy_bn, ics, landscape
 }
+
+# Batch Renormalization, ghost batches and recomputed statistics (issue 14).
+from experiments import renorm_studies  # noqa: E402  pylint: disable=wrong-import-position
+
+STUDIES.update(renorm_studies.STUDIES)

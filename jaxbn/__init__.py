@@ -1,13 +1,19 @@
 """jaxbn: Batch Normalization derived, implemented and proved in JAX."""
 
 from jaxbn.ops import BatchStats as BatchStats
+from jaxbn.ops import Renorm as Renorm
+from jaxbn.ops import RenormCorrection as RenormCorrection
 from jaxbn.ops import batch_norm as batch_norm
 from jaxbn.ops import batch_norm_inference as batch_norm_inference
 from jaxbn.ops import update_running_stats as update_running_stats
+from jaxbn.recompute import recompute_batch_stats as recompute_batch_stats
 
 __all__ = [
     "BatchStats",
+    "Renorm",
+    "RenormCorrection",
     "batch_norm",
     "batch_norm_inference",
+    "recompute_batch_stats",
     "update_running_stats",
 ]

@@ -152,3 +152,30 @@ def output_dtype(x: jax.Array, dtype: Any) -> np.dtype:
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"dtype must be a floating dtype, got {dtype}.")
   return dtype
+
+
+def renorm_clipping(*, rmax: Any, rmin: Any, dmax: Any, prefix: str = "") -> tuple:
+  """Batch renormalization's clipping (rmax, rmin, dmax), checked where they are static.
+
+  r = σ_B/σ is clipped to [rmin, rmax] and d to [−dmax, dmax]; a range that excludes r = 1
+  or d = 0 would shift every batch even when its statistics match the running ones. Traced
+  values (a warm-up schedule) are not checked here; the modules check what they schedule to.
+  """
+  values = {"rmax": rmax, "rmin": rmin, "dmax": dmax}
+  for name, value in values.items():
+    if isinstance(value, jax.core.Tracer):
+      continue
+    if np.ndim(value) != 0 or isinstance(value, (bool, np.bool_)):
+      raise TypeError(f"{prefix}{name} must be a real scalar, got {value!r}.")
+    number = float(value)
+    if math.isnan(number):
+      raise ValueError(f"{prefix}{name} is NaN.")
+    if name == "rmax" and number < 1:
+      raise ValueError(f"{prefix}rmax={number} must be >= 1: r = 1 (no correction) must be "
+                       "inside the clipping range.")
+    if name == "rmin" and not 0 <= number <= 1:
+      raise ValueError(f"{prefix}rmin={number} must be in [0, 1]: r = 1 (no correction) must "
+                       "be inside the clipping range, and r is never negative.")
+    if name == "dmax" and number < 0:
+      raise ValueError(f"{prefix}dmax={number} must be >= 0 (d is clipped to [-dmax, dmax]).")
+  return rmax, rmin, dmax

@@ -75,12 +75,18 @@ def _refusal(x, features, mask, static, gradient: str, *, build: bool) -> str | 
   return None
 
 
-def forward(x, scale, bias, mask, static) -> tuple[jax.Array, _passes.Statistics]:
-  """Eqs. (1)-(4) through the kernels: (y, the statistics, broadcastable against x)."""
+def forward(x, mask, static, affine, *, fused: bool = True
+            ) -> tuple[jax.Array, _passes.Statistics]:
+  """Eqs. (1)-(4) through the kernels: (y, the statistics, broadcastable against x).
+
+  `affine(stats)` gives eq. (4)'s (γ, β) in the compute dtype, broadcastable against x, from
+  the statistics; `fused=False` when it needs them (batch renormalization's γr, γd + β): the
+  statistics then come first (one kernel call), and eqs. (3)-(4) run as a second.
+  """
   cdt = _args.compute_dtype(x)
-  if static.axis_name is None:
-    return _forward_fused(x, scale, bias, mask, static, cdt)
-  return _forward_pooled(x, scale, bias, mask, static, cdt)
+  if static.axis_name is None and fused:
+    return _forward_fused(x, affine, mask, static, cdt)
+  return _forward_pooled(x, affine, mask, static, cdt)
 
 
 def backward(static, residuals, dy) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -99,10 +105,11 @@ def _mask(mask, x, static):
                                       for a, n in enumerate(x.shape)))
 
 
-def _forward_fused(x, scale, bias, mask, static, cdt):
+def _forward_fused(x, affine, mask, static, cdt):
   """The whole forward in one kernel call: XLA runs nothing between the passes over x."""
+  scale, bias = affine(None)  # (γ, β): they do not depend on the statistics here
   y, *vectors, count = kernels.forward(
-      static.kernel_layout, x, scale.astype(cdt).ravel(), bias.astype(cdt).ravel(),
+      static.kernel_layout, x, scale.ravel(), bias.ravel(),
       _mask(mask, x, static), epsilon=static.epsilon, out_dtype=static.out_dtype,
       force=static.force_kernel)
   shift, delta, var, inv_std = (v.reshape(static.broadcast_shape) for v in vectors)
@@ -112,17 +119,18 @@ def _forward_fused(x, scale, bias, mask, static, cdt):
   return y, _passes.Statistics(count, shift, delta, var, inv_std)
 
 
-def _forward_pooled(x, scale, bias, mask, static, cdt):
-  """Statistics pooled over `axis_name`: this device's moments, pooled in JAX, then y."""
+def _forward_pooled(x, affine, mask, static, cdt):
+  """Statistics pooled over `axis_name` (if any): this device's moments, pooled in JAX, then
+  y; also the route of a forward whose (γ, β) depend on the statistics."""
   layout, kernel_mask = static.kernel_layout, _mask(mask, x, static)
   hi, lo, m2 = (v.reshape(static.broadcast_shape)  # eqs. (1)-(2), one read of x
                 for v in kernels.moments(layout, x, kernel_mask, force=static.force_kernel))
   stats = _passes.pooled_statistics(
       _passes.local_count(x.shape, mask, static.reduction_axes, cdt), hi, lo, m2,
       epsilon=static.epsilon, pool=static.pool)
-  a = scale.astype(cdt).reshape(static.broadcast_shape) * stats.inv_std
-  y = kernels.normalize(layout, x, stats.shift.ravel(), stats.delta.ravel(), a.ravel(),
-                        bias.astype(cdt).ravel(), kernel_mask, out_dtype=static.out_dtype,
+  gamma, beta = affine(stats)
+  y = kernels.normalize(layout, x, stats.shift.ravel(), stats.delta.ravel(),
+                        (gamma * stats.inv_std).ravel(), beta.ravel(), kernel_mask, out_dtype=static.out_dtype,
                         force=static.force_kernel)  # eqs. (3)-(4)
   return y, stats
 

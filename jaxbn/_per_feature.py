@@ -54,3 +54,19 @@ def dx_coefficients(scale: jax.Array, inv_std: jax.Array, count, sum_g: jax.Arra
   b = -a * (sum_g / count)
   k = -a * (inv_std * inv_std) * (sum_g_centred / count)
   return a, b, k
+
+
+def renorm_correction(mean: jax.Array, inv_std: jax.Array, running_mean: jax.Array,
+                      running_var: jax.Array, epsilon: float, rmin, rmax, dmax):
+  """Batch renormalization's (r, d) (Ioffe 2017, Algorithm 1), per feature, unclipped inside
+  [rmin, rmax] × [−dmax, dmax]:
+
+      r = clip(σ_B / σ, rmin, rmax),   d = clip((μ_B − μ) / σ, −dmax, dmax)
+
+  with σ_B = √(σ²_B + ε) = 1/inv_std (eq. (2)) and the running σ = √(running_var + ε): the
+  same ε on both sides, so with r, d unclipped x̂·r + d = (x − μ)/σ, the inference formula.
+  """
+  inv_running_std = lax.rsqrt(running_var + epsilon)
+  r = jnp.clip(inv_running_std / inv_std, rmin, rmax)
+  d = jnp.clip((mean - running_mean) * inv_running_std, -dmax, dmax)
+  return r, d

@@ -1,16 +1,21 @@
 """Derivation checks: the analytic backward against every other way of getting the gradient.
 
 Numeric (`run_checks`): over a grid of layouts, feature axes, dtypes, masks and input
-distributions, compare
+distributions — plain batch norm, batch renormalization with r, d inside and at their clips,
+and ghost batches — compare
 
   - the analytic backward (`jaxbn.batch_norm`, the custom_vjp),
   - the staged backward (`jaxbn.reference.staged_backward`, the seed's eq. (7) term by term),
   - JAX's autodiff of the literal forward (`jaxbn.reference.batch_norm_reference`),
   - central finite differences of that forward in float64 (five-point stencil).
 
-Symbolic (`symbolic_checks`, needs sympy): for m = 2..4, derive ∂L/∂x_i, ∂L/∂γ and ∂L/∂β from
+Symbolic (`symbolic_checks`, needs sympy): for every batch size m at once (m a symbol, the
+batch an indexed family x_i, g_i under Σ_{i=1}^{m}), derive ∂L/∂x_j, ∂L/∂γ and ∂L/∂β from
 eqs. (1)-(4) with sympy and prove each of the seed's intermediate formulas, its eq. (7) and
-the closed form equal to them, and the extra term of the seed's ∂L/∂μ identically 0.
+the closed form equal to them, and the extra term of the seed's ∂L/∂μ identically 0; the
+same for batch renormalization's closed form (eq. (7) with γr), and its forward equal to the
+inference formula when r, d are unclipped. For given m (e.g. 2, 3, 4) the same identities
+can also be proved on m explicit symbols, a cross-check of the general proof's machinery.
 
 Errors: for each gradient (dx, dγ, dβ) the max abs difference and the *relative* error
 max|a − b| / max|b| (normwise, so entries near 0 do not blow it up); a comparison reports the
@@ -29,6 +34,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from jaxbn import ops, reference
+from jaxbn.ops import Renorm, RenormCorrection
 
 __all__ = [
     "Case",
@@ -64,6 +70,29 @@ LAYOUTS = {
     "two-axes": ((5, 2, 3), (1, 2)),
 }
 DISTRIBUTIONS = ("normal", "offset-1e4", "constant-feature")
+# Variants of the core beyond plain BN, each on a few layouts with normal inputs:
+# renorm with every r, d strictly inside the clips, renorm with every r, d at a clip (both
+# ends), ghost batches, and ghost batches with clipped renorm.
+VARIANTS = {
+    "renorm-inside": ("dense", "nhwc"),
+    "renorm-clipped": ("dense", "nhwc"),
+    "ghost": ("dense", "nhwc", "nchw"),
+    "ghost-renorm-clipped": ("dense",),
+}
+# Virtual batch size per layout: dense → 4 virtual batches of 4 examples (the ghost cases use a
+# batch of 16 there: with 8, a NaN-padded virtual batch kept 3 values, one feature of which
+# was near-constant, |μ|/σ ≈ 14, and float32 rounding put the analytic dx at 2.09× autodiff's
+# error, past FLOAT32_FACTOR); NHWC/NCHW (3, ...) → 3 virtual batches of one example (its
+# H·W positions).
+GHOST_SIZES = {"dense": 4, "nhwc": 1, "nchw": 1}
+GHOST_SHAPES = {"dense": (16, 3)}
+RENORM_CLIPPING = dict(rmax=3.0, rmin=1 / 3, dmax=5.0)
+# The running statistics are placed relative to the batch's: σ = σ_B / r and μ = μ_B − d·σ
+# for these target r, d, alternating over features (the clipped targets are far outside so
+# every virtual batch of a ghost case is clipped too: a virtual batch's μ_g − μ_B moves d by
+# (μ_g − μ_B)/σ, i.e. by 1000·(μ_g − μ_B)/σ_B here, far less than 1000 − dmax).
+RENORM_TARGETS = {"inside": ((1.5, 0.7), (0.5, -0.5)),
+                  "clipped": ((1000.0, 0.001), (1000.0, -1000.0))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,14 +103,18 @@ class Case:
   distribution: str
   masked: bool
   dtype: str
+  variant: str = "bn"  # or a key of VARIANTS
 
   @property
   def name(self) -> str:
     mask = "nan-padded" if self.masked else "unmasked"
-    return f"{self.layout}/{self.distribution}/{mask}/{self.dtype}"
+    layout = self.layout if self.variant == "bn" else f"{self.layout}/{self.variant}"
+    return f"{layout}/{self.distribution}/{mask}/{self.dtype}"
 
   @property
   def shape(self) -> tuple[int, ...]:
+    if self.variant.startswith("ghost") and self.layout in GHOST_SHAPES:
+      return GHOST_SHAPES[self.layout]
     return LAYOUTS[self.layout][0]
 
   @property
@@ -102,13 +135,37 @@ class Comparison:
 
 
 def default_cases() -> list[Case]:
-  """The full grid: every layout × distribution × (unmasked, NaN-padded) × (f64, f32)."""
-  return [
+  """The full grid: every layout × distribution × (unmasked, NaN-padded) × (f64, f32), and
+  each variant on its layouts × (unmasked, NaN-padded) × (f64, f32)."""
+  plain = [
       Case(layout, dist, masked, dtype)
       for layout, dist, masked, dtype in itertools.product(
           LAYOUTS, DISTRIBUTIONS, (False, True), ("float64", "float32")
       )
   ]
+  variants = [
+      Case(layout, "normal", masked, dtype, variant)
+      for variant, layouts in VARIANTS.items()
+      for layout, masked, dtype in itertools.product(layouts, (False, True),
+                                                     ("float64", "float32"))
+  ]
+  return plain + variants
+
+
+def _options(case: Case, x, mask) -> dict:
+  """batch_norm's keyword arguments for the case's variant (none for plain BN)."""
+  options = {}
+  if case.variant.startswith("ghost"):
+    options["virtual_batch_size"] = GHOST_SIZES[case.layout]
+  if "renorm" in case.variant:
+    stats = ops.batch_norm(x, axis=case.axis, epsilon=EPSILON, mask=mask, **options)[1]
+    r_targets, d_targets = RENORM_TARGETS["clipped" if "clipped" in case.variant else "inside"]
+    alternate = lambda pair: jnp.where(jnp.arange(stats.mean.size).reshape(stats.mean.shape)
+                                       % 2 == 0, pair[0], pair[1]).astype(x.dtype)
+    running_std = jnp.sqrt(stats.var + EPSILON) / alternate(r_targets)
+    options["renorm"] = Renorm(mean=stats.mean - alternate(d_targets) * running_std,
+                               var=running_std**2 - EPSILON, **RENORM_CLIPPING)
+  return options
 
 
 def _inputs(case: Case, seed: int = 0):
@@ -136,24 +193,36 @@ def _inputs(case: Case, seed: int = 0):
   return (*(jnp.asarray(v, dtype) for v in (x, scale, bias, dy)), mask)
 
 
-def _grad_analytic(x, scale, bias, dy, mask, axis):
-  f = lambda x, s, b: ops.batch_norm(x, s, b, axis=axis, epsilon=EPSILON, mask=mask)[0]
+def _grad_analytic(x, scale, bias, dy, mask, axis, options=None):
+  f = lambda x, s, b: ops.batch_norm(x, s, b, axis=axis, epsilon=EPSILON, mask=mask,
+                                     **(options or {}))[0]
   return jax.vjp(f, x, scale, bias)[1](dy)
 
 
-def _grad_autodiff(x, scale, bias, dy, mask, axis):
+def _grad_autodiff(x, scale, bias, dy, mask, axis, options=None):
   f = lambda x, s, b: reference.batch_norm_reference(
-      x, s, b, axis=axis, epsilon=EPSILON, mask=mask
+      x, s, b, axis=axis, epsilon=EPSILON, mask=mask, **(options or {})
   )
   return jax.vjp(f, x, scale, bias)[1](dy)
 
 
-def _grad_staged(x, scale, bias, dy, mask, axis):
+def _grad_staged(x, scale, bias, dy, mask, axis, options=None):
+  assert not options, "the seed's staged backward is plain BN's"
   staged = reference.staged_backward(x, scale, dy, axis=axis, epsilon=EPSILON, mask=mask)
   return staged.dL_dx, staged.dL_dgamma, staged.dL_dbeta
 
 
-def _grad_finite_differences(x, scale, bias, dy, mask, axis):
+def _frozen(x, scale, bias, mask, axis, options):
+  """Renorm's r, d held at their values here, as the gradient holds them (stop-gradient):
+  finite differences then see the same function. Ghost cases keep `Renorm`: they are all
+  clipped far outside, where r and d are locally constant anyway."""
+  if "renorm" not in options or "virtual_batch_size" in options:
+    return options
+  stats = ops.batch_norm(x, scale, bias, axis=axis, epsilon=EPSILON, mask=mask, **options)[1]
+  return {**options, "renorm": RenormCorrection(stats.r, stats.d)}
+
+
+def _grad_finite_differences(x, scale, bias, dy, mask, axis, options=None):
   """Five-point central differences of L = Σ dy·y, one direction per input entry.
 
   The step for an entry of x is 1e-3 of its feature's σ (the scale on which y varies), so
@@ -161,10 +230,11 @@ def _grad_finite_differences(x, scale, bias, dy, mask, axis):
   """
   params = (x, scale, bias)
   flat, unravel = ravel_pytree(params)
+  frozen = _frozen(x, scale, bias, mask, axis, options or {})
 
   def loss(theta):
     y = reference.batch_norm_reference(
-        *unravel(theta), axis=axis, epsilon=EPSILON, mask=mask
+        *unravel(theta), axis=axis, epsilon=EPSILON, mask=mask, **frozen
     )
     return jnp.sum(jnp.where(jnp.isfinite(y), dy * y, 0.0))
 
@@ -214,25 +284,29 @@ def _compare(case: Case, pair: str, got, want, tolerance: float) -> Comparison:
 def check_case(case: Case) -> list[Comparison]:
   """All comparisons for one case. Needs float64 enabled (`jax.enable_x64()`)."""
   x, scale, bias, dy, mask = _inputs(case)
-  args = (x, scale, bias, dy, mask, case.axis)
+  options = _options(case, x, mask)
+  args = (x, scale, bias, dy, mask, case.axis, options)
   if case.dtype == "float64":
-    y = ops.batch_norm(x, scale, bias, axis=case.axis, epsilon=EPSILON, mask=mask)[0]
+    y = ops.batch_norm(x, scale, bias, axis=case.axis, epsilon=EPSILON, mask=mask,
+                       **options)[0]
     y_ref = reference.batch_norm_reference(
-        x, scale, bias, axis=case.axis, epsilon=EPSILON, mask=mask
+        x, scale, bias, axis=case.axis, epsilon=EPSILON, mask=mask, **options
     )
     analytic = _grad_analytic(*args)
     literal = lambda pair: max(TOLERANCES[pair], LITERAL_ROUNDING * _centring_condition(x, mask, case.axis))
+    staged = [] if options else [
+        _compare(case, "staged vs analytic", _grad_staged(*args), analytic,
+                 literal("staged vs analytic"))]
     return [
         _compare(case, "forward vs reference", (y,), (y_ref,), literal("forward vs reference")),
         _compare(case, "analytic vs autodiff", analytic, _grad_autodiff(*args),
                  TOLERANCES["analytic vs autodiff"]),
         _compare(case, "analytic vs finite differences", analytic,
                  _grad_finite_differences(*args), TOLERANCES["analytic vs finite differences"]),
-        _compare(case, "staged vs analytic", _grad_staged(*args), analytic,
-                 literal("staged vs analytic")),
+        *staged,
     ]
   # Lower precision: both gradients against the float64 truth from the same (rounded) inputs.
-  args64 = tuple(v.astype(jnp.float64) for v in args[:4]) + args[4:]
+  args64 = tuple(v.astype(jnp.float64) for v in args[:4]) + args[4:]  # options: f32 values
   truth = _grad_autodiff(*args64)
   _, autodiff_rel = _errors(_grad_autodiff(*args), truth)
   return [
@@ -263,23 +337,40 @@ def run_checks(
 # Symbolic checks.
 
 
+ANY_M = "m"  # `symbolic_checks` batch size: every m at once (a symbolic m)
+
+
 @dataclasses.dataclass(frozen=True)
 class SymbolicResult:
-  """One identity, `formula == derivative`, proved (difference simplifies to 0) or not."""
+  """One identity, `formula == derivative`, proved (difference simplifies to 0) or not.
 
-  m: int
+  `m` is the batch size it was proved for: an int, or `ANY_M` ("m") for every batch size.
+  """
+
+  m: int | str
   identity: str
   passed: bool
 
 
-def symbolic_checks(batch_sizes: Sequence[int] = (2, 3, 4)) -> list[SymbolicResult]:
-  """Proves the seed's backward with sympy for small batches (see module docstring).
+def symbolic_checks(batch_sizes: Sequence[int | str] = (ANY_M,)) -> list[SymbolicResult]:
+  """Proves the seed's backward (and renorm's) with sympy (see module docstring).
 
   The seed's partial derivatives are taken on the computational graph x → μ → σ² → x̂ → y → L,
   where ∂ holds the other graph inputs fixed (∂L/∂σ² holds x and μ; ∂L/∂μ holds x but follows
   σ²'s dependence on μ). L = Σ g_i y_i with free symbols g_i is fully general: g_i = ∂L/∂y_i.
+
+  Args:
+    batch_sizes: `ANY_M` for the proof over a symbolic m, ints for explicit batches.
   """
-  return [r for m in batch_sizes for r in _symbolic_checks(m)]
+  results = []
+  for m in batch_sizes:
+    if m == ANY_M:
+      results += _symbolic_checks_any_m()
+    elif isinstance(m, int) and not isinstance(m, bool) and m >= 2:
+      results += _symbolic_checks(m)
+    else:
+      raise ValueError(f"batch sizes are ints >= 2 or {ANY_M!r}, got {m!r}.")
+  return results
 
 
 def _symbolic_checks(m: int) -> list[SymbolicResult]:
@@ -357,3 +448,145 @@ def _symbolic_checks(m: int) -> list[SymbolicResult]:
       result("eq. (6) sum g_i == dL/dbeta", sum_g, sp.diff(loss, beta)),
   ]
   return results
+
+
+# Every batch size at once. The batch is an indexed family x_i, g_i (sympy IndexedBase) and
+# every Σ runs over i = 1..m with m a positive integer symbol. sympy differentiates a Σ term by
+# term (∂x_i/∂x_j = δ_ij); `_reduce_sums` then rewrites each Σ as a linear combination of the
+# power sums Σ_k x_k, Σ_k x_k², Σ_k g_k, Σ_k g_k x_k (the constants pulled out, Σ_i c = m c,
+# Σ_i δ_ij h(i) = h(j) for a batch index j), after which an identity is a rational-function
+# identity in those sums, m, σ and the other symbols, decided as for explicit batches.
+
+
+def _reduce_sums(expr, m, k):
+  """expr with every Σ_i f(i) over 1..m reduced to power sums Σ_k (monomial in x_k, g_k)."""
+  import sympy as sp
+
+  if not expr.args:
+    return expr
+  if not isinstance(expr, sp.Sum):
+    return expr.func(*(_reduce_sums(a, m, k) for a in expr.args))
+  ((dummy, low, high),) = expr.limits
+  if (low, high) != (1, m):
+    raise ValueError(f"unexpected limits in {expr}")
+  total = sp.Integer(0)
+  for term in sp.Add.make_args(sp.expand(_reduce_sums(expr.function, m, k))):
+    inside, outside = [], []
+    for factor in sp.Mul.make_args(term):
+      (inside if dummy in factor.free_symbols else outside).append(factor)
+    coefficient = sp.Mul(*outside)
+    deltas = [f for f in inside if isinstance(f, sp.KroneckerDelta)]
+    if len(deltas) > 1:
+      raise ValueError(f"second derivatives are not reduced: {term}")
+    if deltas:  # Σ_i δ_ij h(i) = h(j): j is one of the batch's indices
+      (delta,) = deltas
+      other = delta.args[0] if delta.args[1] == dummy else delta.args[1]
+      rest = sp.Mul(*(f for f in inside if f is not delta))
+      total += coefficient * rest.subs(dummy, other)
+    elif not inside:
+      total += coefficient * m  # Σ_{i=1}^{m} c = m c
+    else:
+      total += coefficient * sp.Sum(sp.Mul(*inside).subs(dummy, k), (k, 1, m))
+  return total
+
+
+def _any_m_batch():
+  """Symbols and eqs. (1)-(4) over a symbolic batch size m."""
+  import sympy as sp
+
+  m = sp.Symbol("m", integer=True, positive=True)
+  i, j, k = sp.symbols("i j k", integer=True, positive=True)
+  x = sp.IndexedBase("x", real=True)
+  g = sp.IndexedBase("g", real=True)  # ∂L/∂y_i
+  eps, s = sp.symbols("epsilon sigma", positive=True)
+  total = lambda f: sp.Sum(f, (i, 1, m))
+  mu = total(x[i]) / m  # (1)
+  sigma2 = total((x[i] - mu) ** 2) / m + eps  # (2)
+  var = _reduce_sums(sigma2 - eps, m, k)
+
+  def is_zero(expr) -> bool:
+    # Power sums and ε through σ² = var + ε: the difference becomes rational in the power
+    # sums, m, g_j, x_j, γ, σ (square roots of σ² become σ).
+    expr = _reduce_sums(sp.sympify(expr), m, k).subs(eps, s**2 - var)
+    expr = expr.replace(lambda e: e.is_Pow and e.exp.is_Rational and e.exp.q == 2,
+                        lambda e: sp.Pow(sp.expand(e.base), e.exp))
+    return sp.expand(sp.numer(sp.together(expr))) == 0
+
+  return sp, m, i, j, x, g, eps, total, mu, sigma2, is_zero
+
+
+def _symbolic_checks_any_m() -> list[SymbolicResult]:
+  sp, m, i, j, x, g, eps, total, mu, sigma2, is_zero = _any_m_batch()
+  gamma, beta, mu_, s2_ = sp.symbols("gamma beta mu sigma2", real=True)
+  h = sp.IndexedBase("xhat", real=True)
+  sigma = sp.sqrt(sigma2)
+  x_hat = lambda idx: (x[idx] - mu) / sigma  # (3)
+  loss = total(g[i] * (gamma * x_hat(i) + beta))  # (4), L = Σ g_i y_i
+
+  # The graph with μ and σ² as free nodes, for the seed's partial derivatives.
+  xhat_of = lambda idx, mu_v, s2_v: (x[idx] - mu_v) / sp.sqrt(s2_v)
+  sigma2_of = lambda mu_v: total((x[i] - mu_v) ** 2) / m + eps
+  loss_of = lambda mu_v, s2_v: total(g[i] * (gamma * xhat_of(i, mu_v, s2_v) + beta))
+  at_batch = {mu_: mu, s2_: sigma2}
+  graph = {
+      "dL/dxhat_i": sp.diff(total(g[i] * (gamma * h[i] + beta)), h[j]),
+      "dxhat_i/dx_i": sp.diff(xhat_of(j, mu_, s2_), x[j]).subs(at_batch),
+      "dL/dsigma2": sp.diff(loss_of(mu_, s2_), s2_).subs(at_batch),
+      "dsigma2/dx_i": sp.diff(sigma2_of(mu_), x[j]).subs(at_batch),
+      "dL/dmu": sp.diff(loss_of(mu_, sigma2_of(mu_)), mu_).subs(at_batch),
+      "dmu/dx_i": sp.diff(mu, x[j]),
+  }
+  # The seed's formulas, as printed (u_B read as μ), for the batch index j.
+  dL_dsigma2 = total(g[i] * gamma * (-(x[i] - mu) / (2 * sigma**3)))
+  vanishing = dL_dsigma2 * (-2 / m * total(x[i] - mu))
+  dL_dmu = total(g[i] * gamma * (-1 / sigma)) + vanishing
+  seed = {
+      "dL/dxhat_i": g[j] * gamma,
+      "dxhat_i/dx_i": 1 / sigma,
+      "dL/dsigma2": dL_dsigma2,
+      "dsigma2/dx_i": 2 / m * (x[j] - mu),
+      "dL/dmu": dL_dmu,
+      "dmu/dx_i": 1 / m,
+  }
+  eq7 = seed["dL/dxhat_i"] / sigma + dL_dsigma2 * seed["dsigma2/dx_i"] + dL_dmu / m
+  sum_g, sum_g_xhat = total(g[i]), total(g[i] * x_hat(i))
+  closed = gamma / (m * sigma) * (m * g[j] - sum_g - x_hat(j) * sum_g_xhat)
+  grad_x = sp.diff(loss, x[j])
+  result = lambda identity, formula, truth: SymbolicResult(ANY_M, identity,
+                                                           is_zero(formula - truth))
+  results = [result(f"seed {name} == graph derivative", seed[name], graph[name])
+             for name in seed]
+  results += [
+      result("seed dL/dmu vanishing term == 0", vanishing, 0),
+      result("eq. (7) == dL/dx_i", eq7, grad_x),
+      result("closed form == dL/dx_i", closed, grad_x),
+      result("eq. (5) sum g_i xhat_i == dL/dgamma", sum_g_xhat, sp.diff(loss, gamma)),
+      result("eq. (6) sum g_i == dL/dbeta", sum_g, sp.diff(loss, beta)),
+  ]
+  return results + _symbolic_renorm_any_m()
+
+
+def _symbolic_renorm_any_m() -> list[SymbolicResult]:
+  """Batch renormalization: y_i = γ (x̂_i r + d) + β with r, d constants to the gradient
+  (stop-gradient), so they are plain symbols here; and with r = σ_B/σ, d = (μ_B − μ)/σ
+  unclipped, x̂ r + d is the inference normalization (x − μ)/σ."""
+  sp, m, i, j, x, g, _, total, mu, sigma2, is_zero = _any_m_batch()
+  gamma, beta, d, mu_run = sp.symbols("gamma beta d mu_run", real=True)
+  r, sigma_run = sp.symbols("r sigma_run", positive=True)
+  sigma = sp.sqrt(sigma2)
+  x_hat = lambda idx: (x[idx] - mu) / sigma
+  loss = total(g[i] * (gamma * (x_hat(i) * r + d) + beta))
+  sum_g, sum_g_xhat = total(g[i]), total(g[i] * x_hat(i))
+  closed = gamma * r / (m * sigma) * (m * g[j] - sum_g - x_hat(j) * sum_g_xhat)
+  unclipped = x_hat(j) * (sigma / sigma_run) + (mu - mu_run) / sigma_run
+  result = lambda identity, formula, truth: SymbolicResult(ANY_M, identity,
+                                                           is_zero(formula - truth))
+  return [
+      result("renorm closed form (eq. (7) with gamma*r) == dL/dx_i", closed,
+             sp.diff(loss, x[j])),
+      result("renorm r sum g_i xhat_i + d sum g_i == dL/dgamma",
+             r * sum_g_xhat + d * sum_g, sp.diff(loss, gamma)),
+      result("renorm sum g_i == dL/dbeta", sum_g, sp.diff(loss, beta)),
+      result("renorm unclipped xhat*r + d == (x_i - mu)/sigma (inference)", unclipped,
+             (x[j] - mu_run) / sigma_run),
+  ]

@@ -6,7 +6,7 @@ The module only declares fields, creates variables and keeps running averages; t
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from typing import Any, Literal
 
 import jax
@@ -15,7 +15,7 @@ from flax import linen as nn
 from flax.linen import dtypes
 from flax.typing import Dtype, Initializer
 
-from jaxbn import _args, ops
+from jaxbn import _args, _recording, _renorm_schedule, ops
 
 __all__ = ["BatchNorm"]
 
@@ -75,6 +75,19 @@ class BatchNorm(nn.Module):
       allows and the operands are whole (one device, or per device under shard_map;
       a sharded jit gets their pure-JAX twins), True to require them (even under a
       sharded jit), False for pure JAX (see `jaxbn.batch_norm`).
+    renorm: batch renormalization (Ioffe 2017; Keras 2's `renorm`): training normalizes
+      with x̂ r + d, r and d correcting the batch statistics towards running ones kept in
+      `batch_stats/renorm_mean` and `batch_stats/renorm_var` (see `jaxbn.Renorm`).
+    renorm_clipping: Keras 2's dict with keys `rmax`, `rmin`, `dmax` (missing: inf, 0, inf;
+      the paper uses rmin = 1/rmax, e.g. {"rmax": 3, "rmin": 1/3, "dmax": 5}).
+    renorm_momentum: decay of renorm_mean/renorm_var (Keras 2's); `momentum` still decays
+      the mean/var that inference uses.
+    renorm_warmup_steps: relax the clipping linearly from rmax = rmin = 1, dmax = 0 (plain
+      BN) to `renorm_clipping` over this many training steps (Ioffe's schedule), counted in
+      `batch_stats/renorm_steps`; 0 (default) clips as given from the first step.
+    virtual_batch_size: ghost batches (Keras 2's `virtual_batch_size`): statistics per
+      virtual batch of this many examples; the running averages get the virtual batches'
+      average (see `jaxbn.batch_norm` for the split).
   """
 
   use_running_average: bool | None = None
@@ -94,6 +107,11 @@ class BatchNorm(nn.Module):
   gradient: Literal["analytic", "autodiff"] = "analytic"
   unbiased_running_var: bool = False
   use_cpu_kernel: bool | None = None
+  renorm: bool = False
+  renorm_clipping: Mapping[str, float] | None = None
+  renorm_momentum: float = 0.99
+  renorm_warmup_steps: int = 0
+  virtual_batch_size: int | None = None
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None, *,
@@ -121,6 +139,15 @@ class BatchNorm(nn.Module):
     num_batches = None
     if self.momentum is None or self.has_variable("batch_stats", "count"):
       num_batches = self._batch_stat("count", jnp.zeros, (), jnp.int32, initializing)
+    clip = _renorm_schedule.clipping(self.renorm, self.renorm_clipping, self.renorm_momentum,
+                                     self.renorm_warmup_steps, self.name or "BatchNorm")
+    if self.renorm:  # the running statistics r and d correct towards, and the warm-up's clock
+      rn_mean = self._batch_stat("renorm_mean", jnp.zeros, feature_shape, stats_dtype,
+                                 initializing)
+      rn_var = self._batch_stat("renorm_var", jnp.ones, feature_shape, stats_dtype,
+                                initializing)
+      if self.renorm_warmup_steps:
+        rn_steps = self._batch_stat("renorm_steps", jnp.zeros, (), jnp.int32, initializing)
     scale = self._param("scale", self.use_scale, self.scale_init, feature_shape)
     bias = self._param("bias", self.use_bias, self.bias_init, feature_shape)
     out_dtype = dtypes.canonicalize_dtype(
@@ -131,13 +158,25 @@ class BatchNorm(nn.Module):
           x, ra_mean.value, ra_var.value, scale, bias,
           axis=self.axis, epsilon=self.epsilon, mask=mask, dtype=out_dtype)
 
+    renorm = None
+    if self.renorm:
+      steps = rn_steps.value if self.renorm_warmup_steps else 0
+      renorm = ops.Renorm(rn_mean.value, rn_var.value, *_renorm_schedule.warmed_up(
+          clip, steps, self.renorm_warmup_steps))
     y, stats = ops.batch_norm(
         x, scale, bias, axis=self.axis, epsilon=self.epsilon, mask=mask,
         # As in Flax, init runs outside the parallel context, so the axis may not exist.
         axis_name=None if initializing else self.axis_name,
         axis_index_groups=None if initializing else self.axis_index_groups,
         use_fast_variance=self.use_fast_variance, gradient=self.gradient, dtype=out_dtype,
-        use_cpu_kernel=self.use_cpu_kernel)
+        use_cpu_kernel=self.use_cpu_kernel, renorm=renorm,
+        virtual_batch_size=self.virtual_batch_size)
+    _recording.record(self.path, stats, self.unbiased_running_var)
+    if not initializing and self.renorm:
+      rn_mean.value, rn_var.value = ops.update_running_stats(
+          rn_mean.value, rn_var.value, stats, momentum=self.renorm_momentum)
+      if self.renorm_warmup_steps:
+        rn_steps.value = rn_steps.value + 1
     if not initializing:
       if num_batches is not None:
         num_batches.value = num_batches.value + 1

@@ -18,7 +18,7 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
-from jaxbn import _args, ops
+from jaxbn import _args, _recording, _renorm_schedule, ops
 
 __all__ = ["BatchNorm"]
 
@@ -63,6 +63,13 @@ class BatchNorm(nnx.Module):
       allows and the operands are whole (one device, or per device under shard_map;
       a sharded jit gets their pure-JAX twins), True to require them (even under a
       sharded jit), False for pure JAX (see `jaxbn.batch_norm`).
+    renorm: batch renormalization (Keras 2's `renorm`), with `renorm_mean`, `renorm_var`
+      BatchStats (see `jaxbn.linen.BatchNorm` for this and the next four).
+    renorm_clipping: Keras 2's dict with keys `rmax`, `rmin`, `dmax`.
+    renorm_momentum: decay of renorm_mean/renorm_var.
+    renorm_warmup_steps: linear warm-up of the clipping, counted in a `renorm_steps`
+      BatchStat; 0 (default) for none.
+    virtual_batch_size: ghost batches of this many examples.
   """
 
   def __init__(
@@ -89,8 +96,20 @@ class BatchNorm(nnx.Module):
       gradient: Literal["analytic", "autodiff"] = "analytic",
       unbiased_running_var: bool = False,
       use_cpu_kernel: bool | None = None,
+      renorm: bool = False,
+      renorm_clipping: Mapping[str, float] | None = None,
+      renorm_momentum: float = 0.99,
+      renorm_warmup_steps: int = 0,
+      virtual_batch_size: int | None = None,
   ):
     feature_shape = (num_features,)
+    self._renorm_clip = _renorm_schedule.clipping(
+        renorm, renorm_clipping, renorm_momentum, renorm_warmup_steps, "jaxbn.nnx.BatchNorm")
+    if renorm:
+      self.renorm_mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
+      self.renorm_var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
+      if renorm_warmup_steps:
+        self.renorm_steps = nnx.BatchStat(jnp.zeros((), jnp.int32))
     self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
     if momentum is None:
@@ -115,6 +134,10 @@ class BatchNorm(nnx.Module):
     self.gradient = gradient
     self.unbiased_running_var = unbiased_running_var
     self.use_cpu_kernel = use_cpu_kernel
+    self.renorm = renorm
+    self.renorm_momentum = renorm_momentum
+    self.renorm_warmup_steps = renorm_warmup_steps
+    self.virtual_batch_size = virtual_batch_size
 
   def __call__(self, x, use_running_average: bool | None = None, *,
                mask: jax.Array | None = None):
@@ -140,11 +163,24 @@ class BatchNorm(nnx.Module):
       # Masked outputs are 0 in eval too, as in training (whatever the padding held).
       return ops.batch_norm_inference(x, mean, var, scale, bias, axis=self.axis,
                                       epsilon=self.epsilon, mask=mask, dtype=out_dtype)
+    renorm = None
+    if self.renorm:
+      steps = self.renorm_steps[...] if self.renorm_warmup_steps else 0
+      renorm = ops.Renorm(self.renorm_mean[...], self.renorm_var[...],
+                          *_renorm_schedule.warmed_up(self._renorm_clip, steps,
+                                                      self.renorm_warmup_steps))
     y, stats = ops.batch_norm(
         x, scale, bias, axis=self.axis, epsilon=self.epsilon, mask=mask,
         axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
         use_fast_variance=self.use_fast_variance, gradient=self.gradient, dtype=out_dtype,
-        use_cpu_kernel=self.use_cpu_kernel)
+        use_cpu_kernel=self.use_cpu_kernel, renorm=renorm,
+        virtual_batch_size=self.virtual_batch_size)
+    _recording.record(self, stats, self.unbiased_running_var)
+    if self.renorm:
+      self.renorm_mean[...], self.renorm_var[...] = ops.update_running_stats(
+          self.renorm_mean[...], self.renorm_var[...], stats, momentum=self.renorm_momentum)
+      if self.renorm_warmup_steps:
+        self.renorm_steps[...] = self.renorm_steps[...] + 1
     num_batches = None
     if hasattr(self, "count"):  # PyTorch's num_batches_tracked: momentum=None adds it
       self.count[...] = self.count[...] + 1

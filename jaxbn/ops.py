@@ -32,14 +32,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxbn import _args, _cpu_path, _passes, kernels
+from jaxbn import _args, _cpu_path, _ghost, _passes, _per_feature, kernels
 
 try:  # private: only to name the fix when forward mode meets the custom_vjp
   from jax._src.interpreters.ad import JVPTracer as _JVPTracer
 except ImportError:  # pragma: no cover - a JAX without it gets JAX's own error
   _JVPTracer = None
 
-__all__ = ["BatchStats", "batch_norm", "batch_norm_inference", "update_running_stats"]
+__all__ = [
+    "BatchStats",
+    "Renorm",
+    "RenormCorrection",
+    "batch_norm",
+    "batch_norm_inference",
+    "update_running_stats",
+]
 
 
 class BatchStats(NamedTuple):
@@ -50,11 +57,53 @@ class BatchStats(NamedTuple):
     var: the biased variance (1/m) Σ (x_i − μ)², i.e. eq. (2) without ε.
     count: m, the number of values behind each feature's statistics (across devices with
       `axis_name`, unmasked only with a mask), for the unbiased m/(m − 1) correction.
+    r: batch renormalization's r, only with `renorm` (else None).
+    d: batch renormalization's d, only with `renorm` (else None).
+
+  With `virtual_batch_size`, mean, var and count are the virtual batches' count-weighted
+  averages (what Keras 2 feeds its moving averages), with the feature shape; r and d stay per
+  virtual batch, with the virtual batches' axis where `batch_norm` documents it.
   """
 
   mean: jax.Array
   var: jax.Array
   count: jax.Array
+  r: jax.Array | None = None
+  d: jax.Array | None = None
+
+
+class Renorm(NamedTuple):
+  """Batch renormalization (Ioffe 2017) from running statistics and clipping.
+
+  x̂ = (x − μ_B)/σ_B · r + d with r = clip(σ_B/σ, rmin, rmax), d = clip((μ_B − μ)/σ, −dmax,
+  dmax), both under stop-gradient; σ_B = √(σ²_B + ε) and σ = √(var + ε). The running σ is
+  kept as a variance, as Flax keeps it (see docs/derivation.md). Clipping defaults are Keras
+  2's: missing rmax, rmin, dmax mean inf, 0, inf (no clipping); the paper's is rmin = 1/rmax.
+
+  Attributes:
+    mean: the running μ, with the feature shape.
+    var: the running variance (biased, as the modules store it); σ = √(var + ε).
+    rmax: r's upper clip, ≥ 1 (a scalar; an array under a warm-up schedule).
+    rmin: r's lower clip, in [0, 1].
+    dmax: |d|'s clip, ≥ 0.
+  """
+
+  mean: jax.Array
+  var: jax.Array
+  rmax: Any = float("inf")
+  rmin: Any = 0.0
+  dmax: Any = float("inf")
+
+
+class RenormCorrection(NamedTuple):
+  """Batch renormalization's (r, d) given directly: x̂ = (x − μ_B)/σ_B · r + d.
+
+  Both are per-feature arrays (feature shape), held constant by the gradient (stop-gradient,
+  as in the paper). For checks and for callers that compute their own correction.
+  """
+
+  r: jax.Array
+  d: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +140,9 @@ class Residuals(NamedTuple):
   delta: jax.Array
   inv_std: jax.Array
   count: jax.Array  # m, at least 1
+  renorm: Any = None  # the renorm inputs (their cotangent is 0), or None
+  r: jax.Array | None = None  # renorm's r and d, broadcastable against x, or None
+  d: jax.Array | None = None
 
 
 def batch_norm(
@@ -107,6 +159,8 @@ def batch_norm(
     gradient: Literal["analytic", "autodiff"] = "analytic",
     dtype: Any = None,
     use_cpu_kernel: bool | None = None,
+    renorm: Renorm | RenormCorrection | None = None,
+    virtual_batch_size: int | None = None,
 ) -> tuple[jax.Array, BatchStats]:
   """Training-mode batch normalization, y = γ (x − μ) / σ + β, with batch statistics.
 
@@ -148,6 +202,16 @@ def batch_norm(
       CPU lowering, even under a multi-device jit or an export (you assert x is not split
       across devices; an exported artifact then needs jaxbn's kernels registered where it
       runs). False: pure JAX.
+    renorm: batch renormalization (Ioffe 2017): a `Renorm` (running statistics and clipping)
+      or a `RenormCorrection` (r, d given); y = γ (x̂ r + d) + β with r, d constant to the
+      gradient, i.e. batch norm with scale γr and bias γd + β, whose backward is eq. (7)
+      with γ replaced by γr. With `axis_name`, r and d come from the pooled statistics.
+    virtual_batch_size: ghost batches (Hoffer et al. 2017): statistics per virtual batch of
+      this many examples along x's batch axis (the first non-feature axis), which it must
+      divide. As Keras 2, the batch axis of size N splits as (v, N/v): virtual batch g holds
+      examples g, g + N/v, g + 2N/v, …. With `axis_name`, the g-th virtual batches of every
+      device pool. `stats.r`, `stats.d` then carry the virtual batches' axis (size N/v)
+      where the batch axis sits among the feature axes (first, for axis=-1).
 
   Returns:
     `(y, stats)`: y with x's shape and `dtype`, and the batch `BatchStats` (gradients do not
@@ -160,6 +224,17 @@ def batch_norm(
   scale = jnp.ones(shape, cdt) if scale is None else _args.per_feature("scale", scale, shape)
   bias = jnp.zeros(shape, cdt) if bias is None else _args.per_feature("bias", bias, shape)
   _args.reduction_size(x, reductions)
+  renorm = _renorm_input(renorm, shape, cdt)
+  mask = _args.batch_mask(mask, x)
+  ghost = _ghost.layout(x.shape, features, reductions, virtual_batch_size)
+  x_shape = x.shape
+  if ghost is not None:  # more features, same maths (jaxbn._ghost)
+    x = ghost.split(x)
+    mask = None if mask is None else ghost.split(mask)
+    scale, bias = ghost.per_group(scale), ghost.per_group(bias)
+    renorm = _per_feature_fields(renorm, ghost.per_group)
+    features = ghost.features(features)
+    reductions = tuple(a for a in range(x.ndim) if a not in features)
   static = _Static(
       reduction_axes=reductions,
       broadcast_shape=_args.broadcast_shape(x, features),
@@ -169,18 +244,56 @@ def batch_norm(
       use_fast_variance=bool(use_fast_variance),
       out_dtype=_args.output_dtype(x, dtype),
   )
-  mask = _args.batch_mask(mask, x)
   gradient = _args.gradient_mode(gradient)
   static = dataclasses.replace(
       static, kernel_layout=_cpu_path.layout(x, features, mask, static, gradient, use_cpu_kernel),
       force_kernel=use_cpu_kernel is True)
+  renorm = _per_feature_fields(renorm, lambda v: v.reshape(static.broadcast_shape))
   if gradient == "analytic":
     _refuse_forward_mode(x, scale, bias)
     x, scale, bias = (_device_varying(v, axis_name) for v in (x, scale, bias))
-    y, stats = _batch_norm_analytic(x, scale, bias, mask, static)
+    y, stats = _batch_norm_analytic(x, scale, bias, mask, renorm, static)
   else:
-    y, stats, _ = _forward(x, scale, bias, mask, static)
+    y, stats, _ = _forward(x, scale, bias, mask, renorm, static)
+  if ghost is not None:
+    y = y.reshape(x_shape)
+    stats = _average_virtual_batches(stats, ghost.position)
   return y, jax.tree.map(lax.stop_gradient, stats)
+
+
+def _renorm_input(renorm, shape: tuple[int, ...], cdt):
+  """The renorm argument checked (trace time) and converted to compute-dtype arrays."""
+  if renorm is None:
+    return None
+  if isinstance(renorm, RenormCorrection):
+    return RenormCorrection(*(_args.per_feature(f"renorm.{name}", v, shape).astype(cdt)
+                              for name, v in zip(renorm._fields, renorm, strict=True)))
+  if not isinstance(renorm, Renorm):
+    raise TypeError(f"renorm must be a jaxbn.Renorm, a jaxbn.RenormCorrection or None, got "
+                    f"{type(renorm).__name__}.")
+  mean = _args.per_feature("renorm.mean", renorm.mean, shape).astype(cdt)
+  var = _args.per_feature("renorm.var", renorm.var, shape).astype(cdt)
+  rmax, rmin, dmax = _args.renorm_clipping(rmax=renorm.rmax, rmin=renorm.rmin,
+                                           dmax=renorm.dmax, prefix="renorm.")
+  return Renorm(mean, var, *(jnp.asarray(v, cdt) for v in (rmax, rmin, dmax)))
+
+
+def _per_feature_fields(renorm, fn):
+  """Applies fn to renorm's per-feature arrays (not its scalar clips)."""
+  if renorm is None:
+    return None
+  if isinstance(renorm, RenormCorrection):
+    return RenormCorrection(fn(renorm.r), fn(renorm.d))
+  return renorm._replace(mean=fn(renorm.mean), var=fn(renorm.var))
+
+
+def _average_virtual_batches(stats: BatchStats, position: int) -> BatchStats:
+  """The virtual batches' count-weighted mean of μ and of the biased variance (Keras 2 feeds
+  its moving averages the plain mean; they agree without a mask), and their mean count."""
+  weights = stats.count / jnp.maximum(jnp.sum(stats.count, axis=position, keepdims=True), 1)
+  average = lambda v: jnp.sum(weights * v, axis=position)
+  return stats._replace(mean=average(stats.mean), var=average(stats.var),
+                        count=jnp.mean(stats.count, axis=position))
 
 
 def batch_norm_inference(
@@ -290,12 +403,31 @@ def update_running_stats(
 # The forward pass, shared by both gradient modes.
 
 
-def _forward(x, scale, bias, mask, static: _Static):
+def _forward(x, scale, bias, mask, renorm, static: _Static):
   """Eqs. (1)-(4). Returns (y, stats, residuals for the analytic backward)."""
+  correction = {}
+  cdt = _args.compute_dtype(x)
+
+  def affine(stats: _passes.Statistics):
+    """(γ, β) of eq. (4) in the compute dtype, or with renorm (γr, γd + β)."""
+    gamma = scale.astype(cdt).reshape(static.broadcast_shape)
+    beta = bias.astype(cdt).reshape(static.broadcast_shape)
+    if renorm is None:
+      return gamma, beta
+    if isinstance(renorm, RenormCorrection):
+      r, d = renorm
+    else:
+      r, d = _per_feature.renorm_correction(
+          stats.shift + stats.delta, stats.inv_std, renorm.mean, renorm.var, static.epsilon,
+          renorm.rmin, renorm.rmax, renorm.dmax)
+    r, d = lax.stop_gradient(r), lax.stop_gradient(d)  # constants to the gradient (Ioffe)
+    correction.update(r=r, d=d)
+    return gamma * r, gamma * d + beta
+
   if static.kernel_layout is None:
-    y, stats = _forward_xla(x, scale, bias, mask, static)
+    y, stats = _forward_xla(x, mask, static, affine)
   else:
-    y, stats = _cpu_path.forward(x, scale, bias, mask, static)
+    y, stats = _cpu_path.forward(x, mask, static, affine, fused=renorm is None)
   feature_shape = tuple(n for a, n in enumerate(static.broadcast_shape)
                         if a not in static.reduction_axes)
   squeeze = functools.partial(jnp.squeeze, axis=static.reduction_axes)
@@ -303,13 +435,16 @@ def _forward(x, scale, bias, mask, static: _Static):
       mean=squeeze(stats.shift + stats.delta),
       var=squeeze(stats.var),
       count=jnp.broadcast_to(squeeze(stats.count), feature_shape),
+      r=squeeze(correction["r"]) if correction else None,
+      d=squeeze(correction["d"]) if correction else None,
   )
   residuals = Residuals(x, mask, scale, bias, stats.shift, stats.delta, stats.inv_std,
-                        _passes.at_least_one(stats.count))
+                        _passes.at_least_one(stats.count), renorm,
+                        correction.get("r"), correction.get("d"))
   return y, batch_stats, residuals
 
 
-def _forward_xla(x, scale, bias, mask, static: _Static):
+def _forward_xla(x, mask, static: _Static, affine):
   cdt = _args.compute_dtype(x)
   # Padding is zeroed before any arithmetic: where-masking only the result would still let
   # autodiff multiply a zero cotangent by a NaN partial (0 · NaN = NaN).
@@ -318,8 +453,7 @@ def _forward_xla(x, scale, bias, mask, static: _Static):
       x_c, mask, _passes.local_count(x.shape, mask, static.reduction_axes, cdt),
       static.reduction_axes, epsilon=static.epsilon, pool=static.pool,
       fast_variance=static.use_fast_variance)
-  gamma = scale.astype(cdt).reshape(static.broadcast_shape)
-  beta = bias.astype(cdt).reshape(static.broadcast_shape)
+  gamma, beta = affine(stats)
   y = _passes.normalize(x_c, stats.shift, stats.delta, gamma * stats.inv_std, beta, mask)
   return y.astype(static.out_dtype), stats
 
@@ -328,14 +462,14 @@ def _forward_xla(x, scale, bias, mask, static: _Static):
 # The analytic backward.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _batch_norm_analytic(x, scale, bias, mask, static: _Static):
-  y, stats, _ = _forward(x, scale, bias, mask, static)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _batch_norm_analytic(x, scale, bias, mask, renorm, static: _Static):
+  y, stats, _ = _forward(x, scale, bias, mask, renorm, static)
   return y, stats
 
 
-def _batch_norm_analytic_fwd(x, scale, bias, mask, static: _Static):
-  y, stats, residuals = _forward(x, scale, bias, mask, static)
+def _batch_norm_analytic_fwd(x, scale, bias, mask, renorm, static: _Static):
+  y, stats, residuals = _forward(x, scale, bias, mask, renorm, static)
   return (y, stats), residuals
 
 
@@ -344,18 +478,29 @@ def _batch_norm_analytic_bwd(static: _Static, residuals: Residuals, cotangents):
 
   With pooled batches (axis_name) m, Σ dy and Σ dy·x̂ in eq. (7) are global sums, while ∂L/∂γ
   and ∂L/∂β stay this device's sums — what JAX's autodiff of the same forward gives.
+
+  Batch renormalization is batch norm with scale γr and bias γd + β, r and d constant: the
+  same backward with γr in place of γ, then by the chain rule ∂L/∂γ = r Σ dy x̂ + d Σ dy.
   """
   dy, _ = cotangents  # stats leave through stop_gradient, so their cotangent is always 0
-  if static.kernel_layout is None:
-    dx, d_scale, d_bias = _backward_xla(static, residuals, dy)
-  else:
-    dx, d_scale, d_bias = _cpu_path.backward(static, residuals, dy)
   scale, bias = residuals.scale, residuals.bias
+  core = residuals
+  if residuals.r is not None:
+    core = residuals._replace(
+        scale=scale.astype(residuals.r.dtype).reshape(static.broadcast_shape) * residuals.r)
+  if static.kernel_layout is None:
+    dx, d_scale, d_bias = _backward_xla(static, core, dy)
+  else:
+    dx, d_scale, d_bias = _cpu_path.backward(static, core, dy)
+  if residuals.r is not None:
+    d_scale, d_bias = (v.reshape(static.broadcast_shape) for v in (d_scale, d_bias))
+    d_scale = residuals.r * d_scale + residuals.d * d_bias
   return (
       dx,
       d_scale.reshape(scale.shape).astype(scale.dtype),
       d_bias.reshape(bias.shape).astype(bias.dtype),
       None,
+      jax.tree.map(jnp.zeros_like, residuals.renorm),  # r, d under stop-gradient
   )
 
 

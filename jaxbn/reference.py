@@ -5,6 +5,10 @@ analytic backward is checked against. `staged_backward` computes eq. (7) the way
 derives it, one partial derivative per line, including the term of ∂L/∂μ that vanishes; its
 fields are named after the seed's symbols so each maps to an equation.
 
+`batch_norm_reference` also takes batch renormalization (`renorm`, r and d written out from
+Ioffe's Algorithm 1) and ghost batches (`virtual_batch_size`, one reference call per virtual
+batch, picked out by index rather than by `jaxbn.ops`' reshape).
+
 Both work in x's own dtype (no float32 promotion, no shifted variance): they are the maths,
 not the production kernel. Use float64 when comparing against them.
 """
@@ -15,8 +19,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxbn import _args
+from jaxbn.ops import Renorm, RenormCorrection
 
 __all__ = ["StagedBackward", "batch_norm_reference", "staged_backward"]
 
@@ -64,7 +70,8 @@ def _normalize(batch: _Batch, epsilon: float):
   return mu, sigma2, x_hat
 
 
-def batch_norm_reference(x, scale, bias, *, axis=-1, epsilon=1e-5, mask=None) -> jax.Array:
+def batch_norm_reference(x, scale, bias, *, axis=-1, epsilon=1e-5, mask=None, renorm=None,
+                         virtual_batch_size=None) -> jax.Array:
   """Eqs. (1)-(4) as written, y = γ (x − μ)/σ + β; masked positions give 0.
 
   Args:
@@ -74,16 +81,61 @@ def batch_norm_reference(x, scale, bias, *, axis=-1, epsilon=1e-5, mask=None) ->
     axis: the feature axis or axes.
     epsilon: ε of eq. (2).
     mask: boolean, broadcastable to x; False marks padding.
+    renorm: a `jaxbn.Renorm` or `jaxbn.RenormCorrection`: y = γ (x̂ r + d) + β, r and d
+      under stop-gradient.
+    virtual_batch_size: ghost batches: virtual batch g holds the examples g, g + G, … of
+      the batch axis (the first non-feature axis), G = N / virtual_batch_size.
 
   Returns:
     y, in x's dtype.
   """
+  if virtual_batch_size is not None:
+    return _ghost_reference(x, scale, bias, axis=axis, epsilon=epsilon, mask=mask,
+                            renorm=renorm, virtual_batch_size=virtual_batch_size)
   batch = _batch(x, mask, axis)
   gamma = _feature_vector("scale", scale, batch.x, axis)
   beta = _feature_vector("bias", bias, batch.x, axis)
-  _, _, x_hat = _normalize(batch, _args.epsilon_value(epsilon))
+  eps = _args.epsilon_value(epsilon)
+  mu, sigma2, x_hat = _normalize(batch, eps)
+  if renorm is not None:
+    r, d = _renorm_correction(renorm, mu, sigma2, batch.x, axis, eps)
+    x_hat = x_hat * r + d
   y = gamma * x_hat + beta  # (4)
   return y if batch.mask is None else jnp.where(batch.mask, y, jnp.zeros((), y.dtype))
+
+
+def _renorm_correction(renorm, mu, sigma2, x, axis, epsilon):
+  """Ioffe 2017, Algorithm 1: r = σ_B/σ and d = (μ_B − μ)/σ, clipped, stop-gradient."""
+  if isinstance(renorm, RenormCorrection):
+    r = _feature_vector("renorm.r", renorm.r, x, axis)
+    d = _feature_vector("renorm.d", renorm.d, x, axis)
+  else:
+    sigma = jnp.sqrt(_feature_vector("renorm.var", renorm.var, x, axis) + epsilon)
+    running_mu = _feature_vector("renorm.mean", renorm.mean, x, axis)
+    r = jnp.clip(jnp.sqrt(sigma2) / sigma, renorm.rmin, renorm.rmax)
+    d = jnp.clip((mu - running_mu) / sigma, -renorm.dmax, renorm.dmax)
+  return lax.stop_gradient(r), lax.stop_gradient(d)
+
+
+def _ghost_reference(x, scale, bias, *, axis, epsilon, mask, renorm, virtual_batch_size):
+  """One `batch_norm_reference` per virtual batch, its examples picked out by index."""
+  x = _args.floating_input(x)
+  _, reductions = _args.feature_axes(x, axis)
+  b = reductions[0]
+  n = x.shape[b]
+  groups = n // virtual_batch_size
+  if groups * virtual_batch_size != n:
+    raise ValueError(f"virtual_batch_size={virtual_batch_size} does not divide {n}.")
+  mask = None if mask is None else jnp.broadcast_to(_args.batch_mask(mask, x), x.shape)
+  y = jnp.zeros_like(x)
+  for g in range(groups):
+    rows = jnp.arange(g, n, groups)
+    pick = lambda v: jnp.take(v, rows, axis=b)
+    y_g = batch_norm_reference(pick(x), scale, bias, axis=axis, epsilon=epsilon,
+                               mask=None if mask is None else pick(mask), renorm=renorm)
+    index = (slice(None),) * b + (rows,)
+    y = y.at[index].set(y_g)
+  return y
 
 
 class StagedBackward(NamedTuple):

@@ -65,13 +65,55 @@ def test_a_wrong_gradient_fails(monkeypatch):
 
 
 @pytest.mark.slow
-def test_symbolic_identities_are_proved():
+def test_symbolic_identities_are_proved_for_explicit_batches():
   results = checks.symbolic_checks((2, 3, 4))
   assert {r.m for r in results} == {2, 3, 4}
   identities = {r.identity for r in results}
   assert "seed dL/dmu vanishing term == 0" in identities
   assert "closed form == dL/dx_i" in identities
   assert all(r.passed for r in results), [r for r in results if not r.passed]
+
+
+def test_symbolic_identities_are_proved_for_every_batch_size():
+  results = checks.symbolic_checks()
+  assert {r.m for r in results} == {checks.ANY_M}
+  identities = {r.identity for r in results}
+  explicit = {"seed dL/dxhat_i == graph derivative", "seed dxhat_i/dx_i == graph derivative",
+              "seed dL/dsigma2 == graph derivative", "seed dsigma2/dx_i == graph derivative",
+              "seed dL/dmu == graph derivative", "seed dmu/dx_i == graph derivative",
+              "seed dL/dmu vanishing term == 0", "eq. (7) == dL/dx_i", "closed form == dL/dx_i"}
+  assert explicit <= identities  # the six partials, the vanishing term, (7), the closed form
+  assert {i for i in identities if i.startswith("renorm")} == {
+      "renorm closed form (eq. (7) with gamma*r) == dL/dx_i",
+      "renorm r sum g_i xhat_i + d sum g_i == dL/dgamma", "renorm sum g_i == dL/dbeta",
+      "renorm unclipped xhat*r + d == (x_i - mu)/sigma (inference)"}
+  assert all(r.passed for r in results), [r for r in results if not r.passed]
+
+
+def test_the_any_m_proof_rejects_wrong_formulas():
+  """The symbolic-m machinery can fail: a closed form with m − 1 for m, and the seed's
+  ∂L/∂σ² with σ² for σ³, are not the derivative."""
+  sp, m, i, j, x, g, _, total, mu, sigma2, is_zero = checks._any_m_batch()
+  gamma = sp.Symbol("gamma", real=True)
+  sigma = sp.sqrt(sigma2)
+  x_hat = lambda idx: (x[idx] - mu) / sigma
+  loss = total(g[i] * gamma * x_hat(i))
+  body = lambda n: gamma / (n * sigma) * (
+      m * g[j] - total(g[i]) - x_hat(j) * total(g[i] * x_hat(i)))
+  grad_x = sp.diff(loss, x[j])
+  assert is_zero(body(m) - grad_x)
+  assert not is_zero(body(m - 1) - grad_x)
+  right = total(g[i] * gamma * (-(x[i] - mu) / (2 * sigma**3)))
+  wrong = total(g[i] * gamma * (-(x[i] - mu) / (2 * sigma**2)))
+  s2 = sp.Symbol("s2", positive=True)
+  truth = sp.diff(total(g[i] * gamma * (x[i] - mu) / sp.sqrt(s2)), s2).subs(s2, sigma2)
+  assert is_zero(right - truth)
+  assert not is_zero(wrong - truth)
+
+
+def test_symbolic_batch_sizes_are_checked():
+  with pytest.raises(ValueError, match="batch sizes are ints >= 2"):
+    checks.symbolic_checks((1,))
 
 
 def test_case_names_are_unique():

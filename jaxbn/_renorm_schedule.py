@@ -1,0 +1,61 @@
+"""The modules' batch-renormalization settings: Keras 2's `renorm_clipping` dict checked, and
+Ioffe's warm-up, which relaxes the clipping linearly from none (r = 1, d = 0) to the given one.
+
+Shared by `jaxbn.linen` and `jaxbn.nnx`; the maths of r and d is `jaxbn._per_feature`'s.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from jaxbn import _args
+
+CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+# Keras 2: "Missing rmax, rmin, dmax are set to inf, 0, inf, respectively."
+_KERAS_DEFAULTS = {"rmax": math.inf, "rmin": 0.0, "dmax": math.inf}
+
+
+def clipping(renorm: bool, renorm_clipping: Mapping[str, Any] | None, renorm_momentum: Any,
+             warmup_steps: Any, owner: str) -> tuple[float, float, float]:
+  """(rmax, rmin, dmax) from the module's fields, every field checked; raises naming it."""
+  if not renorm:
+    for name, value, default in (("renorm_clipping", renorm_clipping, None),
+                                 ("renorm_warmup_steps", warmup_steps, 0)):
+      if value != default:
+        shown = dict(value) if isinstance(value, Mapping) else value
+        raise ValueError(f"{owner}: {name}={shown!r} is set but renorm=False.")
+    return _KERAS_DEFAULTS["rmax"], _KERAS_DEFAULTS["rmin"], _KERAS_DEFAULTS["dmax"]
+  given = dict(renorm_clipping or {})
+  unknown = sorted(set(given) - set(CLIPPING_KEYS))
+  if unknown:
+    raise ValueError(f"{owner}: renorm_clipping has unknown keys {unknown}; the keys are "
+                     f"{list(CLIPPING_KEYS)} (Keras 2's).")
+  values = {**_KERAS_DEFAULTS, **given}
+  rmax, rmin, dmax = _args.renorm_clipping(**values, prefix="renorm_clipping:")
+  if (isinstance(renorm_momentum, bool) or not isinstance(renorm_momentum, numbers.Real)
+      or not 0 <= renorm_momentum <= 1):
+    raise ValueError(f"{owner}: renorm_momentum must be a number in [0, 1], got "
+                     f"{renorm_momentum!r}.")
+  if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+    raise ValueError(f"{owner}: renorm_warmup_steps must be an int >= 0, got "
+                     f"{warmup_steps!r}.")
+  if warmup_steps and not all(math.isfinite(float(v)) for v in (rmax, dmax)):
+    raise ValueError(f"{owner}: renorm_warmup_steps={warmup_steps} relaxes the clipping "
+                     "linearly up to renorm_clipping's rmax and dmax, which must then be "
+                     f"finite; got rmax={rmax}, dmax={dmax}.")
+  return float(rmax), float(rmin), float(dmax)
+
+
+def warmed_up(clip: tuple[float, float, float], steps, warmup_steps: int):
+  """The clipping after `steps` training steps of a linear warm-up over `warmup_steps`:
+  rmax 1 → rmax, rmin 1 → rmin, dmax 0 → dmax (Ioffe 2017, §4: r and d start as plain BN)."""
+  rmax, rmin, dmax = clip
+  if not warmup_steps:
+    return rmax, rmin, dmax
+  done = jnp.minimum(jnp.asarray(steps, jnp.float32) / warmup_steps, 1.0)
+  return 1 + (rmax - 1) * done, 1 - (1 - rmin) * done, dmax * done
