@@ -15,6 +15,13 @@ of per-batch variances falls short of it by the variance of the batch means (for
 batches of m values, by a factor (m − 1)/m). With `unbiased_running_var` the pooled variance
 is scaled by T/(T − 1), T the number of values. With ghost batches (`virtual_batch_size`) each
 batch contributes what the layer's running averages get: its virtual batches' average.
+
+`variance="average"` keeps instead the count-weighted average of the per-batch variances, as
+PyTorch's `update_bn` and fvcore's PreciseBN do: the true average of what the running
+variance averages, and the variance training-mode normalization divides by (each batch is
+centred on its own mean, so the spread of batch means never reaches it). The two differ most
+where batches differ most (non-i.i.d. batches: docs/experiments.md, renorm_noniid); with
+`unbiased_running_var` each batch's variance is scaled by c/(c − 1) first, as in training.
 """
 
 from __future__ import annotations
@@ -30,9 +37,11 @@ from jaxbn import _recording
 
 __all__ = ["recompute_batch_stats"]
 
+_VARIANCES = ("pooled", "average")
+
 
 def recompute_batch_stats(model: Any, batches: Iterable[Any], *, variables: Any = None,
-                          **call_kwargs: Any) -> Any:
+                          variance: str = "pooled", **call_kwargs: Any) -> Any:
   """Replaces every jaxbn `BatchNorm`'s running mean and variance by population statistics.
 
   Each batch runs through the model in training mode (the layers normalize with batch
@@ -49,6 +58,9 @@ def recompute_batch_stats(model: Any, batches: Iterable[Any], *, variables: Any 
     batches: an iterable of the model's positional input: an array, or a tuple of
       positional arguments.
     variables: linen only: the variable dict (`params`, `batch_stats`, ...).
+    variance: "pooled" (default): the biased variance of all values seen, exact population
+      statistics for equal-size batches; "average": the count-weighted average of the
+      per-batch variances (PyTorch's `update_bn`; see the module docstring).
     **call_kwargs: passed to every call (linen: to `apply`, e.g. `train=True` or
       `use_running_average=False`, `rngs=`; they must put jaxbn's BatchNorms in training
       mode). nnx: jaxbn's BatchNorms are put in training mode on a copy of the model.
@@ -58,24 +70,28 @@ def recompute_batch_stats(model: Any, batches: Iterable[Any], *, variables: Any 
     nnx: `model`, its BatchNorms' `mean` and `var` replaced.
 
   Raises:
-    ValueError: no batches, or no jaxbn BatchNorm ran in training mode.
+    ValueError: no batches, no jaxbn BatchNorm ran in training mode, or an unknown
+      `variance`.
   """
+  if variance not in _VARIANCES:
+    raise ValueError(f"variance must be one of {_VARIANCES}, got {variance!r}.")
   from flax import linen as nn  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   if isinstance(model, nnx.Module):
     if variables is not None:
       raise ValueError("variables= is for linen modules; an nnx module holds its own state.")
-    return _recompute_nnx(model, batches, call_kwargs)
+    return _recompute_nnx(model, batches, variance, call_kwargs)
   if isinstance(model, nn.Module):
     if variables is None:
       raise ValueError("recompute_batch_stats(linen_module, ...) needs variables=.")
-    return _recompute_linen(model, variables, batches, call_kwargs)
+    return _recompute_linen(model, variables, batches, variance, call_kwargs)
   raise TypeError(f"model must be a flax.linen or flax.nnx Module, got {type(model).__name__}.")
 
 
 class _Pool:
-  """Per-layer pooled count, mean and biased variance, in float64 (Chan et al.)."""
+  """Per-layer statistics over the batches, in float64: count, mean and biased variance pooled
+  (Chan et al.), and the count-weighted sum of the per-batch variances (for "average")."""
 
   def __init__(self):
     self.layers: dict[str, list] = {}
@@ -83,20 +99,25 @@ class _Pool:
   def add(self, key: str, record: dict) -> None:
     count, mean, var = (np.asarray(record[k], np.float64) for k in ("count", "mean", "var"))
     unbiased = bool(record["unbiased"])
+    # What the running variance is updated with for this batch: c/(c − 1)·var if unbiased.
+    batch_var = var * count / np.maximum(count - 1, 1) if unbiased else var
     if key not in self.layers:
-      self.layers[key] = [count, mean, var, unbiased]
+      self.layers[key] = [count, mean, var, count * batch_var, unbiased]
       return
-    total, pooled_mean, pooled_var, _ = self.layers[key]
+    total, pooled_mean, pooled_var, weighted_var_sum, _ = self.layers[key]
     new_total = total + count
     weight = np.divide(count, new_total, out=np.zeros_like(count), where=new_total > 0)
     delta = mean - pooled_mean
     pooled_mean = pooled_mean + weight * delta
     # T'·V' = T·V + c·v + δ²·T·c/T'
     pooled_var = (1 - weight) * pooled_var + weight * var + weight * (1 - weight) * delta**2
-    self.layers[key] = [new_total, pooled_mean, pooled_var, unbiased]
+    self.layers[key] = [new_total, pooled_mean, pooled_var,
+                        weighted_var_sum + count * batch_var, unbiased]
 
-  def result(self, key: str) -> tuple[np.ndarray, np.ndarray]:
-    total, mean, var, unbiased = self.layers[key]
+  def result(self, key: str, variance: str) -> tuple[np.ndarray, np.ndarray]:
+    total, mean, var, weighted_var_sum, unbiased = self.layers[key]
+    if variance == "average":
+      return mean, np.divide(weighted_var_sum, total, out=np.zeros_like(var), where=total > 0)
     if unbiased:
       var = var * total / np.maximum(total - 1, 1)
     return mean, var
@@ -135,7 +156,7 @@ def _collect(records, name_of) -> dict[str, list[dict]]:
   return out
 
 
-def _recompute_linen(model, variables, batches, call_kwargs):
+def _recompute_linen(model, variables, batches, variance, call_kwargs):
   paths: dict[str, tuple[str, ...]] = {}
 
   def name_of(path):
@@ -157,13 +178,13 @@ def _recompute_linen(model, variables, batches, call_kwargs):
     for part in path:
       layer[part] = dict(layer[part])
       layer = layer[part]
-    mean, var = pool.result(name)
+    mean, var = pool.result(name, variance)
     layer["mean"] = jnp.asarray(mean, layer["mean"].dtype)
     layer["var"] = jnp.asarray(var, layer["var"].dtype)
   return {**variables, "batch_stats": batch_stats}
 
 
-def _recompute_nnx(model, batches, call_kwargs):
+def _recompute_nnx(model, batches, variance, call_kwargs):
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   from jaxbn import nnx as jaxbn_nnx  # pylint: disable=import-outside-toplevel
@@ -188,7 +209,7 @@ def _recompute_nnx(model, batches, call_kwargs):
   pool = _pool_batches(lambda args: run(state, args), batches, type(model).__name__)
   for name, layer in layers(model).items():
     if name in pool.layers:
-      mean, var = pool.result(name)
+      mean, var = pool.result(name, variance)
       layer.mean[...] = jnp.asarray(mean, layer.mean[...].dtype)
       layer.var[...] = jnp.asarray(var, layer.var[...].dtype)
   return model

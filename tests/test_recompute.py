@@ -83,6 +83,26 @@ def test_linen_recomputes_population_statistics(batches, unbiased):
   assert np.all(np.asarray(batches, np.float64).reshape(-1, IN).var(0) > 2 * per_batch)
 
 
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_linen_average_of_per_batch_variances(batches, unbiased):
+  """variance="average": the per-batch variances averaged (PyTorch's update_bn), each made
+  unbiased first when the layer keeps an unbiased running variance; the mean is the same."""
+  net = LinenNet(unbiased=unbiased)
+  variables = net.init(jax.random.key(0), batches[0], train=True)
+  new = jaxbn.recompute_batch_stats(net, batches, variables=variables, variance="average",
+                                    train=True)
+  first, _ = _linen_reference(variables, batches)  # bn1's input, over all batches
+  p = variables["params"]["dense1"]
+  per_batch = [np.asarray(x, np.float64) @ np.asarray(p["kernel"], np.float64)
+               + np.asarray(p["bias"], np.float64) for x in batches]
+  expected = np.mean([h.var(0, ddof=1 if unbiased else 0) for h in per_batch], 0)
+  got = new["batch_stats"]["bn1"]
+  np.testing.assert_allclose(got["mean"], first[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got["var"], expected, rtol=1e-5)
+  # The batches' means differ, so this is visibly below the pooled variance.
+  assert np.all(expected * 1.5 < first[1])
+
+
 class NnxNet(nnx.Module):
   def __init__(self, rngs, virtual_batch_size=None):
     self.dense1 = nnx.Linear(IN, HIDDEN, rngs=rngs)
@@ -137,5 +157,7 @@ def test_errors(batches):
     jaxbn.recompute_batch_stats(net, batches, train=True)
   with pytest.raises(ValueError, match="batches is empty"):
     jaxbn.recompute_batch_stats(NnxNet(nnx.Rngs(0)), [])
+  with pytest.raises(ValueError, match="variance must be one of"):
+    jaxbn.recompute_batch_stats(net, batches, variables=variables, variance="mean", train=True)
   with pytest.raises(TypeError, match="must be a flax.linen or flax.nnx Module"):
     jaxbn.recompute_batch_stats(lambda x: x, batches)
