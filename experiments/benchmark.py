@@ -230,8 +230,11 @@ def run(config, workdir: pathlib.Path) -> str:
                                     results["bandwidth_gb_per_s"], meta))
     plots.plot_op_benchmark(results["ops"], results["bandwidth_gb_per_s"],
                             workdir / "op_benchmark.png")
+  # What is measured so far is written after each section: a run cut short keeps it.
+  workdir_lib.atomic_write(workdir / "benchmark.json", json.dumps(results, indent=2))
   if "throughput" in config.sections:
     results["throughput"] = throughput(config)
+    workdir_lib.atomic_write(workdir / "benchmark.json", json.dumps(results, indent=2))
     parts.append(markdown(results["throughput"], meta))
   if "memory" in config.sections:
     results["memory"] = peak_memory(config)
