@@ -18,6 +18,7 @@ Each row's "% of floor" is the floor's time over its time; GB/s is 8·size·item
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import hashlib
@@ -309,6 +310,10 @@ class Worker:
         self.process.wait(timeout=30)
       except (OSError, subprocess.TimeoutExpired):
         self.process.kill()
+        self.process.wait()
+    for pipe in (self.process.stdin, self.process.stdout):
+      with contextlib.suppress(OSError):  # a worker that died leaves a broken pipe
+        pipe.close()
 
 
 def worker_environment() -> dict[str, str]:
