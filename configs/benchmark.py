@@ -21,10 +21,12 @@ def get_config():
   config.batch_size = {"mlp": 60, "cnn": 128}
   config.steps_per_call = {"mlp": 200, "cnn": 5}
   config.dataset_size = 2048
-  config.repeats = 15
-  # BN layer alone: each round, each implementation first runs untimed for op_settle_s
-  # (PyTorch's OpenMP workers keep spinning for several ms after a call and slow whatever
-  # runs next), then a timed sample of back-to-back calls lasting about op_sample_s.
+  config.repeats = 7  # rounds; each implementation in its own process, taking turns
+  # Each round, each implementation first runs untimed for op_settle_s (what the process
+  # that ran before left running — PyTorch's OpenMP workers spin for several ms after a
+  # call — lands there), then a timed sample of back-to-back calls lasting about op_sample_s
+  # (BN layer) or step_sample_s (training steps).
   config.op_settle_s = 0.02
-  config.op_sample_s = 0.002
+  config.op_sample_s = 0.02
+  config.step_sample_s = 0.1
   return config

@@ -1,19 +1,36 @@
-"""The BN layer alone: training forward + backward, and what it saves for the backward.
+"""The BN layer alone: training forward + backward, its floor, and what it saves for the backward.
 
-For each shape and dtype, every implementation computes y, dx, dγ, dβ from x, γ, β and a
-given dy, jitted. Implementations are interleaved: each round, each one first runs untimed
-for `settle_s` (what the previous one left behind — PyTorch's OpenMP workers spin for ~3 ms
-after a call, XLA's pool threads too — lands there), then a timed sample of back-to-back
-calls lasting about `sample_s`, as in a training loop; a row is the median over `repeats`
-rounds of the time per call. Bytes-moved model (stated in docs/performance.md): 8 activation-sized transfers
-per call — read x for the statistics; read x, write y; read x and dy for Σdy and Σdy·x̂;
-read x and dy, write dx — so the attained bandwidth is 8·size·itemsize / time.
+For each shape and dtype, every implementation computes y, dx, dγ, dβ from x, γ, β and a given
+dy. **Each implementation runs in its own process** (a worker, `python -m experiments.bench_ops
+<implementation>`), so no runtime's thread pool competes with another's; the workers take
+turns: in each of `repeats` rounds, each one (in an order rotated every round) first runs
+untimed for `settle_s` (what the previous one left behind — PyTorch's OpenMP workers spin for
+~3 ms after a call, XLA's pool threads too — lands there), then times back-to-back calls for
+about `sample_s`, as in a training loop; a row is the median over rounds of the time per call.
+
+**The floor** of a shape is the time of a BN training step's minimal memory traffic: 8
+activation-sized transfers — read x for the statistics; read x, write y; read x and dy for Σdy
+and Σdy·x̂; read x and dy, write dx — done by trivial streaming kernels
+(`experiments/csrc/stream_floor.cc`) through the same path as jaxbn's kernels (two XLA FFI
+calls on XLA's pool, the same scheduler and split), in a worker of its own like the others.
+Each row's "% of floor" is the floor's time over its time; GB/s is 8·size·itemsize / time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
+import hashlib
+import json
 import math
+import os
+import pathlib
+import shlex
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -21,9 +38,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 import jaxbn
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 TRANSFERS = 8  # activation-sized reads and writes of a fused BN training step (see above)
 
 
@@ -121,65 +140,261 @@ def _torch_step(shape, dtype, channels_first=False):
   return step
 
 
-def _calls_per_sample(run: Callable, sample_s: float) -> int:
+# ---------------------------------------------------------------------------------------
+# The floor: experiments/csrc/stream_floor.cc, built once per source and jaxlib, beside
+# jaxbn's own cache.
+
+FLOOR = "floor"
+TORCH = "torch"
+FLOOR_SOURCE = pathlib.Path(__file__).parent / "csrc" / "stream_floor.cc"
+FLOOR_LIBRARY_ENV = "JAXBN_BENCH_FLOOR_LIBRARY"
+
+
+def build_floor() -> pathlib.Path | None:
+  """Compiles the floor's kernels (cached); None, with a warning, where that fails."""
+  from jaxbn import _native_build
+
+  headers = _native_build.CSRC
+  digest = hashlib.sha256(FLOOR_SOURCE.read_bytes())
+  for header in sorted(headers.glob("*.h")):
+    digest.update(header.read_bytes())
+  digest.update(jax.__version__.encode())
+  library = _native_build.cache_dir() / "bench" / f"stream_floor-{digest.hexdigest()[:16]}.so"
+  if library.exists():
+    return library
+  compiler = os.environ.get("CXX") or next(
+      (c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+  if compiler is None:
+    logging.warning("no C++ compiler: the benchmark runs without its floor")
+    return None
+  library.parent.mkdir(parents=True, exist_ok=True)
+  partial = library.with_suffix(f".{os.getpid()}.partial")
+  build = subprocess.run(
+      [*shlex.split(compiler), "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
+       f"-I{headers}", f"-I{jax.ffi.include_dir()}", str(FLOOR_SOURCE), "-o", str(partial)],
+      capture_output=True, text=True, timeout=600)
+  if build.returncode != 0:
+    logging.warning("the floor's kernels did not build: %s", build.stderr[-2000:])
+    return None
+  os.replace(partial, library)
+  return library
+
+
+def _floor_step(shape, dtype) -> Callable | None:
+  """The floor at one shape: a runner of its two FFI calls, the second after the first."""
+  library = os.environ.get(FLOOR_LIBRARY_ENV)
+  if not library:
+    return None
+  if not getattr(_floor_step, "registered", False):
+    handle = ctypes.cdll.LoadLibrary(library)
+    for target, symbol in (("bench_floor_forward", "FloorForward"),
+                           ("bench_floor_backward", "FloorBackward")):
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, symbol)),
+                                  platform="cpu")
+    _floor_step.registered = True
+  scalar = jax.ShapeDtypeStruct((), jnp.float32)
+
+  @jax.jit
+  def step(x, dy):
+    activation = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    y, s1 = jax.ffi.ffi_call("bench_floor_forward", (activation, scalar))(x)
+    dx, s2 = jax.ffi.ffi_call("bench_floor_backward", (activation, scalar))(x, dy, s1)
+    return y, dx, s1 + s2
+
+  x, _, _, dy = _inputs(shape, dtype)
+  compiled = step.lower(x, dy).compile()
+  return lambda: jax.block_until_ready(compiled(x, dy))
+
+
+# ---------------------------------------------------------------------------------------
+# Workers: one process per implementation, driven over pipes one JSON line at a time.
+
+
+def _runner(name: str, case: dict) -> tuple[Callable, float] | None:
+  """(run, compile seconds) of implementation `name` at `case`, or None where it does not
+  run (torch and the naive version take no mask)."""
+  shape, dtype = tuple(case["shape"]), case["dtype"]
+  channels_first, masked = case["channels_first"], case["masked"]
   start = time.perf_counter()
-  run()
-  return max(1, math.ceil(sample_s / max(time.perf_counter() - start, 1e-7)))
+  if name == FLOOR:
+    if masked:  # a masked shape's floor is the unmasked one's: the same x, all of it read
+      return None
+    run = _floor_step(shape, dtype)
+    return None if run is None else (run, time.perf_counter() - start)
+  if name == TORCH:
+    if masked:
+      return None
+    run = _torch_step(shape, dtype, channels_first)
+    return None if run is None else (run, 0.0)
+  if masked and name not in MASKABLE:
+    return None
+  axis = 1 if channels_first else -1
+  args = _inputs(shape, dtype, axis=axis)
+  mask = padding_mask(shape) if masked else None
+  compiled = training_step(FORWARDS[name], axis, mask).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  return (lambda: jax.block_until_ready(compiled(*args))), compile_s
 
 
-def time_ops(shapes, dtypes, repeats: int, settle_s: float = 0.02,
-             sample_s: float = 2e-3, channels_first_shapes=(), masked_shapes=()) -> list[dict]:
+def serve(make_runner: Callable[[dict], tuple[Callable, float] | None]) -> None:
+  """A worker's loop: reads commands from stdin, answers one JSON line each on stdout.
+
+    {"op": "prepare", "case": {...}, "sample_s": s}  → {"compile_s": s} or {"skip": true}
+    {"op": "sample", "settle_s": s}                  → {"seconds": time per call}
+    {"op": "quit"}
+
+  Anything else the process prints goes to stderr, so that it cannot garble the answers.
+  """
+  answers = os.fdopen(os.dup(1), "w", buffering=1)
+  os.dup2(2, 1)
+  run, calls = None, 1
+  for line in sys.stdin:
+    message = json.loads(line)
+    try:
+      if message["op"] == "quit":
+        break
+      if message["op"] == "prepare":
+        run = None
+        gc.collect()
+        made = make_runner(message["case"])
+        if made is None:
+          answer = {"skip": True}
+        else:
+          run, compile_s = made
+          run()  # warm-up
+          start = time.perf_counter()
+          run()
+          once = time.perf_counter() - start
+          calls = max(1, math.ceil(message["sample_s"] / max(once, 1e-7)))
+          answer = {"compile_s": compile_s}
+      else:  # sample
+        settled = time.perf_counter() + message["settle_s"]
+        run()
+        while time.perf_counter() < settled:
+          run()
+        start = time.perf_counter()
+        for _ in range(calls):
+          run()
+        answer = {"seconds": (time.perf_counter() - start) / calls}
+    except Exception as e:  # reported to the parent, which raises it with the name
+      answer = {"error": f"{type(e).__name__}: {e}"}
+    answers.write(json.dumps(answer) + "\n")
+
+
+class Worker:
+  """One implementation's process; `module` serves it with `serve`."""
+
+  def __init__(self, module: str, name: str, env: dict[str, str]):
+    self.name = name
+    self.process = subprocess.Popen([sys.executable, "-m", module, "--worker", name],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                    cwd=ROOT, env=env)
+
+  def send(self, **message):
+    self.process.stdin.write(json.dumps(message) + "\n")
+    self.process.stdin.flush()
+
+  def receive(self) -> dict:
+    line = self.process.stdout.readline()
+    if not line:
+      raise RuntimeError(f"benchmark worker {self.name!r} exited ({self.process.wait()})")
+    answer = json.loads(line)
+    if "error" in answer:
+      raise RuntimeError(f"benchmark worker {self.name!r}: {answer['error']}")
+    return answer
+
+  def close(self):
+    if self.process.poll() is None:
+      try:
+        self.send(op="quit")
+        self.process.wait(timeout=30)
+      except (OSError, subprocess.TimeoutExpired):
+        self.process.kill()
+        self.process.wait()
+    for pipe in (self.process.stdin, self.process.stdout):
+      with contextlib.suppress(OSError):  # a worker that died leaves a broken pipe
+        pipe.close()
+
+
+def worker_environment() -> dict[str, str]:
+  """The parent's environment (allocator included), with this checkout first on the path."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+  return env
+
+
+def alternate(module: str, names, cases: list[dict], repeats: int, settle_s: float,
+              sample_s: float, env: dict[str, str] | None = None) -> list[dict]:
+  """Times every implementation in `names` at every case, each in its own process (a
+  `Worker` of `module`), the processes taking turns over `repeats` rounds in an order
+  rotated every round. Returns one dict per (case, implementation that runs it):
+  case, implementation, median_s, samples, compile_s."""
+  env = worker_environment() if env is None else env
+  workers = [Worker(module, name, env) for name in names]
+  results = []
+  try:
+    for case in cases:
+      for worker in workers:  # compiled and warmed up in parallel: untimed
+        worker.send(op="prepare", case=case, sample_s=sample_s)
+      ready = [(w, w.receive()) for w in workers]
+      ready = [(w, answer) for w, answer in ready if not answer.get("skip")]
+      samples = {w.name: [] for w, _ in ready}
+      for r in range(repeats):
+        order = ready[r % len(ready):] + ready[:r % len(ready)]
+        for worker, _ in order:
+          worker.send(op="sample", settle_s=settle_s)
+          samples[worker.name].append(worker.receive()["seconds"])
+      for worker, answer in ready:
+        results.append({"case": case, "implementation": worker.name,
+                        "median_s": statistics.median(samples[worker.name]),
+                        "samples": samples[worker.name], "compile_s": answer["compile_s"]})
+  finally:
+    for worker in workers:
+      worker.close()
+  return results
+
+
+def time_ops(shapes, dtypes, repeats: int, settle_s: float = 0.02, sample_s: float = 0.02,
+             channels_first_shapes=(), masked_shapes=()) -> list[dict]:
   """Rows for `shapes` (features last), `channels_first_shapes` (features on axis 1) and
   `masked_shapes` (features last, a quarter of the examples masked; only the implementations
-  that take a mask)."""
+  that take a mask), every implementation in its own process, and the floor's row."""
+  cases = [{"shape": list(s), "dtype": d, "channels_first": cf, "masked": m}
+           for d in dtypes
+           for s, cf, m in ([(s, False, False) for s in shapes]
+                            + [(s, True, False) for s in channels_first_shapes]
+                            + [(s, False, True) for s in masked_shapes])]
+  env = worker_environment()
+  floor = build_floor()
+  if floor is not None:
+    env[FLOOR_LIBRARY_ENV] = str(floor)
+  names = [*FORWARDS, TORCH, FLOOR]
+  results = alternate("experiments.bench_ops", names, cases, repeats, settle_s, sample_s, env)
   rows = []
-  cases = ([(s, False, False) for s in shapes] + [(s, True, False) for s in channels_first_shapes]
-           + [(s, False, True) for s in masked_shapes])
-  for dtype in dtypes:
-    for shape, channels_first, masked in cases:
-      axis = 1 if channels_first else -1
-      args = _inputs(shape, dtype, axis=axis)
-      mask = padding_mask(shape) if masked else None
-      runners, compile_s = {}, {}
-      for name, forward in FORWARDS.items():
-        if masked and name not in MASKABLE:
-          continue
-        start = time.perf_counter()
-        compiled = training_step(forward, axis, mask).lower(*args).compile()
-        compile_s[name] = time.perf_counter() - start
-        jax.block_until_ready(compiled(*args))  # warm-up
-        runners[name] = lambda c=compiled: jax.block_until_ready(c(*args))
-      torch_step = None if masked else _torch_step(shape, dtype, channels_first)
-      if torch_step is not None:
-        torch_step()
-        runners["torch"] = torch_step
-        compile_s["torch"] = 0.0
-      calls = {name: _calls_per_sample(run, sample_s) for name, run in runners.items()}
-      times = {name: [] for name in runners}
-      for _ in range(repeats):
-        for name, run in runners.items():
-          settled = time.perf_counter() + settle_s
-          run()
-          while time.perf_counter() < settled:
-            run()
-          start = time.perf_counter()
-          for _ in range(calls[name]):
-            run()
-          times[name].append((time.perf_counter() - start) / calls[name])
-      nbytes = int(np.prod(shape)) * jnp.dtype(dtype).itemsize
-      for name, samples in times.items():
-        median = statistics.median(samples)
-        label = ("x".join(map(str, shape)) + (CHANNELS_FIRST if channels_first else "")
-                 + (MASKED if masked else ""))
-        rows.append({"shape": label, "dtype": dtype, "implementation": name,
-                     "median_ms": 1e3 * median, "compile_s": compile_s[name],
-                     "gb_per_s": TRANSFERS * nbytes / median / 1e9})
+  for result in results:
+    case = result["case"]
+    shape = tuple(case["shape"])
+    nbytes = int(np.prod(shape)) * jnp.dtype(case["dtype"]).itemsize
+    label = ("x".join(map(str, shape)) + (CHANNELS_FIRST if case["channels_first"] else "")
+             + (MASKED if case["masked"] else ""))
+    rows.append({"shape": label, "dtype": case["dtype"], "implementation": result["implementation"],
+                 "median_ms": 1e3 * result["median_s"], "compile_s": result["compile_s"],
+                 "rounds_ms": [1e3 * s for s in result["samples"]],
+                 "gb_per_s": TRANSFERS * nbytes / result["median_s"] / 1e9})
+  floors = {(r["shape"], r["dtype"]): r["median_ms"] for r in rows if r["implementation"] == FLOOR}
+  for row in rows:
+    floor_ms = floors.get((row["shape"], row["dtype"]))
+    # The floor of a masked shape is the unmasked one's (all of x is still read).
+    floor_ms = floor_ms or floors.get((row["shape"].replace(MASKED, ""), row["dtype"]))
+    row["floor_ms"] = floor_ms
+    row["pct_of_floor"] = None if floor_ms is None else 100 * floor_ms / row["median_ms"]
   return rows
 
 
 def streaming_bandwidth(megabytes: int = 256, repeats: int = 10) -> float:
   """GB/s of a jitted y = 2x + 1 over a large float32 array (one read, one write), which XLA
-  runs on all cores: the roofline the BN rows are measured against."""
+  runs on all cores: stated with every run, to compare machines and days (the floor, not
+  this, is what the rows are measured against)."""
   x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
   f = jax.jit(lambda x: 2 * x + 1)
   jax.block_until_ready(f(x))
@@ -207,21 +422,52 @@ def residual_bytes(shape=(64, 56, 56, 128), dtype="float32") -> list[dict]:
 
 
 def markdown(rows: list[dict], residuals: list[dict], bandwidth: float, meta: dict) -> str:
-  lines = [f"Machine: {meta['machine']}; JAX {meta['jax']}; allocator {meta['allocator']}. "
-           f"Streaming bandwidth (jitted 2x+1, both cores): {bandwidth:.1f} GB/s. BN forward + "
-           f"backward: median over {meta['repeats']} interleaved rounds of the time per call "
-           f"(each round, each implementation runs untimed for {meta['op_settle_s'] * 1e3:g} "
-           f"ms, then back-to-back calls for about {meta['op_sample_s'] * 1e3:g} ms, timed); "
-           f"GB/s = {TRANSFERS}·size/time.", "",
-           "| shape | dtype | implementation | ms | GB/s | % of bandwidth | compile s |",
+  lines = [f"Machine: {meta['machine']}; JAX {meta['jax']}; allocator {meta['allocator']}; "
+           f"{meta.get('date', '')}, load average {meta.get('load', '?')}. Streaming bandwidth "
+           f"(jitted 2x+1 on 256 MB, both cores, stated only to compare machines): "
+           f"{bandwidth:.1f} GB/s. BN forward + backward, each implementation in its own "
+           f"process: median over {meta['repeats']} rounds in which the processes take turns "
+           f"(each runs untimed for {meta['op_settle_s'] * 1e3:g} ms, then back-to-back calls "
+           f"for about {meta['op_sample_s'] * 1e3:g} ms, timed); GB/s = {TRANSFERS}·size/time; "
+           f"% of floor = the floor's time (8 transfers by trivial streaming kernels) / time.", "",
+           "| shape | dtype | implementation | ms | GB/s | % of floor | compile s |",
            "|---|---|---|---|---|---|---|"]
   for r in rows:
+    floor = "—" if r.get("pct_of_floor") is None else f"{r['pct_of_floor']:.0f}%"
     lines.append(f"| {r['shape']} | {r['dtype']} | {r['implementation']} | "
-                 f"{r['median_ms']:.3f} | {r['gb_per_s']:.1f} | "
-                 f"{100 * r['gb_per_s'] / bandwidth:.0f}% | {r['compile_s']:.2f} |")
+                 f"{r['median_ms']:.3f} | {r['gb_per_s']:.1f} | {floor} | {r['compile_s']:.2f} |")
+  lines += ["", "jaxbn analytic (the C++ kernels) against the others at each shape (> 1: jaxbn "
+            "is faster):", "",
+            "| shape | dtype | floor ms | jaxbn ms | jaxbn % of floor | vs torch | vs flax.linen "
+            "| vs pure JAX |", "|---|---|---|---|---|---|---|---|"]
+  by = {(r["shape"], r["dtype"], r["implementation"]): r for r in rows}
+  for shape, dtype in dict.fromkeys((r["shape"], r["dtype"]) for r in rows):
+    ours = by.get((shape, dtype, "jaxbn analytic"))
+    if ours is None:
+      continue
+
+    def ratio(name):
+      other = by.get((shape, dtype, name))
+      return "—" if other is None else f"{other['median_ms'] / ours['median_ms']:.2f}x"
+    floor = ours.get("floor_ms")
+    floor_ms = "—" if floor is None else f"{floor:.3f}"
+    percent = "—" if floor is None else f"{100 * floor / ours['median_ms']:.0f}%"
+    lines.append(f"| {shape} | {dtype} | {floor_ms} | {ours['median_ms']:.3f} | {percent} | "
+                 f"{ratio(TORCH)} | {ratio('flax.linen')} | {ratio('jaxbn analytic, pure JAX')} |")
   lines += ["", "| implementation | bytes saved for the backward | activation-sized tensors |",
             "|---|---|---|"]
   for r in residuals:
     lines.append(f"| {r['implementation']} | {r['residual_bytes'] / r['x_bytes']:.2f}× x "
                  f"({r['shape']}, {r['dtype']}) | {r['activation_sized']} |")
   return "\n".join(lines) + "\n"
+
+
+def _worker_main():
+  """`python -m experiments.bench_ops --worker NAME`: serves implementation NAME."""
+  name = sys.argv[sys.argv.index("--worker") + 1]
+  logging.set_verbosity(logging.WARNING)
+  serve(lambda case: _runner(name, case))
+
+
+if __name__ == "__main__":
+  _worker_main()

@@ -1,12 +1,13 @@
-"""Training-step throughput of the experiments' nets with each BatchNorm implementation.
+"""The benchmark: BN layer alone (experiments/bench_ops.py), training-step throughput, memory.
 
     python -m experiments.benchmark --config=configs/benchmark.py --workdir=runs/benchmark
 
-For the paper MLP and the CNN: a jitted lax.scan of `steps_per_call` SGD steps (state
-donated, batches drawn on device) with jaxbn's module (analytic and autodiff backward) and
-`flax.linen.BatchNorm`. Implementations are interleaved, compile time is reported apart,
-and each row gives the median of `repeats` timed calls after a warm-up call. The allocator
-the process runs under is reported, since it moves these numbers (see docs/performance.md).
+For the paper MLP and the CNN: a jitted lax.scan of `steps_per_call` SGD steps (batches drawn
+on device) with jaxbn's module (analytic and autodiff backward), `flax.linen.BatchNorm`, the
+same net without BN, and the same nets in PyTorch with and without BN. Each implementation
+runs in its own process and the processes take turns (bench_ops.alternate); compile time is
+reported apart, and each row gives the median over `repeats` rounds. The allocator the
+processes run under is reported, since it moves these numbers (see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import os
 import pathlib
 import platform
-import statistics
+import sys
 import time
 
 import jax
@@ -59,50 +60,78 @@ def make_step_chunk(model, x_all, y_all, batch_size: int, steps: int):
   return chunk, lambda: train.init_state(model, tx, x_all[:batch_size], seed=0)
 
 
-def throughput(config) -> list[dict]:
+NO_BN = "no BN"  # the same net without its BN layers (convolutions/dense keep a bias)
+TORCH = "torch"
+TORCH_NO_BN = "torch, no BN"
+
+
+def _data(net: str, dataset_size: int):
   rng = np.random.default_rng(0)
+  shape = (784,) if net == "mlp" else (28, 28, 1)
+  return (jnp.asarray(rng.random((dataset_size, *shape), np.float32)),
+          jnp.asarray(rng.integers(0, 10, dataset_size), jnp.int32))
+
+
+def _step_runner(name: str, case: dict):
+  """(run, compile seconds) of `steps` training steps of implementation `name` (a worker's
+  runner, bench_ops.serve)."""
+  net, batch, steps = case["net"], case["batch"], case["steps"]
+  model_config = ml_collections.ConfigDict(case["model"])
+  if name in (TORCH, TORCH_NO_BN):
+    run = torch_steps(net, model_config, batch, steps, batch_norm=name == TORCH)
+    return None if run is None else (run, 0.0)
+  x_all, y_all = _data(net, case["dataset_size"])
+  if name == NO_BN:
+    config = ml_collections.ConfigDict(model_config.to_dict())
+    config.name = net
+    model = models.create(config, batch_norm=False)
+  else:
+    model = _model(net, IMPLEMENTATIONS[name], model_config)
+  chunk, init = make_step_chunk(model, x_all, y_all, batch, steps)
+  held = {"state": init(), "calls": 0}
+  start = time.perf_counter()
+  compiled = chunk.lower(held["state"], jax.random.key(0)).compile()
+  compile_s = time.perf_counter() - start
+
+  def run():
+    held["calls"] += 1
+    held["state"], loss = compiled(held["state"], jax.random.key(held["calls"]))
+    jax.block_until_ready(loss)
+  return run, compile_s
+
+
+def throughput(config) -> list[dict]:
+  """ms per training step of each implementation (and of the net without BN, in JAX and in
+  PyTorch), each in its own process, the processes taking turns (bench_ops.alternate)."""
+  cases = [{"net": net, "batch": config.batch_size[net], "steps": config.steps_per_call[net],
+            "dataset_size": config.dataset_size, "model": config.model.to_dict()}
+           for net in config.nets]
+  names = [*IMPLEMENTATIONS, NO_BN, TORCH, TORCH_NO_BN]
+  results = bench_ops.alternate("experiments.benchmark", names, cases, config.repeats,
+                                config.op_settle_s, config.step_sample_s)
   rows = []
+  for result in results:
+    case = result["case"]
+    per_step = result["median_s"] / case["steps"]
+    rows.append({"net": case["net"], "implementation": result["implementation"],
+                 "batch": case["batch"], "median_ms_per_step": 1e3 * per_step,
+                 "examples_per_second": case["batch"] / per_step,
+                 "compile_seconds": result["compile_s"]})
   for net in config.nets:
-    shape = (784,) if net == "mlp" else (28, 28, 1)
-    x_all = jnp.asarray(rng.random((config.dataset_size, *shape), np.float32))
-    y_all = jnp.asarray(rng.integers(0, 10, config.dataset_size), jnp.int32)
-    batch = config.batch_size[net]
-    steps = config.steps_per_call[net]
-    chunks = {}
-    for name, impl in IMPLEMENTATIONS.items():
-      chunk, init = make_step_chunk(_model(net, impl, config.model), x_all, y_all, batch, steps)
-      state = init()
-      start = time.perf_counter()
-      compiled = chunk.lower(state, jax.random.key(0)).compile()
-      compile_s = time.perf_counter() - start
-      state, loss = compiled(state, jax.random.key(1))  # warm-up
-      jax.block_until_ready(loss)
-      chunks[name] = {"run": compiled, "state": state, "times": [], "compile_s": compile_s}
-    for repeat in range(config.repeats):  # interleaved: every implementation each round
-      for entry in chunks.values():
-        start = time.perf_counter()
-        entry["state"], loss = entry["run"](entry["state"], jax.random.key(2 + repeat))
-        jax.block_until_ready(loss)
-        entry["times"].append(time.perf_counter() - start)
-    for name, entry in chunks.items():
-      median = statistics.median(entry["times"])
-      rows.append({"net": net, "implementation": name, "batch": batch,
-                   "median_ms_per_step": 1e3 * median / steps,
-                   "examples_per_second": batch * steps / median,
-                   "compile_seconds": entry["compile_s"]})
-    torch_row = torch_throughput(net, config, batch, steps)
-    if torch_row is not None:
-      rows.append(torch_row)
-    flax_rate = next(r for r in rows if r["net"] == net and r["implementation"] == "flax.linen")
-    for row in rows:
-      if row["net"] == net:
-        row["vs_flax"] = row["examples_per_second"] / flax_rate["examples_per_second"]
+    ours = [r for r in rows if r["net"] == net]
+    by = {r["implementation"]: r for r in ours}
+    for row in ours:
+      row["vs_flax"] = row["examples_per_second"] / by["flax.linen"]["examples_per_second"]
+      # BN's share of the step: what the step costs over the same net without BN.
+      base = by.get(TORCH_NO_BN if row["implementation"] == TORCH else NO_BN)
+      if row["implementation"] not in (NO_BN, TORCH_NO_BN) and base is not None:
+        row["bn_share"] = 1 - base["median_ms_per_step"] / row["median_ms_per_step"]
   return rows
 
 
-def torch_throughput(net: str, config, batch: int, steps: int) -> dict | None:
-  """The same net and SGD step in PyTorch (BatchNorm1d/2d, channels-last convolutions), or
-  None without torch."""
+def torch_steps(net: str, model_config, batch: int, steps: int, *, batch_norm: bool = True):
+  """`steps` of the same net's SGD step in PyTorch (BatchNorm1d/2d, channels-last
+  convolutions; without BN, biases instead), or None without torch."""
   try:
     import torch
   except ImportError:
@@ -112,16 +141,19 @@ def torch_throughput(net: str, config, batch: int, steps: int) -> dict | None:
   torch.manual_seed(0)
   if net == "mlp":
     layers, width = [], 784
-    for hidden in config.model.hidden:
-      layers += [tnn.Linear(width, hidden, bias=False), tnn.BatchNorm1d(hidden), tnn.Sigmoid()]
+    for hidden in model_config.hidden:
+      layers.append(tnn.Linear(width, hidden, bias=not batch_norm))
+      layers += [tnn.BatchNorm1d(hidden)] if batch_norm else []
+      layers.append(tnn.Sigmoid())
       width = hidden
     model = tnn.Sequential(*layers, tnn.Linear(width, 10))
     x = torch.rand(batch, 784)
   else:
     layers, channels, size = [], 1, 28
-    for features in config.model.cnn_features:
-      layers += [tnn.Conv2d(channels, features, 3, padding=1, bias=False),
-                 tnn.BatchNorm2d(features), tnn.ReLU(), tnn.MaxPool2d(2)]
+    for features in model_config.cnn_features:
+      layers.append(tnn.Conv2d(channels, features, 3, padding=1, bias=not batch_norm))
+      layers += [tnn.BatchNorm2d(features)] if batch_norm else []
+      layers += [tnn.ReLU(), tnn.MaxPool2d(2)]
       channels, size = features, size // 2
     model = tnn.Sequential(*layers, tnn.Flatten(), tnn.Linear(channels * size * size, 10))
     model = model.to(memory_format=torch.channels_last)
@@ -134,17 +166,7 @@ def torch_throughput(net: str, config, batch: int, steps: int) -> dict | None:
       optimizer.zero_grad(set_to_none=True)
       tnn.functional.cross_entropy(model(x), y).backward()
       optimizer.step()
-
-  call()  # warm-up
-  times = []
-  for _ in range(config.repeats):
-    start = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - start)
-  median = statistics.median(times)
-  return {"net": net, "implementation": "torch", "batch": batch,
-          "median_ms_per_step": 1e3 * median / steps,
-          "examples_per_second": batch * steps / median, "compile_seconds": 0.0}
+  return call
 
 
 def peak_memory(config) -> list[dict]:
@@ -168,13 +190,17 @@ def peak_memory(config) -> list[dict]:
 
 def markdown(rows: list[dict], meta: dict) -> str:
   lines = [f"Machine: {meta['machine']}; JAX {meta['jax']} on {meta['device']}; allocator "
-           f"{meta['allocator']}. Median of {meta['repeats']} calls, interleaved.", "",
-           "| net | implementation | batch | ms/step | examples/s | vs flax.linen | compile s |",
-           "|---|---|---|---|---|---|---|"]
+           f"{meta['allocator']}. Each implementation in its own process; median of "
+           f"{meta['repeats']} rounds in which the processes take turns. BN share = 1 − (the "
+           f"same net without BN) / (this step), in the same framework.", "",
+           "| net | implementation | batch | ms/step | examples/s | vs flax.linen | BN share "
+           "| compile s |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in rows:
+    share = f"{100 * r['bn_share']:.0f}%" if "bn_share" in r else "—"
     lines.append(f"| {r['net']} | {r['implementation']} | {r['batch']} | "
                  f"{r['median_ms_per_step']:.3f} | {r['examples_per_second']:,.0f} | "
-                 f"{r['vs_flax']:.2f}x | {r['compile_seconds']:.1f} |")
+                 f"{r['vs_flax']:.2f}x | {share} | {r['compile_seconds']:.1f} |")
   return "\n".join(lines) + "\n"
 
 
@@ -182,6 +208,8 @@ def run(config, workdir: pathlib.Path) -> str:
   """Measures every section of `config.sections`, writes benchmark.json and benchmark.md
   into `workdir`, returns the markdown."""
   meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "jax": jax.__version__,
+          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+          "load": " ".join(f"{v:.2f}" for v in os.getloadavg()),
           "device": jax.devices()[0].device_kind, "allocator": allocator.describe(),
           "repeats": config.repeats, "op_settle_s": config.op_settle_s,
           "op_sample_s": config.op_sample_s}
@@ -202,8 +230,11 @@ def run(config, workdir: pathlib.Path) -> str:
                                     results["bandwidth_gb_per_s"], meta))
     plots.plot_op_benchmark(results["ops"], results["bandwidth_gb_per_s"],
                             workdir / "op_benchmark.png")
+  # What is measured so far is written after each section: a run cut short keeps it.
+  workdir_lib.atomic_write(workdir / "benchmark.json", json.dumps(results, indent=2))
   if "throughput" in config.sections:
     results["throughput"] = throughput(config)
+    workdir_lib.atomic_write(workdir / "benchmark.json", json.dumps(results, indent=2))
     parts.append(markdown(results["throughput"], meta))
   if "memory" in config.sections:
     results["memory"] = peak_memory(config)
@@ -230,5 +261,10 @@ def main():
 
 
 if __name__ == "__main__":
-  allocator.use_fast_allocator()
-  main()
+  if "--worker" in sys.argv:  # one implementation's process (bench_ops.alternate)
+    logging.set_verbosity(logging.WARNING)
+    worker = sys.argv[sys.argv.index("--worker") + 1]
+    bench_ops.serve(lambda case: _step_runner(worker, case))
+  else:
+    allocator.use_fast_allocator()
+    main()

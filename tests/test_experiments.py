@@ -227,7 +227,7 @@ def test_benchmark_runs_tiny_and_reports_every_column(tmp_path):
   assert all(r["peak_bytes"] > 0 for r in results["memory"])
   analytic = next(r for r in results["residuals"] if r["implementation"] == "jaxbn analytic")
   assert analytic["activation_sized"] == 1
-  for column in ("GB/s", "% of bandwidth", "examples/s", "vs flax.linen", "compiled peak MB",
+  for column in ("GB/s", "% of floor", "examples/s", "vs flax.linen", "compiled peak MB",
                  "bytes saved for the backward"):
     assert column in text
   assert (tmp_path / "op_benchmark.png").exists()

@@ -114,11 +114,18 @@ inline void StoreV(T* p, Simd<A> v) {
   if constexpr (sizeof(T) == sizeof(A) && !std::is_same_v<T, BF16>) {
     std::memcpy(p, &v, sizeof v);
   } else if constexpr (std::is_same_v<T, BF16> && std::is_same_v<A, float>) {
+    typedef int32_t S32V __attribute__((vector_size(64)));
     U32V u;
     std::memcpy(&u, &v, sizeof u);
-    U32V rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    U32V quiet_nan = (u >> 16) | 0x40u;
-    U32V bits = (u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded;
+    const U32V rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const U32V quiet_nan = (u >> 16) | 0x40u;
+    // NaN lanes (|v|'s bits above infinity's) as an all-ones mask: the sign of
+    // inf_bits − |v|_bits (both below 2^31, so the difference cannot overflow) spread by an
+    // arithmetic shift. No vector compare or `? :`: on 64-byte vectors without AVX-512, GCC
+    // 12 turned those into a lane-by-lane loop that made every bfloat16 store cost more than
+    // its memory traffic (docs/performance.md).
+    const U32V is_nan = (U32V)((S32V{} + 0x7f800000 - (S32V)(u & 0x7fffffffu)) >> 31);
+    const U32V bits = (quiet_nan & is_nan) | (rounded & ~is_nan);
     U16V h = __builtin_convertvector(bits, U16V);
     std::memcpy(p, &h, sizeof h);
   } else {
@@ -142,16 +149,32 @@ typedef int64_t I64V __attribute__((vector_size(64)));
 typedef uint8_t U8x16 __attribute__((vector_size(16)));
 typedef uint8_t U8x8 __attribute__((vector_size(8)));
 
-// Lane conditions for Keep: kLanes<A> mask bytes as integers as wide as A.
+// Lane conditions for Keep: kLanes<A> mask bytes as all-ones (kept) or zero lanes of integers
+// as wide as A. Formed as the sign of 0 − byte, spread by an arithmetic shift, and applied by
+// Keep with a bitwise and: on 64-byte vectors without AVX-512, GCC 12 compiles a vector
+// compare or `? :` lane by lane (docs/performance.md).
+// (The bytes are widened by a shuffle with zeros, which GCC also keeps in vector registers.)
 inline I32V LoadKeep(const uint8_t* m, float*) {
-  U8x16 b;
+  U8x16 b, z{};
   std::memcpy(&b, m, sizeof b);
-  return __builtin_convertvector(b, I32V) != 0;
+  const auto wide = __builtin_shufflevector(
+      b, z, 0, 16, 16, 16, 1, 16, 16, 16, 2, 16, 16, 16, 3, 16, 16, 16, 4, 16, 16, 16, 5, 16, 16,
+      16, 6, 16, 16, 16, 7, 16, 16, 16, 8, 16, 16, 16, 9, 16, 16, 16, 10, 16, 16, 16, 11, 16, 16,
+      16, 12, 16, 16, 16, 13, 16, 16, 16, 14, 16, 16, 16, 15, 16, 16, 16);
+  I32V w;
+  std::memcpy(&w, &wide, sizeof w);
+  return (I32V{} - w) >> 31;
 }
 inline I64V LoadKeep(const uint8_t* m, double*) {
-  U8x8 b;
+  U8x8 b, z{};
   std::memcpy(&b, m, sizeof b);
-  return __builtin_convertvector(b, I64V) != 0;
+  const auto wide = __builtin_shufflevector(
+      b, z, 0, 8, 8, 8, 8, 8, 8, 8, 1, 8, 8, 8, 8, 8, 8, 8, 2, 8, 8, 8, 8, 8, 8, 8, 3, 8, 8, 8, 8,
+      8, 8, 8, 4, 8, 8, 8, 8, 8, 8, 8, 5, 8, 8, 8, 8, 8, 8, 8, 6, 8, 8, 8, 8, 8, 8, 8, 7, 8, 8, 8,
+      8, 8, 8, 8);
+  I64V w;
+  std::memcpy(&w, &wide, sizeof w);
+  return (I64V{} - w) >> 63;
 }
 template <typename A>
 inline auto LoadKeep(const uint8_t* m) { return LoadKeep(m, static_cast<A*>(nullptr)); }
@@ -160,7 +183,17 @@ struct AllKept {};  // the condition when there is no mask
 template <typename V>
 inline V Keep(AllKept, V v) { return v; }
 template <typename K, typename V>
-inline V Keep(K keep, V v) { return keep ? v : V{}; }  // lane-wise for vectors
+inline V Keep(K keep, V v) {
+  if constexpr (std::is_same_v<K, bool>) {
+    return keep ? v : V{};
+  } else {  // lane-wise: v's bits where keep's lane is all ones, +0 where it is zero
+    K bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    bits &= keep;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+  }
+}
 
 inline int64_t CountKept(const uint8_t* m, int64_t len) {
   int64_t n = 0;
