@@ -1,7 +1,5 @@
 """experiments: tiny versions of every config, kill-and-resume, workdir rules, bad configs."""
 
-import importlib
-import io
 import json
 import os
 import pathlib
@@ -10,6 +8,8 @@ import sys
 
 import jax
 import pytest
+
+import experiment_configs
 
 from experiments import config as config_lib
 from experiments import train
@@ -27,13 +27,7 @@ TINY = {
 
 
 def _load(name: str, **overrides):
-  config = importlib.import_module(f"configs.{name}").get_config()
-  for key, value in {**TINY, **overrides}.items():
-    *groups, field = key.split(".")
-    target = config
-    for group in groups:
-      target = target[group]
-    target[field] = value
+  config = experiment_configs.load(name, {**TINY, **overrides})
   if config.model.name == "cnn":
     config.data.synthetic_shape = (8, 8, 1)
   else:
@@ -48,8 +42,7 @@ def _standard_promotion():
     yield
 
 
-def _quiet():
-  return train.progress.LogReporter(stream=io.StringIO())
+_quiet = experiment_configs.quiet_reporter
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -6,7 +6,6 @@ functions and `config.validate` directly; two tiny runs are shared by the rest.
 """
 
 import gzip
-import io
 import json
 import os
 import pathlib
@@ -18,6 +17,8 @@ import sys
 import jax
 import numpy as np
 import pytest
+
+import experiment_configs
 
 from configs import default as default_config
 from experiments import config as config_lib
@@ -37,17 +38,10 @@ def _tiny(**overrides):
   settings = {"data.name": "synthetic", "data.num_samples": 64, "batch_size": 8,
               "num_steps": 10, "eval_every": 10, "checkpoint_every": 10,
               "diagnostics.num_examples": 16, "model.hidden": (8, 8), **overrides}
-  for key, value in settings.items():
-    *groups, field = key.split(".")
-    target = config
-    for group in groups:
-      target = target[group]
-    target[field] = value
-  return config
+  return experiment_configs.override(config, settings)
 
 
-def _quiet():
-  return train.progress.LogReporter(stream=io.StringIO())
+_quiet = experiment_configs.quiet_reporter
 
 
 def _train(config, workdir, **kwargs):

@@ -2,12 +2,13 @@
 and bad probe settings are refused before anything is written."""
 
 import importlib
-import io
 import json
 
 import jax
 import numpy as np
 import pytest
+
+import experiment_configs
 
 from experiments import config as config_lib
 from experiments import train
@@ -26,13 +27,7 @@ TINY = {
 
 
 def _load(name: str, **overrides):
-  config = importlib.import_module(f"configs.{name}").get_config()
-  for key, value in {**TINY, **overrides}.items():
-    *groups, field = key.split(".")
-    target = config
-    for group in groups:
-      target = target[group]
-    target[field] = value
+  config = experiment_configs.load(name, {**TINY, **overrides})
   config.model.hidden = (8,) * min(len(config.model.hidden), 3)
   return config
 
@@ -43,8 +38,7 @@ def _standard_promotion():
     yield
 
 
-def _quiet():
-  return train.progress.LogReporter(stream=io.StringIO())
+_quiet = experiment_configs.quiet_reporter
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -1,7 +1,6 @@
 """The renorm studies (experiments/renorm_studies.py): the non-i.i.d. sampler, the summary's
 statistics and bars, config refusals, and a tiny run of each study (slow)."""
 
-import importlib
 import io
 import json
 
@@ -9,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import experiment_configs
 
 from experiments import batches, renorm_plots
 from experiments import config as config_lib
@@ -102,14 +103,7 @@ TINY = {"data.name": "synthetic", "data.num_samples": 240, "data.synthetic_shape
 
 
 def _load(name, **overrides):
-  config = importlib.import_module(f"configs.{name}").get_config()
-  for key, value in {**TINY, **overrides}.items():
-    *groups, field = key.split(".")
-    target = config
-    for group in groups:
-      target = target[group]
-    target[field] = value
-  return config
+  return experiment_configs.load(name, {**TINY, **overrides})
 
 
 @pytest.mark.parametrize("name, overrides, message", [
