@@ -38,12 +38,15 @@ UNEQUAL = [40, 7, 25, 0, 60, 13, 30, 2, 50, 9]  # unequal class sizes; class 3 e
 
 @pytest.fixture(scope="module", params=[1, 2])
 def noniid_draw(request):
-  """(labels, classes_per_batch, a jitted vmap of sample_noniid over keys): one compile."""
+  """(labels, classes_per_batch, a jitted lax.map of sample_noniid over keys): one compile.
+
+  lax.map, not vmap: the same draws (each key through the unbatched sampler), but XLA compiles
+  the batched sort and choice about 3.5x slower (≈6 s against ≈1.7 s on two cores)."""
   labels = _labels(UNEQUAL)
   table, counts = batches.class_table(labels, 10)
-  draw = jax.jit(jax.vmap(lambda k: batches.sample_noniid(
+  draw = jax.jit(lambda keys: jax.lax.map(lambda k: batches.sample_noniid(
       k, jnp.asarray(table), jnp.asarray(counts), batch_size=12,
-      classes_per_batch=request.param)))
+      classes_per_batch=request.param), keys))
   return labels, request.param, draw
 
 
