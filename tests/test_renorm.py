@@ -42,12 +42,27 @@ RUNNING = {
 }
 
 
+def _vjp(fn, x, g, b, dy):
+  y, vjp = jax.vjp(fn, x, g, b)
+  return y, vjp(dy)
+
+
 def _grads(fn, x, g, b, dy):
   """y and the VJP of dy, in one jit compilation (eager dispatch costs more here)."""
-  def both(x, g, b, dy):
-    y, vjp = jax.vjp(fn, x, g, b)
-    return y, vjp(dy)
-  return jax.jit(both)(x, g, b, dy)
+  return jax.jit(functools.partial(_vjp, fn))(x, g, b, dy)
+
+
+def _padding_mask():
+  return (np.arange(SHAPE[0]) < SHAPE[0] - 2)[:, None]
+
+
+@functools.cache
+def _reference_grads(where, masked):
+  """The reference's y and VJP for one (running statistics, mask) case, jitted once and shared
+  by the kernels and pure-JAX cases (x, NaN-padded or not, is an argument)."""
+  fn = functools.partial(reference.batch_norm_reference, renorm=RUNNING[where],
+                         mask=_padding_mask() if masked else None, epsilon=EPS)
+  return jax.jit(lambda x, g, b, dy: _vjp(fn, x, g, b, dy))
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "nan-padded"])
@@ -58,18 +73,22 @@ def test_analytic_matches_autodiff_of_the_reference(where, masked, use_cpu_kerne
   renorm = RUNNING[where]
   mask = None
   if masked:
-    mask = (np.arange(SHAPE[0]) < SHAPE[0] - 2)[:, None]
+    mask = _padding_mask()
     x = jnp.where(mask, x, jnp.nan)
   analytic = functools.partial(jaxbn.batch_norm, renorm=renorm, mask=mask, epsilon=EPS,
                                use_cpu_kernel=use_cpu_kernel)
-  y, grads = _grads(lambda *a: analytic(*a)[0], x, g, b, dy)
-  y_ref, grads_ref = _grads(functools.partial(reference.batch_norm_reference, renorm=renorm,
-                                              mask=mask, epsilon=EPS), x, g, b, dy)
+
+  @jax.jit  # y, the VJP and the statistics in one compilation
+  def run(x, g, b, dy):
+    y, vjp, stats = jax.vjp(analytic, x, g, b, has_aux=True)
+    return y, vjp(dy), stats
+
+  y, grads, stats = run(x, g, b, dy)
+  y_ref, grads_ref = _reference_grads(where, masked)(x, g, b, dy)
   np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
   for got, want in zip(grads, grads_ref, strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
   assert np.all(np.isfinite(grads[0]))
-  stats = analytic(x, g, b)[1]
   if where == "inside":
     assert np.all(stats.r < renorm.rmax) and np.all(stats.r > renorm.rmin)
     assert np.all(np.abs(stats.d) < renorm.dmax)
