@@ -33,11 +33,27 @@ def _inputs(seed=0, shape=(N, C)):
       rng.standard_normal(shape)))
 
 
+def _vjp(fn, x, g, b, dy):
+  y, vjp = jax.vjp(fn, x, g, b)
+  return y, vjp(dy)
+
+
 def _grads(fn, x, g, b, dy):
-  def both(x, g, b, dy):
-    y, vjp = jax.vjp(fn, x, g, b)
-    return y, vjp(dy)
-  return jax.jit(both)(x, g, b, dy)
+  """y and the VJP of dy, in one jit compilation."""
+  return jax.jit(functools.partial(_vjp, fn))(x, g, b, dy)
+
+
+def _padding_mask():  # example 4 is padding: virtual batch 1 (examples 1, 4) keeps one value
+  return (np.arange(N) != 4)[:, None]
+
+
+@functools.cache
+def _reference_grads(masked):
+  """The reference's y and VJP, jitted once per mask and shared by the kernels and pure-JAX
+  cases (x, NaN-padded or not, is an argument)."""
+  fn = functools.partial(reference.batch_norm_reference, virtual_batch_size=V,
+                         mask=_padding_mask() if masked else None)
+  return jax.jit(functools.partial(_vjp, fn))
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "nan-padded"])
@@ -45,14 +61,13 @@ def _grads(fn, x, g, b, dy):
 def test_each_virtual_batch_is_normalized_on_its_own(masked, use_cpu_kernel):
   x, g, b, dy = _inputs()
   mask = None
-  if masked:  # example 4 is padding: virtual batch 1 (examples 1, 4) keeps one value
-    mask = (np.arange(N) != 4)[:, None]
+  if masked:
+    mask = _padding_mask()
     x = jnp.where(mask, x, jnp.nan)
   analytic = functools.partial(jaxbn.batch_norm, virtual_batch_size=V, mask=mask,
                                use_cpu_kernel=use_cpu_kernel)
   y, grads = _grads(lambda *a: analytic(*a)[0], x, g, b, dy)
-  y_ref, grads_ref = _grads(functools.partial(reference.batch_norm_reference,
-                                              virtual_batch_size=V, mask=mask), x, g, b, dy)
+  y_ref, grads_ref = _reference_grads(masked)(x, g, b, dy)
   np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
   for got, want in zip(grads, grads_ref, strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
@@ -85,13 +100,19 @@ def test_nchw_and_renorm_per_virtual_batch():
   renorm = jaxbn.Renorm(jnp.array([1.0, 0.0, 2.0]), jnp.array([2.0, 0.5, 1.0]), rmax=1.5,
                         rmin=0.7, dmax=0.5)
   kwargs = dict(axis=1, virtual_batch_size=2, renorm=renorm)
-  y, grads = _grads(lambda *a: jaxbn.batch_norm(*a, **kwargs)[0], x, g, b, dy)
+
+  @jax.jit  # y, the VJP and the statistics in one compilation
+  def run(x, g, b, dy):
+    y, vjp, stats = jax.vjp(functools.partial(jaxbn.batch_norm, **kwargs), x, g, b,
+                            has_aux=True)
+    return y, vjp(dy), stats
+
+  y, grads, stats = run(x, g, b, dy)
   y_ref, grads_ref = _grads(functools.partial(reference.batch_norm_reference, **kwargs),
                             x, g, b, dy)
   np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
   for got, want in zip(grads, grads_ref, strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
-  stats = jaxbn.batch_norm(x, g, b, **kwargs)[1]
   assert stats.r.shape == stats.d.shape == (2, C)  # (virtual batches, features)
 
 
