@@ -311,13 +311,17 @@ def test_masked_batch_norm_with_kernels_equals_pure_jax(shape, axis, mask_shape,
   x = jnp.where(mask, x, jnp.nan)  # padding may hold anything
   c = shape[axis]
   scale, bias = jnp.linspace(0.5, 2, c, dtype=dtype), jnp.linspace(-1, 1, c, dtype=dtype)
-  got, want = _bn_with_and_without_kernels(x, scale, bias, dy, axis, mask=mask)
+  # The default path (use_cpu_kernel=None) and pure JAX from one compilation, whose HLO shows
+  # that the default took the kernels (pure JAX adds none); use_cpu_kernel=True with masks is
+  # tests/test_kernels_layout.py's.
+  compiled = jax.jit(lambda *a: tuple(_bn_outputs(*a, axis, use, mask=mask)
+                                      for use in (None, False))).lower(x, scale, bias, dy).compile()
+  assert _kernels_in(compiled.as_text()) == ["jaxbn_backward", "jaxbn_forward"]
+  got, want = compiled(x, scale, bias, dy)
   for name, g, w in zip(("y", "mean", "var", "dx", "dscale", "dbias"), got, want):
     assert np.all(np.isfinite(g)), name
     np.testing.assert_allclose(g, w, rtol=0, atol=rtol * float(jnp.max(jnp.abs(w))),
                                err_msg=name)
-  traced = jax.jit(lambda x: _bn_outputs(x, scale, bias, dy, axis, None, mask=mask)).trace(x)
-  assert _kernels_in(traced.lower().compile().as_text()) == ["jaxbn_backward", "jaxbn_forward"]
 
 
 def test_bfloat16_and_mixed_output_dtype_equal_pure_jax():
