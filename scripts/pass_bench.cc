@@ -24,53 +24,11 @@
 #include <vector>
 
 #include "passes.h"
+#include "../tests/csrc/thread_pool.h"
 
 namespace {
 
-class Pool {
- public:
-  explicit Pool(int threads) : threads_(threads) {
-    for (int i = 0; i < threads; ++i) workers_.emplace_back([this] { Work(); });
-  }
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
-    ready_.notify_all();
-    for (std::thread& t : workers_) t.join();
-  }
-  int64_t num_threads() const { return threads_; }
-  template <typename F>
-  void Schedule(F&& f) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      queue_.emplace_back(std::forward<F>(f));
-    }
-    ready_.notify_one();
-  }
-
- private:
-  void Work() {
-    for (;;) {
-      std::function<void()> f;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        ready_.wait(lock, [this] { return stop_ || !queue_.empty(); });
-        if (queue_.empty()) return;
-        f = std::move(queue_.front());
-        queue_.pop_front();
-      }
-      f();
-    }
-  }
-  int threads_;
-  std::mutex mu_;
-  std::condition_variable ready_;
-  std::deque<std::function<void()>> queue_;
-  bool stop_ = false;
-  std::vector<std::thread> workers_;
-};
+using jaxbn_test::Pool;
 
 // Trivial streaming kernels over flat arrays, split among the Team like the passes.
 template <typename T>
