@@ -51,7 +51,8 @@ def _data(shape, dtype, offset=0.0, seed=0):
   rng = np.random.default_rng(seed)
   x = rng.standard_normal(shape) * 3 + offset
   dy = rng.standard_normal(shape)
-  return jnp.asarray(x, dtype), jnp.asarray(dy, dtype)
+  # Rounded to dtype by numpy and put on the device as is: jnp.asarray compiles a program.
+  return jax.device_put(x.astype(dtype)), jax.device_put(dy.astype(dtype))
 
 
 def test_kernels_build_here():
@@ -72,23 +73,24 @@ def test_kernels_run_in_a_fresh_process_without_batch_norm_first():
 
 
 def test_kernels_check_their_operands_at_trace_time():
-  x = jnp.ones((4, 3), jnp.float32)
+  # Operands built in numpy: jnp.ones, jnp.asarray, astype would each compile one.
+  x = jax.device_put(np.ones((4, 3), np.float32))
   layout = kernels.Layout(3, 1)
-  v = jnp.ones(3, jnp.float32)
+  v = jax.device_put(np.ones(3, np.float32))
   with pytest.raises(ValueError, match="hi must be float32"):
-    kernels.grad_sums(layout, x, x, jnp.ones(3, jnp.float64), v)
+    kernels.grad_sums(layout, x, x, jax.device_put(np.ones(3, np.float64)), v)
   with pytest.raises(ValueError, match="b must be float32"):
-    kernels.normalize(layout, x, v, v, v, jnp.ones(4, jnp.float32))
+    kernels.normalize(layout, x, v, v, v, jax.device_put(np.ones(4, np.float32)))
   with pytest.raises(ValueError, match="does not split"):
     kernels.moments(kernels.Layout(5, 1), x)
   with pytest.raises(TypeError, match="float16"):
-    kernels.moments(layout, x.astype(jnp.float16))
+    kernels.moments(layout, jax.device_put(np.ones((4, 3), np.float16)))
   with pytest.raises(ValueError, match="scale must be float32"):
-    kernels.forward(layout, x, jnp.ones(4, jnp.float32), v, epsilon=1e-5)
+    kernels.forward(layout, x, jax.device_put(np.ones(4, np.float32)), v, epsilon=1e-5)
   with pytest.raises(TypeError, match="write float32, bfloat16 or float64"):
     kernels.forward(layout, x, v, v, epsilon=1e-5, out_dtype=jnp.int32)
   with pytest.raises(ValueError, match="inv_std must be float32"):
-    kernels.backward(layout, x, x, v, v, v.astype(jnp.bfloat16), v)
+    kernels.backward(layout, x, x, v, v, jax.device_put(np.ones(3, jnp.bfloat16)), v)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -117,7 +119,8 @@ def test_kernels_match_their_twins(case, dtype):
   layout = _layout(shape, axis)
   x, dy = _data(shape, dtype, offset=2.0)
   rng = np.random.default_rng(1)
-  a, b, k = (jnp.asarray(rng.uniform(0.5, 2, layout.features), jnp.float32) for _ in range(3))
+  a, b, k = (jax.device_put(rng.uniform(0.5, 2, layout.features).astype(np.float32))
+             for _ in range(3))
 
   @jax.jit  # one compilation per case for every call below
   def run(x, dy, a, b, k):
@@ -161,7 +164,8 @@ def test_fused_forward_and_backward_match_their_twins(case, dtype):
   x, dy = _data(shape, dtype, offset=100.0)
   cdt = jnp.float64 if dtype == jnp.float64 else jnp.float32
   rng = np.random.default_rng(5)
-  scale, bias = (jnp.asarray(rng.uniform(0.5, 2, layout.features), cdt) for _ in range(2))
+  scale, bias = (jax.device_put(rng.uniform(0.5, 2, layout.features).astype(cdt))
+                 for _ in range(2))
 
   @jax.jit  # one compilation per case for both paths
   def run(x, dy, scale, bias):
@@ -212,7 +216,7 @@ def _padding_mask(x, layout, seed=7):
   keep[outer // 2] = False
   x3 = np.asarray(x, np.float64).reshape(outer, layout.features, layout.inner)
   x3 = np.where(keep, x3, np.nan)
-  return jnp.asarray(x3.reshape(x.shape), x.dtype), jnp.asarray(keep)
+  return jax.device_put(x3.reshape(x.shape).astype(x.dtype)), jax.device_put(keep)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -222,7 +226,7 @@ def test_masked_kernels_match_their_twins_and_zero_the_padding(case):
   x, dy = _data(shape, jnp.float32, offset=3.0)
   x, keep = _padding_mask(x, layout)
   rng = np.random.default_rng(8)
-  scale, bias, a, b, k = (jnp.asarray(rng.uniform(0.5, 2, layout.features), jnp.float32)
+  scale, bias, a, b, k = (jax.device_put(rng.uniform(0.5, 2, layout.features).astype(np.float32))
                           for _ in range(5))
 
   @jax.jit  # one compilation per case for every pair
@@ -287,13 +291,13 @@ def test_batch_norm_with_kernels_equals_pure_jax(case, dtype, rtol):
   x, dy = _data(shape, dtype, offset=5.0)
   n = _layout(shape, axis).features
   rng = np.random.default_rng(2)
-  scale = jnp.asarray(rng.uniform(0.5, 2, n), dtype).reshape(
-      [shape[a % len(shape)] for a in sorted(a % len(shape) for a in np.atleast_1d(axis))])
-  bias = jnp.asarray(rng.standard_normal(scale.shape), dtype)
+  scale = jax.device_put(rng.uniform(0.5, 2, n).astype(dtype).reshape(
+      [shape[a % len(shape)] for a in sorted(a % len(shape) for a in np.atleast_1d(axis))]))
+  bias = jax.device_put(rng.standard_normal(scale.shape).astype(dtype))
   got, want = _bn_with_and_without_kernels(x, scale, bias, dy, axis)
   names = ("y", "mean", "var", "dx", "dscale", "dbias")
   for name, g, w in zip(names, got, want):
-    scale_of = float(jnp.max(jnp.abs(w)))
+    scale_of = float(np.max(np.abs(np.asarray(w))))
     np.testing.assert_allclose(g, w, rtol=0, atol=rtol * scale_of, err_msg=name)
 
 
@@ -308,9 +312,10 @@ def test_masked_batch_norm_with_kernels_equals_pure_jax(shape, axis, mask_shape,
   x, dy = _data(shape, dtype, offset=5.0)
   mask = np.random.default_rng(9).random(mask_shape) > 0.3
   mask[0] = False  # a whole example of padding
-  x = jnp.where(mask, x, jnp.nan)  # padding may hold anything
+  x = jax.device_put(np.where(mask, np.asarray(x), np.nan).astype(dtype))  # padding: anything
   c = shape[axis]
-  scale, bias = jnp.linspace(0.5, 2, c, dtype=dtype), jnp.linspace(-1, 1, c, dtype=dtype)
+  scale = jax.device_put(np.linspace(0.5, 2, c).astype(dtype))
+  bias = jax.device_put(np.linspace(-1, 1, c).astype(dtype))
   # The default path (use_cpu_kernel=None) and pure JAX from one compilation, whose HLO shows
   # that the default took the kernels (pure JAX adds none); use_cpu_kernel=True with masks is
   # tests/test_kernels_layout.py's.
@@ -320,20 +325,21 @@ def test_masked_batch_norm_with_kernels_equals_pure_jax(shape, axis, mask_shape,
   got, want = compiled(x, scale, bias, dy)
   for name, g, w in zip(("y", "mean", "var", "dx", "dscale", "dbias"), got, want):
     assert np.all(np.isfinite(g)), name
-    np.testing.assert_allclose(g, w, rtol=0, atol=rtol * float(jnp.max(jnp.abs(w))),
+    np.testing.assert_allclose(g, w, rtol=0, atol=rtol * float(np.max(np.abs(np.asarray(w)))),
                                err_msg=name)
 
 
 def test_bfloat16_and_mixed_output_dtype_equal_pure_jax():
   shape, axis = CASES["nhwc-tail"]
   x, dy = _data(shape, jnp.bfloat16, offset=3.0)
-  scale, bias = jnp.full(33, 1.5, jnp.float32), jnp.full(33, 0.25, jnp.float32)
+  scale = jax.device_put(np.full(33, 1.5, np.float32))
+  bias = jax.device_put(np.full(33, 0.25, np.float32))
   for out in (None, jnp.float32):
-    g = dy if out is None else dy.astype(out)
+    g = dy if out is None else jax.device_put(np.asarray(dy).astype(out))  # exact: bf16 ⊂ f32
     got, want = _bn_with_and_without_kernels(x, scale, bias, g, axis, dtype=out)
     for name, a, b in zip(("y", "mean", "var", "dx", "dscale", "dbias"), got, want):
       assert a.dtype == b.dtype, name
-      top = float(jnp.max(jnp.abs(b.astype(jnp.float32))))
+      top = float(np.max(np.abs(np.asarray(b, np.float32))))
       # y and dx: elementwise in float32, so within 2 roundings of their dtype; the rest are
       # float32 sums over 105 values, added in a different order.
       atol = (2 * float(jnp.finfo(a.dtype).eps) if name in ("y", "dx") else 1e-5) * top
@@ -344,9 +350,10 @@ def test_bfloat16_and_mixed_output_dtype_equal_pure_jax():
 def test_large_offset_float32_forward_keeps_its_digits():
   # x = 1e4 + N(0, 1): summing x in float32 would move μ by more than σ/100.
   rng = np.random.default_rng(3)
-  x64 = 1e4 + rng.standard_normal((4096, 8))
-  y, _ = jaxbn.batch_norm(jnp.asarray(x64, jnp.float32), use_cpu_kernel=True)
-  x32 = np.asarray(jnp.asarray(x64, jnp.float32), np.float64)
+  x32 = (1e4 + rng.standard_normal((4096, 8))).astype(np.float32)
+  # Under jit: eager, every op outside the kernels would compile a program of its own.
+  y = jax.jit(lambda x: jaxbn.batch_norm(x, use_cpu_kernel=True)[0])(jax.device_put(x32))
+  x32 = x32.astype(np.float64)
   truth = (x32 - x32.mean(0)) / np.sqrt(x32.var(0) + 1e-5)
   # The pure-JAX path's error here is 3.4e-7 (a few float32 ulps of |y| ≤ 4).
   assert np.max(np.abs(np.asarray(y, np.float64) - truth)) < 1e-6
@@ -357,7 +364,7 @@ def test_second_order_derivatives_go_through_the_twins():
   shape, axis = CASES["nchw"]
   x, dy = _data(shape, jnp.float64, offset=1.0)
   scale, bias = jnp.linspace(0.5, 2, 6), jnp.linspace(-1, 1, 6)
-  v = jnp.asarray(np.random.default_rng(4).standard_normal(shape))
+  v = jax.device_put(np.random.default_rng(4).standard_normal(shape))
 
   def hvp(use_cpu_kernel):
     def loss(x):
@@ -391,7 +398,7 @@ def _kernels_in(hlo: str) -> list[str]:
 
 
 def test_a_training_step_is_two_kernel_calls_and_gpu_lowering_has_none():
-  x = jnp.ones((8, 4, 4, 16))
+  x = jax.device_put(np.ones((8, 4, 4, 16)))  # float64 (x64 is on), as jnp.ones would be
 
   def step(x):
     return jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x)[0] ** 3))(x)
@@ -410,7 +417,7 @@ def test_pooled_statistics_use_the_four_pass_kernels_with_twin_derivatives():
   # Under an axis name the statistics are pooled between the passes, in JAX: vmap over a
   # named axis stands in for devices here.
   x, dy = _data((3, 40, 6), jnp.float64, offset=1.0)
-  v = jnp.asarray(np.random.default_rng(6).standard_normal(x.shape))
+  v = jax.device_put(np.random.default_rng(6).standard_normal(x.shape))
 
   def hvp(use_cpu_kernel):
     def loss(x):
@@ -429,17 +436,17 @@ def test_pooled_statistics_use_the_four_pass_kernels_with_twin_derivatives():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"mask": jnp.arange(72).reshape(6, 4, 3) % 2 == 0}, "varies across the feature axes"),
+    ({"mask": np.arange(72).reshape(6, 4, 3) % 2 == 0}, "varies across the feature axes"),
     ({"axis": (0, 2)}, "not contiguous"),
     ({"gradient": "autodiff"}, "autodiff"),
     ({"use_fast_variance": True}, "use_fast_variance"),
 ])
 def test_use_cpu_kernel_true_refuses_calls_it_cannot_serve(kwargs, message):
-  x = jnp.ones((6, 4, 3))
+  x = jax.device_put(np.ones((6, 4, 3)))  # float64 (x64 is on), as jnp.ones would be
   with pytest.raises(ValueError, match=message):
     jaxbn.batch_norm(x, use_cpu_kernel=True, **kwargs)
   with pytest.raises(ValueError, match="float16"):
-    jaxbn.batch_norm(x.astype(jnp.float16), use_cpu_kernel=True)
+    jaxbn.batch_norm(jax.device_put(np.ones((6, 4, 3), np.float16)), use_cpu_kernel=True)
   with pytest.raises(TypeError, match="use_cpu_kernel"):
     jaxbn.batch_norm(x, use_cpu_kernel="yes")
 
@@ -486,7 +493,7 @@ def test_the_kernels_are_built_only_for_a_cpu_lowering_that_runs_them(monkeypatc
 
   monkeypatch.setattr(kernels._native_build, "status", build)
   monkeypatch.setattr(kernels._native_build, "decided", lambda: None)  # as in a fresh process
-  x = jnp.ones((5, 7, 3), jnp.float32)  # a shape no other test lowers (no cached lowering)
+  x = jax.device_put(np.ones((5, 7, 3), np.float32))  # a shape no other test lowers (uncached)
   step = jax.jit(jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x)[0] ** 3)))
   traced = step.trace(x)  # tracing decides only what it can see: no build
   assert "jaxbn_" not in traced.lower(lowering_platforms=("cuda",)).as_text()
