@@ -27,12 +27,26 @@ def _rng(seed=0):
   return np.random.default_rng(seed)
 
 
+# Test inputs are built in NumPy and placed with jax.device_put, and results are checked in
+# NumPy: outside jit every jnp op (jnp.asarray of a NumPy array included) compiles a program
+# of its own, and compiling is most of this suite's time.
+def _device(a, dtype=None):
+  """NumPy (or a jax array, through NumPy) rounded to dtype by NumPy and put on the device."""
+  a = np.asarray(a)
+  return jax.device_put(a if dtype is None else a.astype(dtype))
+
+
+def _host(tree):
+  """Every array of a pytree as NumPy: indexing a jax array outside jit compiles."""
+  return jax.tree.map(np.asarray, tree)
+
+
 def _params(shape, axis, dtype=jnp.float64, seed=0):
   rng = _rng(seed)
   features = tuple(shape[a] for a in sorted(a % len(shape) for a in np.atleast_1d(axis)))
   x = rng.standard_normal(shape) * 3 + 2
-  return (jnp.asarray(x, dtype), jnp.asarray(rng.uniform(0.5, 2, features), dtype),
-          jnp.asarray(rng.standard_normal(features), dtype))
+  return (_device(x, dtype), _device(rng.uniform(0.5, 2, features), dtype),
+          _device(rng.standard_normal(features), dtype))
 
 
 def _numpy_batch_norm(x, scale, bias, axis, epsilon=1e-5):
@@ -91,29 +105,29 @@ def test_scale_and_bias_default_to_identity():
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_in_same_dtype_out_float32_stats(dtype):
   x64, scale, bias = _params((64, 5), -1)
-  x = x64.astype(dtype)
+  x = _device(x64, dtype)
   y, stats, dx = jax.jit(lambda x, s, b: (  # one compilation for the outputs and dx
       *jaxbn.batch_norm(x, s, b),
       jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x)[0].astype(jnp.float32) ** 2))(x)))(
-          x, scale.astype(jnp.float32), bias.astype(jnp.float32))
+          x, _device(scale, np.float32), _device(bias, np.float32))
   assert y.dtype == dtype
   assert stats.mean.dtype == jnp.float32 and stats.var.dtype == jnp.float32
   # Truth from the same rounded inputs: the only errors left are the output's rounding.
-  y_true, mean_true, var_true = _numpy_batch_norm(x.astype(jnp.float64), scale, bias, -1)
+  y_true, mean_true, var_true = _numpy_batch_norm(np.asarray(x, np.float64), scale, bias, -1)
   np.testing.assert_allclose(stats.mean, mean_true, rtol=1e-6)
   np.testing.assert_allclose(stats.var, var_true, rtol=1e-5)
   resolution = float(jnp.finfo(dtype).eps)
-  np.testing.assert_allclose(y.astype(jnp.float64), y_true, rtol=resolution, atol=resolution)
+  np.testing.assert_allclose(np.asarray(y, np.float64), y_true, rtol=resolution,
+                             atol=resolution)
   assert dx.dtype == dtype
 
 
 def test_output_dtype_override():
   x, scale, bias = _params((8, 3), -1, jnp.bfloat16)
-  y, _ = jax.jit(lambda *a: jaxbn.batch_norm(*a, dtype=jnp.float32))(
-      x, scale.astype(jnp.float32), bias.astype(jnp.float32))
+  scale, bias = _device(scale, np.float32), _device(bias, np.float32)
+  y, _ = jax.jit(lambda *a: jaxbn.batch_norm(*a, dtype=jnp.float32))(x, scale, bias)
   assert y.dtype == jnp.float32
-  y_true, _, _ = _numpy_batch_norm(x.astype(jnp.float64), scale.astype(jnp.float32),
-                                   bias.astype(jnp.float32), -1)
+  y_true, _, _ = _numpy_batch_norm(np.asarray(x, np.float64), scale, bias, -1)
   np.testing.assert_allclose(y, y_true, rtol=1e-5, atol=1e-5)
 
 
@@ -121,7 +135,7 @@ def test_output_dtype_override():
 def test_float32_large_mean_keeps_its_digits(batch):
   """|μ|/σ = 1e4 in float32: forward within 2e-3 of float64 on the same inputs."""
   x = (1e4 + _rng(1).standard_normal((batch, 4))).astype(np.float32)
-  y, stats = jax.jit(jaxbn.batch_norm)(jnp.asarray(x))
+  y, stats = jax.jit(jaxbn.batch_norm)(_device(x))
   y_true, mean_true, var_true = _numpy_batch_norm(x, np.ones(4), np.zeros(4), -1)
   error = np.max(np.abs(np.asarray(y, np.float64) - y_true))
   assert error <= 2e-3  # the issue's bar: about two float32 ulps at 1e4
@@ -134,11 +148,11 @@ def test_fast_variance_is_one_pass_formula():
   x = _rng(2).standard_normal((32, 3)) + 1.0
   variances = jax.jit(lambda x: tuple(  # one compilation per dtype for both formulas
       jaxbn.batch_norm(x, use_fast_variance=fast)[1].var for fast in (True, False)))
-  np.testing.assert_allclose(variances(jnp.asarray(x))[0], np.mean(x * x, 0) - np.mean(x, 0) ** 2,
+  np.testing.assert_allclose(variances(_device(x))[0], np.mean(x * x, 0) - np.mean(x, 0) ** 2,
                              rtol=1e-12)
   # ...and it is the numerically fragile one: at |μ|/σ = 1e4 in float32 it loses the variance.
   x32 = (1e4 + _rng(1).standard_normal((4096, 2))).astype(np.float32)
-  fast, two_pass = (np.asarray(v, np.float64) for v in variances(jnp.asarray(x32)))
+  fast, two_pass = (np.asarray(v, np.float64) for v in variances(_device(x32)))
   true = x32.astype(np.float64).var(0)
   assert np.max(np.abs(two_pass - true)) < 1e-3 < np.max(np.abs(fast - true))
 
@@ -147,12 +161,14 @@ def test_fast_variance_is_one_pass_formula():
 @pytest.mark.parametrize("mode", ["analytic", "autodiff"])
 def test_constant_feature_gives_bias_and_finite_gradients(dtype, mode):
   x, scale, bias = _params((16, 3), -1, dtype)
-  x = x.at[:, 1].set(0.1)  # 0.1 is not exact in binary: the mean's rounding must not show
-  dy = jnp.asarray(_rng(3).standard_normal(x.shape), dtype)
-  y, stats, grads = _outputs_and_grads(x, scale, bias, dy, mode=mode)
+  x = np.array(x)
+  x[:, 1] = 0.1  # 0.1 is not exact in binary: the mean's rounding must not show
+  dy = _device(_rng(3).standard_normal(x.shape), dtype)
+  y, stats, grads = _host(_outputs_and_grads(_device(x), scale, bias, dy, mode=mode))
   assert stats.var[1] == 0
-  np.testing.assert_allclose(y[:, 1], jnp.full(16, bias[1]), atol=10 * float(jnp.finfo(dtype).eps))
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+  np.testing.assert_allclose(y[:, 1], np.full(16, np.asarray(bias)[1]),
+                             atol=10 * float(jnp.finfo(dtype).eps))
+  assert all(bool(np.all(np.isfinite(g))) for g in grads)
 
 
 # --------------------------------------------------------------------------------- masks
@@ -163,15 +179,17 @@ def _padded(seed=4, rows=10, real=7, features=3):
   x = rng.standard_normal((rows, features)) + 5
   dy = rng.standard_normal(x.shape)
   mask = (np.arange(rows) < real)[:, None]
-  return jnp.asarray(x), jnp.asarray(dy), jnp.asarray(mask)
+  return x, dy, mask  # NumPy: the tests slice and fill them before they reach the device
 
 
 @pytest.mark.parametrize("mode", ["analytic", "autodiff"])
 def test_mask_equals_batch_of_unmasked_rows(mode):
   x, dy, mask = _padded()
   _, scale, bias = _params((10, 3), -1)
-  y, stats, grads = _outputs_and_grads(x, scale, bias, dy, mask, mode=mode)
-  y_real, stats_real, grads_real = _outputs_and_grads(x[:7], scale, bias, dy[:7], mode=mode)
+  y, stats, grads = _host(_outputs_and_grads(*map(_device, (x, scale, bias, dy, mask)),
+                                             mode=mode))
+  y_real, stats_real, grads_real = _host(_outputs_and_grads(
+      *map(_device, (x[:7], scale, bias, dy[:7])), mode=mode))
   np.testing.assert_allclose(y[:7], y_real, rtol=1e-12)
   np.testing.assert_array_equal(y[7:], 0)
   np.testing.assert_allclose(stats.mean, stats_real.mean, rtol=1e-12)
@@ -186,14 +204,14 @@ def test_mask_equals_batch_of_unmasked_rows(mode):
 @pytest.mark.parametrize("fill", [np.nan, np.inf, -np.inf, 1e30])
 def test_padding_reaches_no_output_or_gradient(mode, fill):
   x, dy, mask = _padded()
-  x = jnp.where(mask, x, fill)
-  dy = jnp.where(mask, dy, fill)  # the cotangent at padding may be garbage too
+  x = np.where(mask, x, fill)
+  dy = np.where(mask, dy, fill)  # the cotangent at padding may be garbage too
   _, scale, bias = _params((10, 3), -1)
   clean_x, _, _ = _padded()
   # One compilation per mode, shared by every fill and by the clean run.
-  y, stats, grads = _outputs_and_grads(x, scale, bias, dy, mask, mode=mode)
-  y_clean, _, clean = _outputs_and_grads(clean_x, scale, bias, jnp.where(mask, dy, 0), mask,
-                                         mode=mode)
+  y, stats, grads = _outputs_and_grads(*map(_device, (x, scale, bias, dy, mask)), mode=mode)
+  y_clean, _, clean = _outputs_and_grads(
+      *map(_device, (clean_x, scale, bias, np.where(mask, dy, 0), mask)), mode=mode)
   np.testing.assert_array_equal(y, y_clean)
   assert np.all(np.isfinite(stats.mean)) and np.all(np.isfinite(stats.var))
   for g, c in zip(grads, clean, strict=True):
@@ -201,8 +219,8 @@ def test_padding_reaches_no_output_or_gradient(mode, fill):
 
 
 def test_per_feature_mask_counts_each_feature():
-  x = jnp.asarray(_rng(5).standard_normal((8, 2)))
-  mask = jnp.asarray(np.stack([np.arange(8) < 5, np.arange(8) < 3], axis=1))
+  x = _device(_rng(5).standard_normal((8, 2)))
+  mask = _device(np.stack([np.arange(8) < 5, np.arange(8) < 3], axis=1))
   _, stats = jax.jit(lambda x, mask: jaxbn.batch_norm(x, mask=mask))(x, mask)
   x = np.asarray(x)
   np.testing.assert_allclose(stats.mean, [x[:5, 0].mean(), x[:3, 1].mean()], rtol=1e-12)
@@ -210,11 +228,11 @@ def test_per_feature_mask_counts_each_feature():
 
 
 def test_fully_masked_feature_stays_finite():
-  x = jnp.asarray(_rng(6).standard_normal((4, 2)))
-  mask = jnp.asarray([[True, False]] * 4)
-  y, stats, dx = jax.jit(lambda x: (  # one compilation for the outputs and dx
+  x = _device(_rng(6).standard_normal((4, 2)))
+  mask = _device([[True, False]] * 4)
+  y, stats, dx = _host(jax.jit(lambda x: (  # one compilation for the outputs and dx
       *jaxbn.batch_norm(x, mask=mask),
-      jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, mask=mask)[0] ** 3))(x)))(x)
+      jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, mask=mask)[0] ** 3))(x)))(x))
   assert np.all(np.isfinite(y)) and np.all(np.isfinite(dx)) and np.all(np.isfinite(stats.var))
   np.testing.assert_array_equal(y[:, 1], 0)
   np.testing.assert_array_equal(dx[:, 1], 0)
@@ -227,7 +245,7 @@ def test_fully_masked_feature_stays_finite():
 def test_analytic_equals_autodiff_of_same_forward(layout):
   shape, axis = LAYOUTS[layout]
   x, scale, bias = _params(shape, axis)
-  dy = jnp.asarray(_rng(7).standard_normal(shape))
+  dy = _device(_rng(7).standard_normal(shape))
   analytic, autodiff = jax.jit(lambda *a: tuple(  # one compilation for both
       jax.grad(_loss(mode, axis=axis), argnums=(0, 1, 2))(*a)
       for mode in ("analytic", "autodiff")))(x, scale, bias, dy)
@@ -240,13 +258,15 @@ def test_input_gradient_is_orthogonal_to_shift_and_scale(mode):
   """docs/derivation.md: Σ ∂L/∂x_i = 0, and Σ x̂_i ∂L/∂x_i = (γ/σ) Σ dy x̂ · ε/σ²."""
   epsilon = 0.3  # large, so the ε term is far above rounding
   x, scale, bias = _params((9, 3), -1)
-  dy = jnp.asarray(_rng(13).standard_normal(x.shape))
-  _, stats, (dx, _, _) = _outputs_and_grads(x, scale, bias, dy, mode=mode, epsilon=epsilon)
-  np.testing.assert_allclose(jnp.sum(dx, 0), 0, atol=1e-13)
+  dy = _rng(13).standard_normal(x.shape)
+  _, stats, (dx, _, _) = _host(_outputs_and_grads(x, scale, bias, _device(dy), mode=mode,
+                                                  epsilon=epsilon))
+  x, scale = np.asarray(x), np.asarray(scale)  # float64 already: the identities in NumPy
+  np.testing.assert_allclose(np.sum(dx, 0), 0, atol=1e-13)
   sigma2 = stats.var + epsilon
-  x_hat = (x - stats.mean[None]) / jnp.sqrt(sigma2)[None]
-  want = scale / jnp.sqrt(sigma2) * jnp.sum(dy * x_hat, 0) * epsilon / sigma2
-  np.testing.assert_allclose(jnp.sum(x_hat * dx, 0), want, rtol=1e-10)
+  x_hat = (x - stats.mean[None]) / np.sqrt(sigma2)[None]
+  want = scale / np.sqrt(sigma2) * np.sum(dy * x_hat, 0) * epsilon / sigma2
+  np.testing.assert_allclose(np.sum(x_hat * dx, 0), want, rtol=1e-10)
 
 
 def test_gradient_does_not_flow_through_stats():
@@ -260,14 +280,14 @@ def test_gradient_does_not_flow_through_stats():
 
 def test_forward_mode_needs_autodiff():
   x, scale, bias = _params((6, 3), -1)
-  v = jnp.asarray(_rng(8).standard_normal(x.shape))
-  u = jnp.asarray(_rng(9).standard_normal(x.shape))
+  v = _device(_rng(8).standard_normal(x.shape))
+  u = _device(_rng(9).standard_normal(x.shape))
   f = lambda mode: (lambda x: jaxbn.batch_norm(x, scale, bias, gradient=mode)[0])
   with pytest.raises(TypeError, match="custom_vjp"):
     jax.jvp(f("analytic"), (x,), (v,))
   jv, (ju,) = jax.jit(lambda x, v, u: (  # one compilation for both products
       jax.jvp(f("autodiff"), (x,), (v,))[1], jax.vjp(f("analytic"), x)[1](u)))(x, v, u)
-  np.testing.assert_allclose(jnp.vdot(u, jv), jnp.vdot(ju, v), rtol=1e-12)  # <u, Jv> = <Jᵀu, v>
+  np.testing.assert_allclose(np.vdot(u, jv), np.vdot(ju, v), rtol=1e-12)  # <u, Jv> = <Jᵀu, v>
 
 
 @pytest.mark.slow
@@ -293,18 +313,18 @@ def test_hessian_vector_products_match_autodiff(masked):
 def test_composes_with_jit_vmap_checkpoint():
   ensemble, batch, features = 3, 8, 4
   rng = _rng(11)
-  xs = jnp.asarray(rng.standard_normal((ensemble, batch, features)))
-  scales = jnp.asarray(rng.uniform(0.5, 2, (ensemble, features)))
-  biases = jnp.asarray(rng.standard_normal((ensemble, features)))
-  dy = jnp.asarray(rng.standard_normal((batch, features)))
+  xs = _device(rng.standard_normal((ensemble, batch, features)))
+  scales = _device(rng.uniform(0.5, 2, (ensemble, features)))
+  biases = _device(rng.standard_normal((ensemble, features)))
+  dy = _device(rng.standard_normal((batch, features)))
   loss = lambda x, s, b: jnp.sum(dy * jaxbn.batch_norm(x, s, b)[0])
   grad = jax.grad(loss, argnums=(0, 1, 2))
 
   # One compilation: the per-member loop next to vmap and vmap of checkpoint, all under jit.
-  looped, vmapped, checkpointed = jax.jit(lambda *a: (
+  looped, vmapped, checkpointed = _host(jax.jit(lambda *a: (
       [grad(*(v[i] for v in a)) for i in range(ensemble)],
       jax.vmap(grad)(*a),
-      jax.vmap(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(*a)))(xs, scales, biases)
+      jax.vmap(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(*a)))(xs, scales, biases))
   for i in range(ensemble):
     for j in range(3):
       np.testing.assert_allclose(vmapped[j][i], looped[i][j], rtol=1e-12, atol=1e-14)
@@ -314,9 +334,13 @@ def test_composes_with_jit_vmap_checkpoint():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_residuals_are_x_and_per_feature_vectors(dtype):
   x, scale, bias = _params((2, 3, 3, 4), -1, dtype)
-  mask = jnp.asarray([True, False])[:, None, None, None]  # per example: stays (2, 1, 1, 1)
-  for m in (None, mask):
-    _, vjp = jax.vjp(lambda x, s, b: jaxbn.batch_norm(x, s, b, mask=m)[0], x, scale, bias)
+  mask = _device(np.array([True, False])[:, None, None, None])  # per example: (2, 1, 1, 1)
+  # The vjp functions come out of jit (one compilation for both) with the residuals they
+  # close over as their leaves, as an eager jax.vjp would hold them.
+  vjps = jax.jit(lambda x, s, b: [
+      jax.vjp(lambda x, s, b: jaxbn.batch_norm(x, s, b, mask=m)[0], x, s, b)[1]
+      for m in (None, mask)])(x, scale, bias)
+  for vjp in vjps:
     leaves = jax.tree.leaves(vjp)
     activation_sized = [r for r in leaves if r.size == x.size]
     assert len(activation_sized) == 1 and activation_sized[0].dtype == dtype
@@ -378,9 +402,9 @@ def test_inference_with_batch_stats_reproduces_training_output():
 
 def test_inference_mask_zeroes_padding_whatever_it_holds():
   x, scale, bias = _params((4, 3, 2), 1)
-  mask = jnp.array([True, True, False, True])[:, None, None]  # per example, NCHW-like
-  x = jnp.where(mask, x, jnp.nan)
-  mean, var = jnp.array([0.5, -1.0, 2.0]), jnp.array([1.0, 4.0, 0.25])
+  mask = _device(np.array([True, True, False, True])[:, None, None])  # per example, NCHW-like
+  x = _device(np.where(mask, x, np.nan))
+  mean, var = _device([0.5, -1.0, 2.0]), _device([1.0, 4.0, 0.25])
 
   def infer(x, mask=None):
     return jaxbn.batch_norm_inference(x, mean, var, scale, bias, axis=1, mask=mask)
@@ -391,12 +415,12 @@ def test_inference_mask_zeroes_padding_whatever_it_holds():
   np.testing.assert_array_equal(y[[0, 1, 3]], y_unmasked[[0, 1, 3]])
   assert np.all(np.isfinite(dx)) and not np.any(dx[2])
   with pytest.raises(ValueError, match="does not broadcast"):
-    infer(x, jnp.ones((5, 1, 1), bool))
+    infer(x, _device(np.ones((5, 1, 1), bool)))
 
 
 # ---------------------------------------------------------------------------------- errors
 
-X = jnp.zeros((4, 3), jnp.float32)
+X = _device(np.zeros((4, 3), np.float32))
 
 BAD_CALLS = {
     "scale shape": (lambda: jaxbn.batch_norm(X, jnp.ones(4)), ValueError, r"scale has shape \(4,\)"),
@@ -434,14 +458,15 @@ def test_bad_input_is_refused_at_trace_time(name):
 @pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1, 1)])
 def test_batch_of_one_value_per_feature_gives_beta(shape, use_cpu_kernel):
   # Flax's rule (the modules meet it under nnx.vmap ensembles): μ = x, σ² = 0, x̂ = 0.
-  x = jnp.asarray(_rng(4).standard_normal(shape) * 5, jnp.float32)
-  scale, bias = jnp.full(3, 2.0, jnp.float32), jnp.array([0.5, -1.0, 3.0], jnp.float32)
+  x = _device(_rng(4).standard_normal(shape) * 5, np.float32)
+  scale, bias = _device(np.full(3, 2.0, np.float32)), _device([0.5, -1.0, 3.0], np.float32)
   axis = -1 if len(shape) == 2 else 1
   f = lambda x, s, b: jaxbn.batch_norm(x, s, b, axis=axis, use_cpu_kernel=use_cpu_kernel)
-  dy = jnp.asarray(_rng(5).standard_normal(shape), jnp.float32)
-  y, stats, (dx, dscale, dbias) = jax.jit(lambda x, scale, bias, dy: (  # one compilation
+  dy = _device(_rng(5).standard_normal(shape), np.float32)
+  y, stats, (dx, dscale, dbias) = _host(jax.jit(lambda x, scale, bias, dy: (  # one compilation
       *f(x, scale, bias), jax.vjp(lambda *a: f(*a)[0], x, scale, bias)[1](dy)))(
-          x, scale, bias, dy)
+          x, scale, bias, dy))
+  x, dy = np.asarray(x), np.asarray(dy)
   np.testing.assert_array_equal(y.reshape(3), bias)
   np.testing.assert_array_equal(stats.mean, x.reshape(3))
   np.testing.assert_array_equal(stats.var, 0)
