@@ -24,13 +24,14 @@ N, C = 6, 3
 
 
 def _inputs(seed=0, shape=(N, C)):
+  """x, scale, bias, dy in NumPy float64: the tests slice, fill and cast them in NumPy and
+  hand them to jitted functions (outside jit every jnp op compiles a program of its own)."""
   rng = np.random.default_rng(seed)
   # Example-dependent offsets: every virtual batch has visibly different statistics.
   x = rng.standard_normal(shape) + np.arange(shape[0]).reshape((-1,) + (1,) * (len(shape) - 1))
   feature = C
-  return tuple(jnp.asarray(v) for v in (
-      x, rng.uniform(0.5, 2.0, feature), rng.standard_normal(feature),
-      rng.standard_normal(shape)))
+  return (x, rng.uniform(0.5, 2.0, feature), rng.standard_normal(feature),
+          rng.standard_normal(shape))
 
 
 def _vjp(fn, x, g, b, dy):
@@ -41,6 +42,9 @@ def _vjp(fn, x, g, b, dy):
 def _grads(fn, x, g, b, dy):
   """y and the VJP of dy, in one jit compilation."""
   return jax.jit(functools.partial(_vjp, fn))(x, g, b, dy)
+
+
+_plain_batch_norm = jax.jit(lambda x, g, b: jaxbn.batch_norm(x, g, b)[0])
 
 
 def _padding_mask():  # example 4 is padding: virtual batch 1 (examples 1, 4) keeps one value
@@ -63,22 +67,22 @@ def test_each_virtual_batch_is_normalized_on_its_own(masked, use_cpu_kernel):
   mask = None
   if masked:
     mask = _padding_mask()
-    x = jnp.where(mask, x, jnp.nan)
+    x = np.where(mask, x, np.nan)
   analytic = functools.partial(jaxbn.batch_norm, virtual_batch_size=V, mask=mask,
                                use_cpu_kernel=use_cpu_kernel)
-  y, grads = _grads(lambda *a: analytic(*a)[0], x, g, b, dy)
+  y, grads = jax.tree.map(np.asarray, _grads(lambda *a: analytic(*a)[0], x, g, b, dy))
   y_ref, grads_ref = _reference_grads(masked)(x, g, b, dy)
   np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
   for got, want in zip(grads, grads_ref, strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
   # Keras 2's split: virtual batch g holds examples g, g + N/V, ... (here {0, 3}, {1, 4}, ...).
-  alone = jaxbn.batch_norm(x[np.array([0, 3])], g, b)[0]
+  alone = _plain_batch_norm(x[np.array([0, 3])], g, b)
   np.testing.assert_allclose(y[np.array([0, 3])], alone, rtol=1e-12, atol=1e-12)
 
 
 def test_stats_average_the_virtual_batches():
   x, g, b, _ = _inputs(1)
-  stats = jaxbn.batch_norm(x, g, b, virtual_batch_size=V)[1]
+  stats = jax.jit(lambda *a: jaxbn.batch_norm(*a, virtual_batch_size=V)[1])(x, g, b)
   groups = [x[np.arange(k, N, N // V)] for k in range(N // V)]
   np.testing.assert_allclose(stats.mean, np.mean([v.mean(0) for v in groups], 0), rtol=1e-12)
   np.testing.assert_allclose(stats.var, np.mean([v.var(0) for v in groups], 0), rtol=1e-12)
@@ -97,8 +101,8 @@ def test_one_virtual_batch_is_plain_bn():
 def test_nchw_and_renorm_per_virtual_batch():
   """Conv layout, feature axis 1, with renorm: r and d per (virtual batch, feature)."""
   x, g, b, dy = _inputs(3, (4, C, 2, 2))
-  renorm = jaxbn.Renorm(jnp.array([1.0, 0.0, 2.0]), jnp.array([2.0, 0.5, 1.0]), rmax=1.5,
-                        rmin=0.7, dmax=0.5)
+  renorm = jaxbn.Renorm(jax.device_put(np.array([1.0, 0.0, 2.0])),
+                        jax.device_put(np.array([2.0, 0.5, 1.0])), rmax=1.5, rmin=0.7, dmax=0.5)
   kwargs = dict(axis=1, virtual_batch_size=2, renorm=renorm)
 
   @jax.jit  # y, the VJP and the statistics in one compilation
@@ -150,13 +154,14 @@ def test_virtual_batches_pool_across_devices(mesh):
 def test_bfloat16_within_bfloat16_rounding_of_float64():
   x, g, b, dy = _inputs(5)
   x16 = x.astype(jnp.bfloat16)
-  g32, b32 = g.astype(jnp.float32), b.astype(jnp.float32)
+  g32, b32 = g.astype(np.float32), b.astype(np.float32)
   y, (dx, _, _) = _grads(lambda *a: jaxbn.batch_norm(*a, virtual_batch_size=3)[0], x16, g32,
                          b32, dy.astype(jnp.bfloat16))
   assert y.dtype == dx.dtype == jnp.bfloat16
-  y64, (dx64, _, _) = _grads(
+  y64, (dx64, _, _) = jax.tree.map(np.asarray, _grads(
       functools.partial(reference.batch_norm_reference, virtual_batch_size=3),
-      x16.astype(jnp.float64), g, b, dy.astype(jnp.bfloat16).astype(jnp.float64))
+      x16.astype(np.float64), g, b, dy.astype(jnp.bfloat16).astype(np.float64)))
+  y, dx = np.asarray(y), np.asarray(dx)
   bf16_eps = 2.0**-8
   assert np.max(np.abs(y.astype(np.float64) - y64)) <= 2 * bf16_eps * np.max(np.abs(y64))
   assert np.max(np.abs(dx.astype(np.float64) - dx64)) <= 4 * bf16_eps * np.max(np.abs(dx64))
@@ -168,23 +173,29 @@ def test_bfloat16_within_bfloat16_rounding_of_float64():
     (True, ValueError, "virtual_batch_size must be a positive int"),
 ])
 def test_bad_virtual_batch_size_raises_at_trace_time(size, error, message):
-  x = jnp.ones((N, C))
+  x = jax.device_put(np.ones((N, C)))
   with pytest.raises(error, match=message):
     jax.jit(lambda x: jaxbn.batch_norm(x, virtual_batch_size=size)[0]).lower(x)
 
 
 def test_modules_keep_the_virtual_batches_average():
-  x = _inputs(6)[0].astype(jnp.float32)
+  x = jax.device_put(_inputs(6)[0].astype(np.float32))
   lin = jlinen.BatchNorm(momentum=0.0, virtual_batch_size=V)
-  variables = lin.init(jax.random.key(0), x, use_running_average=False)
+
+  @jax.jit  # linen's init and apply and the function, in one compilation
+  def linen_and_function(x):
+    variables = lin.init(jax.random.key(0), x, use_running_average=False)
+    y, updates = lin.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    return variables, y, updates, jaxbn.batch_norm(x, virtual_batch_size=V)
+
+  variables, y, updates, (want_y, want) = linen_and_function(x)
   assert set(variables["batch_stats"]) == {"mean", "var"}  # no new state
-  y, updates = lin.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
-  want_y, want = jaxbn.batch_norm(x, virtual_batch_size=V)
   np.testing.assert_allclose(y, want_y, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(updates["batch_stats"]["mean"], want.mean, rtol=1e-6)
   np.testing.assert_allclose(updates["batch_stats"]["var"], want.var, rtol=1e-6)
   mod = jnnx.BatchNorm(C, momentum=0.0, virtual_batch_size=V, rngs=nnx.Rngs(0))
-  np.testing.assert_allclose(mod(x), y, rtol=1e-6, atol=1e-6)
+  # nnx.jit writes the module's updated statistics back, as the eager call would.
+  np.testing.assert_allclose(nnx.jit(lambda mod, x: mod(x))(mod, x), y, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(mod.var[...], want.var, rtol=1e-6)
   with pytest.raises(ValueError, match="virtual_batch_size=4 does not divide"):
     jnnx.BatchNorm(C, virtual_batch_size=4, rngs=nnx.Rngs(0))(x)
