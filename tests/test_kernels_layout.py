@@ -62,8 +62,9 @@ def _data(shape, dtype, seed=0):
   dy = rng.standard_normal(shape)
   scale = rng.uniform(0.5, 2, c)
   bias = rng.standard_normal(c)
-  # Rounded to the dtype first, so that the truth sees the values the kernels see.
-  x, dy = (np.array(jnp.asarray(v, dtype).astype(jnp.float32)) for v in (x, dy))
+  # Rounded to the dtype first, so that the truth sees the values the kernels see (in NumPy:
+  # outside jit every jnp op compiles a program of its own).
+  x, dy = (v.astype(dtype).astype(np.float32) for v in (x, dy))
   return x, dy, scale.astype(np.float32), bias.astype(np.float32)
 
 
@@ -76,11 +77,12 @@ def test_kernels_serve_both_layouts():
 def test_channels_last_and_channels_first_agree_with_float64_truth(shape, dtype, tol):
   x, dy, scale, bias = _data(shape, dtype)
   want = _truth(x, scale, bias, dy)
-  first = _step(1)(jnp.asarray(x, dtype), scale, bias, jnp.asarray(dy, dtype))
+  first = _step(1)(x.astype(dtype), scale, bias, dy.astype(dtype))
   # The same values with the features last: (N, S, C).
-  last = _step(-1)(jnp.asarray(x.transpose(0, 2, 1), dtype), scale, bias,
-                   jnp.asarray(dy.transpose(0, 2, 1), dtype))
-  last = (last[0].transpose(0, 2, 1), last[1].transpose(0, 2, 1), last[2], last[3])
+  last = _step(-1)(x.transpose(0, 2, 1).astype(dtype), scale, bias,
+                   dy.transpose(0, 2, 1).astype(dtype))
+  last = (np.asarray(last[0]).transpose(0, 2, 1), np.asarray(last[1]).transpose(0, 2, 1),
+          last[2], last[3])
   for name, w, a, b in zip(("y", "dx", "dscale", "dbias"), want, first, last):
     atol = tol * float(np.max(np.abs(w)))
     np.testing.assert_allclose(np.asarray(a, np.float64), w, rtol=0, atol=atol,
@@ -96,10 +98,11 @@ def test_masked_layouts_agree_and_ignore_the_padding(shape):
   keep = np.arange(n) != 1  # example 1 is padding, and holds NaN: it must not leak
   x[1] = np.nan
   want = _truth(x[keep], scale, bias, dy[keep])
-  first = _step(1, jnp.asarray(keep).reshape(n, 1, 1))(x, scale, bias, dy)
-  last = _step(-1, jnp.asarray(keep).reshape(n, 1, 1))(
+  first = _step(1, keep.reshape(n, 1, 1))(x, scale, bias, dy)
+  last = _step(-1, keep.reshape(n, 1, 1))(
       x.transpose(0, 2, 1), scale, bias, dy.transpose(0, 2, 1))
-  last = (last[0].transpose(0, 2, 1), last[1].transpose(0, 2, 1), last[2], last[3])
+  last = (np.asarray(last[0]).transpose(0, 2, 1), np.asarray(last[1]).transpose(0, 2, 1),
+          last[2], last[3])
   for got, label in ((first, "channels-first"), (last, "channels-last")):
     y, dx = np.asarray(got[0], np.float64), np.asarray(got[1], np.float64)
     assert np.all(y[1] == 0) and np.all(dx[1] == 0), f"{label}: padding not zeroed"

@@ -10,12 +10,16 @@ from jaxbn import reference
 
 @pytest.fixture(scope="module")
 def nchw():
+  # Placed with jax.device_put: jnp.asarray of a NumPy array compiles a program of its own.
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((3, 4, 2, 2)) * 2 - 1)
-  scale = jnp.asarray(rng.uniform(0.5, 2.0, 4))
-  bias = jnp.asarray(rng.standard_normal(4))
-  dy = jnp.asarray(rng.standard_normal(x.shape))
-  return x, scale, bias, dy
+  x = rng.standard_normal((3, 4, 2, 2)) * 2 - 1
+  return tuple(map(jax.device_put, (x, rng.uniform(0.5, 2.0, 4), rng.standard_normal(4),
+                                    rng.standard_normal(x.shape))))
+
+
+def _host(tree):
+  """Every array of a pytree as NumPy: jnp arithmetic outside jit compiles each op."""
+  return jax.tree.map(np.asarray, tree)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +31,7 @@ def staged(nchw):
 
 def test_forward_is_equations_1_to_4(nchw):
   x, scale, bias, _ = nchw
-  y = reference.batch_norm_reference(x, scale, bias, axis=1)
+  y = jax.jit(lambda *a: reference.batch_norm_reference(*a, axis=1))(x, scale, bias)
   xn = np.asarray(x)
   mu = xn.mean((0, 2, 3), keepdims=True)  # (1)
   sigma2 = ((xn - mu) ** 2).mean((0, 2, 3), keepdims=True) + 1e-5  # (2)
@@ -47,16 +51,16 @@ def test_staged_backward_equals_autodiff_of_forward(nchw, staged):
 
 
 def test_staged_terms_are_the_seeds_formulas(nchw, staged):
-  x, scale, _, dy = nchw
-  s = staged
+  _, scale, _, dy = _host(nchw)
+  s = _host(staged)  # the checks below in NumPy float64
   m = 3 * 2 * 2
   sigma = 1 / s.dxhat_dx
   np.testing.assert_allclose(s.dmu_dx, 1 / m)
   np.testing.assert_allclose(s.dL_dxhat, dy * scale[None, :, None, None], rtol=1e-15)
   # ∂L/∂μ's second term multiplies Σ(x_i − μ), which is 0: only rounding is left of it.
-  assert float(jnp.max(jnp.abs(s.dL_dmu_vanishing))) < 1e-13
+  assert float(np.max(np.abs(s.dL_dmu_vanishing))) < 1e-13
   np.testing.assert_allclose(
-      s.dL_dmu, jnp.sum(-s.dL_dxhat / sigma, axis=(0, 2, 3), keepdims=True), rtol=1e-12)
+      s.dL_dmu, np.sum(-s.dL_dxhat / sigma, axis=(0, 2, 3), keepdims=True), rtol=1e-12)
   # The three paths of eq. (7) add up to the result.
   paths = s.dL_dxhat * s.dxhat_dx + s.dL_dsigma2 * s.dsigma2_dx + s.dL_dmu * s.dmu_dx
   np.testing.assert_array_equal(paths, s.dL_dx)
@@ -64,20 +68,22 @@ def test_staged_terms_are_the_seeds_formulas(nchw, staged):
 
 def test_staged_backward_masks_padding():
   rng = np.random.default_rng(1)
-  x = jnp.asarray(rng.standard_normal((6, 2)))
-  dy = jnp.asarray(rng.standard_normal((6, 2)))
-  mask = jnp.arange(6)[:, None] < 4
-  padded = jnp.where(mask, x, jnp.nan)
-  s, full = jax.jit(lambda padded, x, dy: (  # one compilation for both
+  x = rng.standard_normal((6, 2))
+  dy = rng.standard_normal((6, 2))
+  mask = np.arange(6)[:, None] < 4
+  padded = np.where(mask, x, np.nan)
+  s, full = _host(jax.jit(lambda padded, x, dy: (  # one compilation for both
       reference.staged_backward(padded, jnp.ones(2), dy, mask=mask),
-      reference.staged_backward(x[:4], jnp.ones(2), dy[:4])))(padded, x, dy)
+      reference.staged_backward(x[:4], jnp.ones(2), dy[:4])))(padded, x, dy))
   np.testing.assert_allclose(s.dL_dx[:4], full.dL_dx, rtol=1e-12)
   np.testing.assert_array_equal(s.dL_dx[4:], 0)
   np.testing.assert_allclose(s.dL_dgamma, full.dL_dgamma, rtol=1e-12)
 
 
 def test_reference_refuses_bad_input():
+  zeros, ones = (lambda *shape: jax.device_put(np.zeros(shape)),
+                 lambda *shape: jax.device_put(np.ones(shape)))
   with pytest.raises(ValueError, match="dy has shape"):
-    reference.staged_backward(jnp.zeros((4, 3)), jnp.ones(3), jnp.zeros((4, 2)))
+    reference.staged_backward(zeros(4, 3), ones(3), zeros(4, 2))
   with pytest.raises(ValueError, match="scale has shape"):
-    reference.batch_norm_reference(jnp.zeros((4, 3)), jnp.ones(2), jnp.zeros(3))
+    reference.batch_norm_reference(zeros(4, 3), ones(2), zeros(3))
