@@ -12,7 +12,9 @@ import pytest
 import jaxbn
 import jaxbn.linen
 
-X = jnp.asarray(np.random.default_rng(0).standard_normal((6, 3)), jnp.float32)
+# Inputs are built in NumPy and placed with jax.device_put, results checked in NumPy: outside
+# jit every jnp op (jnp.asarray of a NumPy array included) compiles a program of its own.
+X = jax.device_put(np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32))
 
 # Both paths when the kernels can be built here; the pure-JAX path alone where they cannot
 # (test_kernels.py fails, rather than skips, if a compiler exists and the build does not).
@@ -25,13 +27,16 @@ def test_epsilon_that_is_not_a_real_number_is_refused(epsilon):
   with pytest.raises(TypeError, match="epsilon must be a real number"):
     jaxbn.batch_norm(X, epsilon=epsilon)
   with pytest.raises(TypeError, match="epsilon must be a real number"):
-    jaxbn.batch_norm_inference(X, jnp.zeros(3), jnp.ones(3), epsilon=epsilon)
+    jaxbn.batch_norm_inference(X, jax.device_put(np.zeros(3)), jax.device_put(np.ones(3)),
+                               epsilon=epsilon)
 
 
 @pytest.mark.parametrize("epsilon", [1e-3, 1, np.float32(1e-3), np.array(1e-3)])
 def test_epsilon_numbers_of_every_kind_agree(epsilon):
-  expected, _ = jaxbn.batch_norm(X, epsilon=1e-3 if epsilon != 1 else 1.0)
-  np.testing.assert_array_equal(jaxbn.batch_norm(X, epsilon=epsilon)[0], expected)
+  expected, got = jax.jit(lambda x: (  # one compilation for both
+      jaxbn.batch_norm(x, epsilon=1e-3 if epsilon != 1 else 1.0)[0],
+      jaxbn.batch_norm(x, epsilon=epsilon)[0]))(X)
+  np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize("axis", [1.0, "1", None, {1: 1}])
@@ -49,29 +54,31 @@ def test_overflowing_variance_is_nan_on_both_paths(use_cpu_kernel):
   # loss shows it), var is inf, and the other features are untouched.
   rng = np.random.default_rng(1)
   x = rng.standard_normal((64, 4)) * np.array([1.0, 1e19, 1e37, 1e-3])
-  x = jnp.asarray(x, jnp.float32)
-  scale, bias = jnp.full(4, 2.0, jnp.float32), jnp.full(4, 0.5, jnp.float32)
+  x = x.astype(np.float32)
+  scale, bias = np.full(4, 2.0, np.float32), np.full(4, 0.5, np.float32)
   f = lambda x, s, b: jaxbn.batch_norm(x, s, b, use_cpu_kernel=use_cpu_kernel)
-  dy = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
-  y, stats, fine, (dx, dscale, dbias) = jax.jit(lambda x, scale, bias, dy: (  # one compile
-      *f(x, scale, bias), f(x[:, ::3], scale[::3], bias[::3])[0],
-      jax.vjp(lambda *a: f(*a)[0], x, scale, bias)[1](dy)))(x, scale, bias, dy)
+  dy = rng.standard_normal(x.shape).astype(np.float32)
+  y, stats, fine, (dx, dscale, dbias) = jax.tree.map(np.asarray, jax.jit(
+      lambda x, scale, bias, dy: (  # one compile
+          *f(x, scale, bias), f(x[:, ::3], scale[::3], bias[::3])[0],
+          jax.vjp(lambda *a: f(*a)[0], x, scale, bias)[1](dy)))(x, scale, bias, dy))
   np.testing.assert_array_equal(np.isposinf(stats.var), [False, True, True, False])
   assert np.all(np.isnan(y[:, 1:3]))
   np.testing.assert_array_equal(y[:, ::3], fine)
   assert np.all(np.isnan(dx[:, 1:3])) and np.all(np.isnan(dscale[1:3]))
   assert np.all(np.isfinite(dx[:, ::3])) and np.all(np.isfinite(dscale[::3]))
-  # Eq. (6) needs no σ, so ∂L/∂β stays finite (summed in another order than jnp.sum).
-  np.testing.assert_allclose(dbias, jnp.sum(dy, axis=0), rtol=1e-5, atol=1e-5)
+  # Eq. (6) needs no σ, so ∂L/∂β stays finite (float32 sums against NumPy's float64 ones).
+  np.testing.assert_allclose(dbias, np.sum(dy.astype(np.float64), axis=0), rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_overflow_gives_the_same_answer_on_both_paths():
   if len(PATHS) < 2:
     pytest.skip("no C++ compiler, so there is no kernel path to compare")
-  x = jnp.asarray(np.random.default_rng(2).standard_normal((64, 3)) * [1e18, 3e18, 1e37],
-                  jnp.float32)
-  kernel, pure = jax.jit(lambda x: tuple(  # one compilation for both paths
-      jaxbn.batch_norm(x, use_cpu_kernel=k) for k in (True, False)))(x)
+  x = (np.random.default_rng(2).standard_normal((64, 3)) * [1e18, 3e18, 1e37]).astype(
+      np.float32)
+  kernel, pure = jax.tree.map(np.asarray, jax.jit(lambda x: tuple(  # one compilation, both paths
+      jaxbn.batch_norm(x, use_cpu_kernel=k) for k in (True, False)))(x))
   for a, b in zip(jax.tree.leaves(kernel), jax.tree.leaves(pure), strict=True):
     np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
     np.testing.assert_array_equal(np.isposinf(a), np.isposinf(b))
@@ -93,7 +100,7 @@ def test_forward_mode_error_names_autodiff(transform):
 
 def test_forward_mode_error_reaches_module_users():
   bn = jaxbn.linen.BatchNorm(use_running_average=False)
-  variables = bn.init(jax.random.key(0), X)
+  variables = jax.jit(lambda x: bn.init(jax.random.key(0), x))(X)
   with pytest.raises(TypeError, match="gradient='autodiff'"):
     jax.jvp(lambda x: bn.apply(variables, x, mutable=["batch_stats"])[0], (X,), (X,))
 

@@ -27,7 +27,8 @@ def batch():
   rows = np.arange(PER_DEVICE)[None, :] < (PER_DEVICE - np.arange(DEVICES) % 3)[:, None]
   mask = rows[..., None]
   x_padded = np.where(mask, x, np.nan)
-  return {k: jnp.asarray(v) for k, v in dict(
+  # Placed with jax.device_put: jnp.asarray of a NumPy array compiles a program of its own.
+  return {k: jax.device_put(v) for k, v in dict(
       x=x, x_padded=x_padded, dy=dy, scale=scale, bias=bias, mask=mask).items()}
 
 
@@ -55,6 +56,8 @@ def _per_device(x, scale, bias, dy, mask, gradient):
 
 
 def _assert_matches_single_device(y, stats, grads, want, rtol=1e-12):
+  # In NumPy: reshaping a jax array outside jit compiles a program of its own.
+  y, stats, grads, want = jax.tree.map(np.asarray, (y, stats, grads, want))
   y_want, stats_want, grads_want = want
   np.testing.assert_allclose(np.nan_to_num(y).reshape(-1, FEATURES), y_want, rtol=rtol, atol=1e-12)
   np.testing.assert_allclose(stats.mean, stats_want.mean, rtol=rtol)
@@ -99,8 +102,9 @@ def test_shard_map_gradient_through_replicated_params(mesh, batch):
                          out_specs=P())(x, scale, bias, dy)
 
   args = (batch["scale"], batch["bias"], batch["x"], batch["dy"])
-  analytic = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=4)(*args, "analytic")
-  autodiff = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=4)(*args, "autodiff")
+  analytic, autodiff = jax.jit(lambda *args: tuple(  # one compilation for both
+      jax.grad(loss, argnums=(0, 1))(*args, gradient) for gradient in ("analytic", "autodiff")))(
+          *args)
   _, _, want = _single_device(batch["x"], batch["scale"], batch["bias"], batch["dy"], None,
                               "autodiff")
   for got, ref, full in zip(analytic, autodiff, want[1:], strict=True):
@@ -113,12 +117,12 @@ def test_pmap_equals_single_device(batch):
                         batch["mask"], "analytic")
   run = jax.pmap(functools.partial(_per_device, gradient="analytic"), axis_name="data",
                  in_axes=(0, None, None, 0, 0))
-  y, stats, (dx, dscale, dbias) = run(batch["x_padded"], batch["scale"], batch["bias"],
-                                      batch["dy"], batch["mask"])
+  y, stats, (dx, dscale, dbias) = jax.tree.map(np.asarray, run(
+      batch["x_padded"], batch["scale"], batch["bias"], batch["dy"], batch["mask"]))
   # pmap keeps per-device γ, β gradients; their sum is the single-device gradient.
   _assert_matches_single_device(
       y, jax.tree.map(lambda s: s[0], stats), (dx, dscale.sum(0), dbias.sum(0)), want)
-  np.testing.assert_allclose(stats.mean, jnp.broadcast_to(stats.mean[0], stats.mean.shape))
+  np.testing.assert_allclose(stats.mean, np.broadcast_to(stats.mean[0], stats.mean.shape))
 
 
 @pytest.mark.slow
@@ -137,8 +141,9 @@ def test_axis_index_groups_pool_within_groups(batch):
   run = jax.pmap(
       lambda x: jaxbn.batch_norm(x, axis_name="data", axis_index_groups=groups)[1].mean,
       axis_name="data")
-  means = run(batch["x"])
+  means = np.asarray(run(batch["x"]))
+  x = np.asarray(batch["x"])
   for group in groups:
-    want = batch["x"][np.array(group)].reshape(-1, FEATURES).mean(0)
+    want = x[np.array(group)].reshape(-1, FEATURES).mean(0)
     for device in group:
       np.testing.assert_allclose(means[device], want, rtol=1e-12)
