@@ -40,11 +40,13 @@ def _gathered_sizes(hlo: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def batch():
+  """x, scale, bias, dy in NumPy float32: jax.device_put places them (on one device or
+  sharded) without compiling, where jnp.asarray or slicing a device array would."""
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal(SHAPE) * 2 + 1, jnp.float32)
-  dy = jnp.asarray(rng.standard_normal(SHAPE), jnp.float32)
-  scale = jnp.asarray(rng.uniform(0.5, 2, SHAPE[-1]), jnp.float32)
-  bias = jnp.asarray(rng.standard_normal(SHAPE[-1]), jnp.float32)
+  x = (rng.standard_normal(SHAPE) * 2 + 1).astype(np.float32)
+  dy = rng.standard_normal(SHAPE).astype(np.float32)
+  scale = rng.uniform(0.5, 2, SHAPE[-1]).astype(np.float32)
+  bias = rng.standard_normal(SHAPE[-1]).astype(np.float32)
   return x, scale, bias, dy
 
 
@@ -76,13 +78,13 @@ def test_sharded_jit_partitions_the_twins_and_one_device_runs_the_kernels(mesh, 
   got, want = sharded(*args), single(x, scale, bias, dy)
   assert len(got[2][0].sharding.device_set) == DEVICES  # dx stays sharded
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6 * float(jnp.max(jnp.abs(w))))
+    np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-6 * float(np.max(np.abs(np.asarray(w)))))
 
 
 def test_sharded_jit_of_masked_nchw_gathers_nothing(mesh, batch):
   # The twins view x as (outer, C, inner) and the mask flat: XLA still partitions them.
-  x = jnp.transpose(batch[0], (0, 3, 1, 2))
-  mask = jnp.asarray(np.random.default_rng(1).random((x.shape[0], 1) + x.shape[2:]) > 0.3)
+  x = np.transpose(batch[0], (0, 3, 1, 2))
+  mask = np.random.default_rng(1).random((x.shape[0], 1) + x.shape[2:]) > 0.3
 
   def step(x, mask):
     return jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x, axis=1, mask=mask)[0] ** 3))(x)
