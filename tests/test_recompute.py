@@ -5,6 +5,8 @@ the float64 mean and biased variance of each BatchNorm's input over all batches 
 computed with the same weights by hand.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,7 +27,8 @@ def batches():
   # A different mean per batch: the pooled variance then differs visibly from the mean of
   # the per-batch variances (by the spread of the batch means).
   data = rng.standard_normal((BATCHES, PER_BATCH, IN)) + 2 * np.arange(BATCHES)[:, None, None]
-  return [jnp.asarray(b, jnp.float32) for b in data]
+  # Placed with jax.device_put: jnp.asarray(b, dtype) compiles a conversion of its own.
+  return [jax.device_put(b.astype(np.float32)) for b in data]
 
 
 class LinenNet(nn.Module):
@@ -37,6 +40,12 @@ class LinenNet(nn.Module):
                                        unbiased_running_var=self.unbiased, name=name)
     h = bn("bn1")(nn.Dense(HIDDEN, name="dense1")(x))
     return bn("bn2")(nn.Dense(HIDDEN, name="dense2")(nn.relu(h)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(net, x):
+  """net's variables, jitted: eager, every op of the init compiles a program of its own."""
+  return net.init(jax.random.key(0), x, train=True)
 
 
 def _population(h):
@@ -66,7 +75,7 @@ def _linen_reference(variables, batches):
 @pytest.mark.parametrize("unbiased", [False, True])
 def test_linen_recomputes_population_statistics(batches, unbiased):
   net = LinenNet(unbiased=unbiased)
-  variables = net.init(jax.random.key(0), batches[0], train=True)
+  variables = _init(net, batches[0])
   new = jaxbn.recompute_batch_stats(net, batches, variables=variables, train=True)
   assert new["params"] is variables["params"]
   for name, (mean, var) in zip(("bn1", "bn2"), _linen_reference(variables, batches),
@@ -88,7 +97,7 @@ def test_linen_average_of_per_batch_variances(batches, unbiased):
   """variance="average": the per-batch variances averaged (PyTorch's update_bn), each made
   unbiased first when the layer keeps an unbiased running variance; the mean is the same."""
   net = LinenNet(unbiased=unbiased)
-  variables = net.init(jax.random.key(0), batches[0], train=True)
+  variables = _init(net, batches[0])
   new = jaxbn.recompute_batch_stats(net, batches, variables=variables, variance="average",
                                     train=True)
   first, _ = _linen_reference(variables, batches)  # bn1's input, over all batches
@@ -142,15 +151,18 @@ def test_ghost_batches_contribute_their_virtual_batches_average(batches):
   jaxbn.recompute_batch_stats(plain, batches)
   np.testing.assert_allclose(model.bn1.var[...], plain.bn1.var[...], rtol=1e-6)
   ghost = NnxNet(nnx.Rngs(1), virtual_batch_size=1)  # one example each: variance 0
-  jaxbn.recompute_batch_stats(ghost, [b[:4] for b in batches])
-  h = [np.asarray(ghost.dense1(b[:4]), np.float64) for b in batches]
+  firsts = [np.asarray(b, np.float64)[:4] for b in batches]
+  jaxbn.recompute_batch_stats(ghost, [jax.device_put(np.asarray(b)[:4]) for b in batches])
+  # bn1's input in float64, as in the tests above.
+  kernel, bias = (np.asarray(v[...], np.float64) for v in (ghost.dense1.kernel, ghost.dense1.bias))
+  h = [x @ kernel + bias for x in firsts]
   means = np.array([x.mean(0) for x in h])
   np.testing.assert_allclose(ghost.bn1.var[...], means.var(0), rtol=1e-5)
 
 
 def test_errors(batches):
   net = LinenNet()
-  variables = net.init(jax.random.key(0), batches[0], train=True)
+  variables = _init(net, batches[0])
   with pytest.raises(ValueError, match="no jaxbn BatchNorm ran in training mode"):
     jaxbn.recompute_batch_stats(net, batches, variables=variables, train=False)
   with pytest.raises(ValueError, match="needs variables="):
