@@ -45,14 +45,22 @@ def _truth(x, scale, bias, dy, epsilon=1e-5):
   return y, dx, dscale, dbias
 
 
-def _step(axis, mask=None):
-  @jax.jit
-  def step(x, scale, bias, dy):
-    def f(x, scale, bias):
-      return jaxbn.batch_norm(x, scale, bias, axis=axis, mask=mask, use_cpu_kernel=True)[0]
-    y, vjp = jax.vjp(f, x, scale, bias)
-    return (y, *vjp(dy.astype(y.dtype)))
-  return step
+def _step(x, scale, bias, dy, axis, mask=None):
+  def f(x, scale, bias):
+    return jaxbn.batch_norm(x, scale, bias, axis=axis, mask=mask, use_cpu_kernel=True)[0]
+  y, vjp = jax.vjp(f, x, scale, bias)
+  return (y, *vjp(dy.astype(y.dtype)))
+
+
+def _both_layouts(x, scale, bias, dy, mask=None):
+  """_step channels-first on (N, C, S) x and dy, and channels-last on the same values
+  transposed to (N, S, C), from one compilation; every result back in NumPy, (N, C, S).
+  mask: per example, (N, 1, 1), the same for both layouts."""
+  first, last = jax.jit(lambda x, scale, bias, dy, x_last, dy_last: (
+      _step(x, scale, bias, dy, 1, mask), _step(x_last, scale, bias, dy_last, -1, mask)))(
+          x, scale, bias, dy, x.transpose(0, 2, 1), dy.transpose(0, 2, 1))
+  first, last = (tuple(np.asarray(v) for v in out) for out in (first, last))
+  return first, (last[0].transpose(0, 2, 1), last[1].transpose(0, 2, 1), last[2], last[3])
 
 
 def _data(shape, dtype, seed=0):
@@ -77,12 +85,8 @@ def test_kernels_serve_both_layouts():
 def test_channels_last_and_channels_first_agree_with_float64_truth(shape, dtype, tol):
   x, dy, scale, bias = _data(shape, dtype)
   want = _truth(x, scale, bias, dy)
-  first = _step(1)(x.astype(dtype), scale, bias, dy.astype(dtype))
-  # The same values with the features last: (N, S, C).
-  last = _step(-1)(x.transpose(0, 2, 1).astype(dtype), scale, bias,
-                   dy.transpose(0, 2, 1).astype(dtype))
-  last = (np.asarray(last[0]).transpose(0, 2, 1), np.asarray(last[1]).transpose(0, 2, 1),
-          last[2], last[3])
+  # The same values with the features first and, transposed to (N, S, C), last.
+  first, last = _both_layouts(x.astype(dtype), scale, bias, dy.astype(dtype))
   for name, w, a, b in zip(("y", "dx", "dscale", "dbias"), want, first, last):
     atol = tol * float(np.max(np.abs(w)))
     np.testing.assert_allclose(np.asarray(a, np.float64), w, rtol=0, atol=atol,
@@ -98,11 +102,7 @@ def test_masked_layouts_agree_and_ignore_the_padding(shape):
   keep = np.arange(n) != 1  # example 1 is padding, and holds NaN: it must not leak
   x[1] = np.nan
   want = _truth(x[keep], scale, bias, dy[keep])
-  first = _step(1, keep.reshape(n, 1, 1))(x, scale, bias, dy)
-  last = _step(-1, keep.reshape(n, 1, 1))(
-      x.transpose(0, 2, 1), scale, bias, dy.transpose(0, 2, 1))
-  last = (np.asarray(last[0]).transpose(0, 2, 1), np.asarray(last[1]).transpose(0, 2, 1),
-          last[2], last[3])
+  first, last = _both_layouts(x, scale, bias, dy, keep.reshape(n, 1, 1))
   for got, label in ((first, "channels-first"), (last, "channels-last")):
     y, dx = np.asarray(got[0], np.float64), np.asarray(got[1], np.float64)
     assert np.all(y[1] == 0) and np.all(dx[1] == 0), f"{label}: padding not zeroed"
