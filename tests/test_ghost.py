@@ -91,8 +91,9 @@ def test_stats_average_the_virtual_batches():
 
 def test_one_virtual_batch_is_plain_bn():
   x, g, b, dy = _inputs(2)
-  y, grads = _grads(lambda *a: jaxbn.batch_norm(*a, virtual_batch_size=N)[0], x, g, b, dy)
-  y_bn, grads_bn = _grads(lambda *a: jaxbn.batch_norm(*a)[0], x, g, b, dy)
+  (y, grads), (y_bn, grads_bn) = jax.jit(lambda *a: (  # one compilation for both
+      _vjp(lambda *p: jaxbn.batch_norm(*p, virtual_batch_size=N)[0], *a),
+      _vjp(lambda *p: jaxbn.batch_norm(*p)[0], *a)))(x, g, b, dy)
   np.testing.assert_allclose(y, y_bn, rtol=1e-14, atol=1e-14)
   for got, want in zip(grads, grads_bn, strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
@@ -105,15 +106,14 @@ def test_nchw_and_renorm_per_virtual_batch():
                         jax.device_put(np.array([2.0, 0.5, 1.0])), rmax=1.5, rmin=0.7, dmax=0.5)
   kwargs = dict(axis=1, virtual_batch_size=2, renorm=renorm)
 
-  @jax.jit  # y, the VJP and the statistics in one compilation
+  @jax.jit  # y, the VJP and the statistics, and the reference's, in one compilation
   def run(x, g, b, dy):
     y, vjp, stats = jax.vjp(functools.partial(jaxbn.batch_norm, **kwargs), x, g, b,
                             has_aux=True)
-    return y, vjp(dy), stats
+    return (y, vjp(dy), stats,
+            _vjp(functools.partial(reference.batch_norm_reference, **kwargs), x, g, b, dy))
 
-  y, grads, stats = run(x, g, b, dy)
-  y_ref, grads_ref = _grads(functools.partial(reference.batch_norm_reference, **kwargs),
-                            x, g, b, dy)
+  y, grads, stats, (y_ref, grads_ref) = run(x, g, b, dy)
   np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
   for got, want in zip(grads, grads_ref, strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
@@ -132,8 +132,6 @@ def test_virtual_batches_pool_across_devices(mesh):
     return jax.shard_map(inner, mesh=mesh, in_specs=(P("data"), P(), P(), P("data")),
                          out_specs=(P(), P()))(x, g, b, dy)
 
-  (value, stats), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2),
-                                                     has_aux=True))(x, g, b)
   # On device k, row i is in virtual batch i mod 2: globally, virtual batch j is every row
   # with index ≡ j (mod 2), i.e. the even rows and the odd rows.
   def one(x, g, b):
@@ -143,7 +141,9 @@ def test_virtual_batches_pool_across_devices(mesh):
       y = y.at[rows].set(jaxbn.batch_norm(x[rows], g, b)[0])
     return jnp.sum(dy * y)
 
-  want_value, want_grads = jax.jit(jax.value_and_grad(one, argnums=(0, 1, 2)))(x, g, b)
+  ((value, stats), grads), (want_value, want_grads) = jax.jit(lambda x, g, b: (  # one compile
+      jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, g, b),
+      jax.value_and_grad(one, argnums=(0, 1, 2))(x, g, b)))(x, g, b)
   np.testing.assert_allclose(value, want_value, rtol=1e-12)
   for got, want in zip(grads, want_grads, strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
@@ -155,13 +155,13 @@ def test_bfloat16_within_bfloat16_rounding_of_float64():
   x, g, b, dy = _inputs(5)
   x16 = x.astype(jnp.bfloat16)
   g32, b32 = g.astype(np.float32), b.astype(np.float32)
-  y, (dx, _, _) = _grads(lambda *a: jaxbn.batch_norm(*a, virtual_batch_size=3)[0], x16, g32,
-                         b32, dy.astype(jnp.bfloat16))
+  (y, (dx, _, _)), (y64, (dx64, _, _)) = jax.jit(lambda low, high: (  # one compilation
+      _vjp(lambda *a: jaxbn.batch_norm(*a, virtual_batch_size=3)[0], *low),
+      _vjp(functools.partial(reference.batch_norm_reference, virtual_batch_size=3), *high)))(
+          (x16, g32, b32, dy.astype(jnp.bfloat16)),
+          (x16.astype(np.float64), g, b, dy.astype(jnp.bfloat16).astype(np.float64)))
   assert y.dtype == dx.dtype == jnp.bfloat16
-  y64, (dx64, _, _) = jax.tree.map(np.asarray, _grads(
-      functools.partial(reference.batch_norm_reference, virtual_batch_size=3),
-      x16.astype(np.float64), g, b, dy.astype(jnp.bfloat16).astype(np.float64)))
-  y, dx = np.asarray(y), np.asarray(dx)
+  y, dx, y64, dx64 = (np.asarray(v) for v in (y, dx, y64, dx64))
   bf16_eps = 2.0**-8
   assert np.max(np.abs(y.astype(np.float64) - y64)) <= 2 * bf16_eps * np.max(np.abs(y64))
   assert np.max(np.abs(dx.astype(np.float64) - dx64)) <= 4 * bf16_eps * np.max(np.abs(dx64))

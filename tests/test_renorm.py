@@ -55,11 +55,6 @@ def _vjp(fn, x, g, b, dy):
   return y, vjp(dy)
 
 
-def _grads(fn, x, g, b, dy):
-  """y and the VJP of dy, in one jit compilation (eager dispatch costs more here)."""
-  return jax.jit(functools.partial(_vjp, fn))(x, g, b, dy)
-
-
 def _padding_mask():
   return (np.arange(SHAPE[0]) < SHAPE[0] - 2)[:, None]
 
@@ -110,10 +105,12 @@ def test_renorm_is_bn_with_scale_gamma_r_and_bias_gamma_d_plus_beta():
   follows by the chain rule, r·Σdy·x̂ + d·Σdy."""
   x, g, b, dy = _inputs(1)
   r, d = np.array([0.5, 1.0, 2.0]), np.array([-0.3, 0.0, 0.7])
-  y, (dx, dg, db) = _grads(
-      lambda *a: jaxbn.batch_norm(*a, renorm=jaxbn.RenormCorrection(r, d))[0], x, g, b, dy)
-  y_bn, (dx_bn, dg_bn, db_bn) = _host(_grads(
-      lambda x, g2, b2: jaxbn.batch_norm(x, g2, b2)[0], x, g * r, g * d + b, dy))
+  (y, (dx, dg, db)), (y_bn, (dx_bn, dg_bn, db_bn)) = _host(jax.jit(
+      lambda x, g, b, dy, g2, b2: (  # one compilation for both
+          _vjp(lambda *a: jaxbn.batch_norm(*a, renorm=jaxbn.RenormCorrection(r, d))[0],
+               x, g, b, dy),
+          _vjp(lambda x, g2, b2: jaxbn.batch_norm(x, g2, b2)[0], x, g2, b2, dy)))(
+              x, g, b, dy, g * r, g * d + b))
   np.testing.assert_allclose(y, y_bn, rtol=1e-13, atol=1e-13)
   np.testing.assert_allclose(dx, dx_bn, rtol=1e-12, atol=1e-13)
   np.testing.assert_allclose(dg, r * dg_bn + d * db_bn, rtol=1e-12)
@@ -179,10 +176,9 @@ def test_pooled_across_devices_equals_one_batch(mesh):
     return jax.shard_map(inner, mesh=mesh, in_specs=(P("data"), P(), P(), P("data")),
                          out_specs=(P(), P()))(x, g, b, dy)
 
-  (value, stats), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2),
-                                                     has_aux=True))(x, g, b)
   one = lambda x, g, b: jnp.sum(dy * jaxbn.batch_norm(x, g, b, renorm=renorm)[0])
-  want_value, want_grads, want_stats = jax.jit(lambda x, g, b: (  # one compilation
+  ((value, stats), grads), want_value, want_grads, want_stats = jax.jit(lambda x, g, b: (
+      jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(x, g, b),  # one compilation
       *jax.value_and_grad(one, argnums=(0, 1, 2))(x, g, b),
       jaxbn.batch_norm(x, g, b, renorm=renorm)[1]))(x, g, b)
   np.testing.assert_allclose(value, want_value, rtol=1e-12)
@@ -197,14 +193,14 @@ def test_bfloat16_within_bfloat16_rounding_of_float64():
   renorm = RUNNING["inside"]
   x16 = x.astype(jnp.bfloat16)
   g32, b32 = g.astype(np.float32), b.astype(np.float32)
-  y, (dx, _, _) = _grads(lambda *a: jaxbn.batch_norm(*a, renorm=renorm)[0], x16, g32, b32,
-                         dy.astype(jnp.bfloat16))
+  (y, (dx, _, _)), (y64, (dx64, _, _)) = jax.jit(lambda low, high: (  # one compilation
+      _vjp(lambda *a: jaxbn.batch_norm(*a, renorm=renorm)[0], *low),
+      _vjp(functools.partial(reference.batch_norm_reference, renorm=renorm), *high)))(
+          (x16, g32, b32, dy.astype(jnp.bfloat16)),
+          (x16.astype(np.float64), g32.astype(np.float64), b32.astype(np.float64),
+           dy.astype(jnp.bfloat16).astype(np.float64)))
   assert y.dtype == jnp.bfloat16
-  y64, (dx64, _, _) = _host(_grads(
-      functools.partial(reference.batch_norm_reference, renorm=renorm), x16.astype(np.float64),
-      g32.astype(np.float64), b32.astype(np.float64),
-      dy.astype(jnp.bfloat16).astype(np.float64)))
-  y, dx = np.asarray(y), np.asarray(dx)
+  y, dx, y64, dx64 = _host((y, dx, y64, dx64))
   bf16_eps = 2.0**-8
   assert np.max(np.abs(y.astype(np.float64) - y64)) <= 2 * bf16_eps * np.max(np.abs(y64))
   assert np.max(np.abs(dx.astype(np.float64) - dx64)) <= 4 * bf16_eps * np.max(np.abs(dx64))
