@@ -9,15 +9,16 @@ import pytest
 import jaxbn.linen
 from jaxbn import interop
 
-try:
-  import torch
-except ImportError:
-  torch = None
-needs_torch = pytest.mark.skipif(
-    torch is None, reason="torch not importable (on this machine: pip install torch==2.13.0)")
+
+@pytest.fixture(scope="module")
+def torch():
+  # Imported here, not at module level: importing torch costs every pytest process ~3 s
+  # (xdist workers included), and only this file's round-trip test needs it.
+  return pytest.importorskip(
+      "torch", reason="torch not importable (on this machine: pip install torch==2.13.0)")
 
 
-def _trained_torch_bn(momentum):
+def _trained_torch_bn(torch, momentum):
   torch.manual_seed(0)
   bn = torch.nn.BatchNorm2d(4, momentum=momentum, eps=1e-3)
   with torch.no_grad():
@@ -29,11 +30,10 @@ def _trained_torch_bn(momentum):
   return bn
 
 
-@needs_torch
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
-def test_torch_batchnorm2d_round_trip(layout, momentum):
-  bn = _trained_torch_bn(momentum)
+def test_torch_batchnorm2d_round_trip(torch, layout, momentum):
+  bn = _trained_torch_bn(torch, momentum)
   x_nchw = torch.randn(6, 4, 3, 3) * 2 + 1
   with torch.no_grad():
     bn.eval()
@@ -46,13 +46,20 @@ def test_torch_batchnorm2d_round_trip(layout, momentum):
   from_layout = (lambda a: a) if layout == "NCHW" else (lambda a: np.moveaxis(a, -1, 1))
   x = jnp.asarray(to_layout(x_nchw.numpy()))
   module = jaxbn.linen.BatchNorm(**interop.module_kwargs_from_torch(bn, layout=layout))
-  bn_before = _trained_torch_bn(momentum)  # same seed: the state before the extra step
+  bn_before = _trained_torch_bn(torch, momentum)  # same seed: the state before the extra step
   variables = interop.from_torch(bn_before.state_dict())
 
-  y = module.apply(variables, x, use_running_average=True)
-  np.testing.assert_allclose(from_layout(np.asarray(y)), y_eval, rtol=1e-5, atol=1e-5)
-  y, updates = module.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
-  np.testing.assert_allclose(from_layout(np.asarray(y)), y_train, rtol=1e-5, atol=1e-5)
+
+  @jax.jit  # one compilation: eval, a train step, eval with the updated state
+  def run(variables, x):
+    y, updates = module.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    return (module.apply(variables, x, use_running_average=True), y, updates,
+            module.apply({**variables, **updates}, x, use_running_average=True))
+
+  y_eval_ours, y_train_ours, updates, y_eval_after = run(variables, x)
+  np.testing.assert_allclose(from_layout(np.asarray(y_eval_ours)), y_eval, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(from_layout(np.asarray(y_train_ours)), y_train, rtol=1e-5,
+                             atol=1e-5)
 
   # Back to torch: the state after jaxbn's update equals torch's own after the same batch.
   state = interop.to_torch({**variables, **updates})
@@ -63,10 +70,7 @@ def test_torch_batchnorm2d_round_trip(layout, momentum):
   fresh.eval()
   with torch.no_grad():
     np.testing.assert_allclose(
-        fresh(x_nchw).numpy(),
-        from_layout(np.asarray(module.apply({**variables, **updates}, x,
-                                            use_running_average=True))),
-        rtol=1e-5, atol=1e-5)
+        fresh(x_nchw).numpy(), from_layout(np.asarray(y_eval_after)), rtol=1e-5, atol=1e-5)
 
 
 def test_from_torch_state_without_torch():
@@ -99,21 +103,24 @@ def test_fold_batch_norm_matches_unfolded(layer, shape):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
   model = _LayerThenBN(layer)
-  variables = model.init(jax.random.key(0), x)
+  variables = jax.jit(model.init)(jax.random.key(0), x)  # one compilation, not one per op
   stats = {"mean": jnp.asarray(rng.standard_normal(5), jnp.float32),
            "var": jnp.asarray(rng.uniform(0.5, 3, 5), jnp.float32)}
   bn_params = {"scale": jnp.asarray(rng.uniform(0.5, 2, 5), jnp.float32),
                "bias": jnp.asarray(rng.standard_normal(5), jnp.float32)}
   variables = {"params": {**variables["params"], "BatchNorm_0": bn_params},
                "batch_stats": {"BatchNorm_0": stats}}
-  layer_params = variables["params"]["layer"]
-  kernel, bias = interop.fold_batch_norm(
-      layer_params["kernel"], layer_params.get("bias"), mean=stats["mean"], var=stats["var"],
-      scale=bn_params["scale"], shift=bn_params["bias"], epsilon=1e-3)
-  folded = layer.clone(use_bias=True)
-  np.testing.assert_allclose(
-      folded.apply({"params": {"kernel": kernel, "bias": bias}}, x),
-      model.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+  @jax.jit
+  def folded_and_unfolded(variables, x):
+    layer_params = variables["params"]["layer"]
+    kernel, bias = interop.fold_batch_norm(
+        layer_params["kernel"], layer_params.get("bias"), mean=stats["mean"], var=stats["var"],
+        scale=bn_params["scale"], shift=bn_params["bias"], epsilon=1e-3)
+    folded = layer.clone(use_bias=True)
+    return folded.apply({"params": {"kernel": kernel, "bias": bias}}, x), model.apply(variables, x)
+
+  np.testing.assert_allclose(*folded_and_unfolded(variables, x), rtol=1e-5, atol=1e-5)
 
 
 def test_fold_refuses_mismatched_features():

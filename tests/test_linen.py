@@ -1,6 +1,7 @@
 """jaxbn.linen.BatchNorm: a drop-in for flax.linen.BatchNorm."""
 
 import dataclasses
+import functools
 import re
 
 import flax.linen as nn
@@ -58,6 +59,12 @@ def _data(config, seed=0):
   return jnp.asarray(x, config.x_dtype), jnp.asarray(w), None if mask is None else jnp.asarray(mask)
 
 
+def _init(module, x, key=0, **kwargs):
+  """module.init under jit: one compilation, where an eager init compiles every operation of
+  the forward pass it runs (most of this file's cost before)."""
+  return jax.jit(functools.partial(module.init, **kwargs))(jax.random.key(key), x)
+
+
 def _random_params(variables, seed=1):
   """Non-trivial γ, β so that parity says something about them."""
   rng = np.random.default_rng(seed)
@@ -95,10 +102,9 @@ def test_parity_with_flax(name):
   config = CONFIGS[name]
   flax_bn, jaxbn_bn = _modules(config)
   x, w, mask = _data(config)
-  key = jax.random.key(0)
   with jax.numpy_dtype_promotion("standard"):  # Flax itself relies on implicit promotion
-    flax_vars = _random_params(flax_bn.init(key, x, use_running_average=False))
-    ours_vars = jaxbn_bn.init(key, x, use_running_average=False)
+    flax_vars = _random_params(_init(flax_bn, x, use_running_average=False))
+    ours_vars = _init(jaxbn_bn, x, use_running_average=False)
     assert _signature(ours_vars) == _signature(flax_vars)
     ours_vars = _random_params(ours_vars)
 
@@ -132,7 +138,7 @@ def test_nan_padding_keeps_jaxbn_finite_where_flax_is_not():
   x, w, mask = _data(config)
   x = jnp.where(mask, x, jnp.nan)
   with jax.numpy_dtype_promotion("standard"):
-    variables = _random_params(flax_bn.init(jax.random.key(0), x, use_running_average=False))
+    variables = _random_params(_init(flax_bn, x, use_running_average=False))
     _, _, flax_grads = _train_step(flax_bn, variables, x, w, mask)
     y, stats, grads = _train_step(jaxbn_bn, variables, x, w, mask)
   assert not np.all(np.isfinite(flax_grads[0]["scale"]))  # what this test guards against
@@ -145,10 +151,10 @@ def test_flax_checkpoint_restores_into_jaxbn():
   flax_bn, jaxbn_bn = _modules(config)
   x, w, _ = _data(config)
   with jax.numpy_dtype_promotion("standard"):
-    flax_vars = _random_params(flax_bn.init(jax.random.key(0), x, use_running_average=False))
+    flax_vars = _random_params(_init(flax_bn, x, use_running_average=False))
     _, stats, _ = jax.jit(lambda v, x: _train_step(flax_bn, v, x, w, None))(flax_vars, x)
     trained = {**flax_vars, "batch_stats": stats}
-    template = jaxbn_bn.init(jax.random.key(1), x, use_running_average=False)
+    template = _init(jaxbn_bn, x, key=1, use_running_average=False)
     restored = serialization.from_bytes(template, serialization.to_bytes(trained))
     ours, theirs = jax.jit(lambda restored, trained, x: (  # one compilation for both evals
         jaxbn_bn.apply(restored, x, use_running_average=True),
@@ -159,7 +165,7 @@ def test_flax_checkpoint_restores_into_jaxbn():
 def test_no_update_during_init_and_axis_name_ignored():
   x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 3)), jnp.float32) + 3
   bn = jaxbn.linen.BatchNorm(axis_name="batch")  # no "batch" axis exists here
-  variables = bn.init(jax.random.key(0), x, use_running_average=False)
+  variables = _init(bn, x, use_running_average=False)
   np.testing.assert_array_equal(variables["batch_stats"]["mean"], 0)
   np.testing.assert_array_equal(variables["batch_stats"]["var"], 1)
 
@@ -169,10 +175,11 @@ def test_unbiased_running_variance_and_cumulative_average():
   batches = [jnp.asarray(rng.standard_normal((5, 3)) * (i + 1) + i, jnp.float32)
              for i in range(3)]
   bn = jaxbn.linen.BatchNorm(momentum=None, unbiased_running_var=True, use_fast_variance=False)
-  variables = bn.init(jax.random.key(0), batches[0], use_running_average=False)
+  variables = _init(bn, batches[0], use_running_average=False)
   assert variables["batch_stats"]["count"] == 0
+  train = jax.jit(functools.partial(bn.apply, use_running_average=False, mutable=["batch_stats"]))
   for x in batches:
-    _, updates = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    _, updates = train(variables, x)
     variables = {**variables, **updates}
   stats = variables["batch_stats"]
   # PyTorch's momentum=None: the plain average over batches of mean and unbiased variance.
@@ -186,10 +193,10 @@ def test_gradient_attribute_selects_the_backward():
   x = jnp.asarray(np.random.default_rng(3).standard_normal((6, 3)), jnp.float32)
   with pytest.raises(TypeError, match="custom_vjp"):
     bn = jaxbn.linen.BatchNorm(use_running_average=False)
-    v = bn.init(jax.random.key(0), x)
+    v = _init(bn, x)
     jax.jvp(lambda x: bn.apply(v, x, mutable=["batch_stats"])[0], (x,), (x,))
   bn = jaxbn.linen.BatchNorm(use_running_average=False, gradient="autodiff")
-  v = bn.init(jax.random.key(0), x)
+  v = _init(bn, x)
   jax.jit(lambda x: jax.jvp(lambda x: bn.apply(v, x, mutable=["batch_stats"])[0], (x,), (x,)))(x)
 
 
@@ -201,7 +208,7 @@ X = jnp.ones((4, 3), jnp.float32).at[0].set(2.0)
 @pytest.fixture(scope="module")
 def trained():
   bn = jaxbn.linen.BatchNorm()
-  return bn, bn.init(jax.random.key(0), X, use_running_average=False)
+  return bn, _init(bn, X, use_running_average=False)
 
 
 def test_missing_batch_stats_is_an_error(trained):
@@ -240,7 +247,7 @@ def test_complex_input_points_to_flax(trained):
 def test_unseen_features_keep_their_running_statistics():
   bn = jaxbn.linen.BatchNorm(momentum=0.5, unbiased_running_var=True)
   x = jnp.asarray(np.random.default_rng(4).standard_normal((4, 3)), jnp.float32)
-  variables = bn.init(jax.random.key(0), x, use_running_average=False)
+  variables = _init(bn, x, use_running_average=False)
   variables = {**variables, "batch_stats": {"mean": jnp.full(3, 5.0, jnp.float32),
                                             "var": jnp.full(3, 2.0, jnp.float32)}}
   # feature 0: all padding; feature 1: one value (no unbiased variance); feature 2: four.
@@ -256,7 +263,7 @@ def test_unseen_features_keep_their_running_statistics():
 
 def test_init_with_one_example_and_masked_eval_outputs():
   bn = jaxbn.linen.BatchNorm(use_running_average=False)
-  variables = bn.init(jax.random.key(0), jnp.ones((1, 6), jnp.float32))  # as Flax allows
+  variables = _init(bn, jnp.ones((1, 6), jnp.float32))  # as Flax allows
   assert variables["params"]["scale"].shape == (6,)
   x = jnp.ones((4, 6), jnp.float32).at[3].set(jnp.nan)
   mask = (jnp.arange(4) < 3)[:, None]
@@ -275,19 +282,20 @@ def test_batch_of_one_value_per_feature_matches_flax():
   flax_bn, ours = (cls(use_running_average=False, momentum=0.9)
                    for cls in (nn.BatchNorm, jaxbn.linen.BatchNorm))
   x = jnp.array([0.0, 1.0, 2.0], jnp.float32)
-  (y_flax, v_flax), (y_ours, v_ours) = (bn.init_with_output(jax.random.key(0), x)
+  (y_flax, v_flax), (y_ours, v_ours) = (jax.jit(bn.init_with_output)(jax.random.key(0), x)
                                         for bn in (flax_bn, ours))
   np.testing.assert_array_equal(y_ours, y_flax)  # [0, 0, 0], not x
   jax.tree.map(np.testing.assert_array_equal, v_ours, v_flax)
   variables = {**v_ours, "params": {"scale": jnp.full(3, 2.0, jnp.float32),
                                     "bias": jnp.array([0.5, -1.0, 3.0], jnp.float32)}}
   (y_flax, s_flax), (y_ours, s_ours) = (
-      bn.apply(variables, x[None] * 7, mutable=["batch_stats"]) for bn in (flax_bn, ours))
+      jax.jit(functools.partial(bn.apply, mutable=["batch_stats"]))(variables, x[None] * 7)
+      for bn in (flax_bn, ours))
   np.testing.assert_array_equal(y_ours, y_flax)
   np.testing.assert_array_equal(y_ours[0], variables["params"]["bias"])
   jax.tree.map(np.testing.assert_array_equal, s_ours, s_flax)
-  grads = jax.grad(lambda p: jnp.sum(ours.apply({**variables, "params": p}, x[None],
-                                                mutable=["batch_stats"])[0] ** 2))(
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(ours.apply({**variables, "params": p}, x[None],
+                                                        mutable=["batch_stats"])[0] ** 2)))(
       variables["params"])
   np.testing.assert_array_equal(grads["scale"], 0)  # Σ dy·x̂ with x̂ = 0
   np.testing.assert_array_equal(grads["bias"], 2 * variables["params"]["bias"])

@@ -11,6 +11,8 @@ import pytest
 
 from experiments import ics_studies, models, noisy_bn, probes, train
 
+# Tests of experiments/ code, not of the library: outside the fast tier (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
 
 @pytest.fixture(autouse=True)
 def _standard_promotion():

@@ -15,6 +15,8 @@ from experiments import batches, renorm_plots
 from experiments import config as config_lib
 from experiments import train
 
+# Tests of experiments/ code, not of the library: outside the fast tier (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
 
 # ----------------------------------------------------------------------------- sampler
 
@@ -134,7 +136,6 @@ def _standard_promotion():
     yield
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name, groups, norms", [
     ("renorm_groups", (2, 12), ("bn", "renorm", "plain")),
     ("renorm_noniid", (12,), ("bn", "renorm"))])
