@@ -335,6 +335,7 @@ def batch_norm_inference(
   cdt = _args.compute_dtype(x)
   eps = _args.epsilon_value(epsilon)
   out_dtype = _args.output_dtype(x, dtype)
+  mask = _args.batch_mask(mask, x)  # checked before any work, as every argument above
 
   def vector(name, value, default):
     value = default if value is None else _args.per_feature(name, value, shape)
@@ -344,7 +345,6 @@ def batch_norm_inference(
   inv_std = lax.rsqrt(vector("var", var, None) + eps)
   scale = vector("scale", scale, jnp.ones(shape, cdt))
   bias = vector("bias", bias, jnp.zeros(shape, cdt))
-  mask = _args.batch_mask(mask, x)
   y = (x.astype(cdt) - mean) * (scale * inv_std) + bias
   return _passes.masked(mask, y.astype(out_dtype))
 
