@@ -6,6 +6,10 @@ import pytest
 
 from jaxbn import checks
 
+# The grid (about two minutes of compiling) is a module fixture: under pytest-xdist the tests
+# that share it go to one worker (--dist loadgroup, pyproject.toml), which computes it once.
+pytestmark = pytest.mark.xdist_group("check_grid")
+
 
 @pytest.fixture(scope="module")
 def grid_results():

@@ -28,7 +28,8 @@ from experiments import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Trains tiny runs and starts processes: outside the fast tier (pytest -m 'not slow').
-pytestmark = pytest.mark.slow
+# The finished run below is a module fixture: one xdist worker runs this file (--dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("finished_run")]
 ConfigError = config_lib.ConfigError
 
 
