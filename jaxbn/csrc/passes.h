@@ -392,33 +392,52 @@ struct GradInput {
   }
 };
 
-// out = formula(x, g) over the array, vectorized along features (channels-last) or along the
-// contiguous values of one feature (channels-first); masked positions get 0. `Formula` is
-// Normalization or GradInput of const A*.
-template <typename A, typename T, typename G, typename O, template <typename> class Formula>
-void Map(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Shape3 s,
-         const Formula<const A*>& formula) {
-  using V = Simd<A>;
+// out[i] = value(i), for i in [begin, end), with ordinary or streaming stores. With
+// streaming stores the unaligned head goes one value at a time, so that every vector store
+// after it is aligned. value(i) gives a vector of kLanes<A> values from i on, value1(i) one.
+template <bool kStream, typename A, typename O, typename VecFn, typename OneFn>
+inline void MapRun(O* out, int64_t begin, int64_t end, VecFn&& value, OneFn&& value1) {
   constexpr int L = kLanes<A>;
+  int64_t i = begin;
+  if constexpr (kStream) {
+    for (const int64_t head = std::min(end, begin + ToStreamAlign(out + begin)); i < head; ++i)
+      Store<A>(out, i, value1(i));
+    for (; i + L <= end; i += L) StoreStreaming<A>(out + i, value(i));
+  } else {
+    for (; i + L <= end; i += L) StoreV<A>(out + i, value(i));
+  }
+  for (; i < end; ++i) Store<A>(out, i, value1(i));
+}
+
+// Map with ordinary (kStream false) or streaming stores.
+template <bool kStream, typename A, typename T, typename G, typename O,
+          template <typename> class Formula>
+void MapWith(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Shape3 s,
+             const Formula<const A*>& formula) {
+  using V = Simd<A>;
+  auto done = [] {
+    if constexpr (kStream) StreamingStoresDone();
+  };
   if (s.inner == 1) {
     const Split split = RowSplit(team, s.outer, s.features);
     team.Run(split.parts, [&](int64_t p) {
       for (int64_t o = split.Begin(p); o < split.End(p); ++o) {
         const int64_t base = o * s.features;
         if (mask != nullptr && mask[o] == 0) {  // all-zero bits are 0 in every output type
-          std::memset(static_cast<void*>(out + base), 0, s.features * sizeof(O));
+          MapRun<kStream, A>(out, base, base + s.features, [](int64_t) { return V{}; },
+                             [](int64_t) { return A(0); });
           continue;
         }
-        int64_t c = 0;
-        for (; c + L <= s.features; c += L) {
-          const Formula<V> f = formula.template At<V, A>(c);
-          StoreV<A>(out + base + c, f(LoadV<A>(x + base + c), LoadV<A>(g + base + c)));
-        }
-        for (; c < s.features; ++c) {
-          const Formula<A> f = formula.template At<A, A>(c);
-          Store<A>(out, base + c, f(Load<A>(x, base + c), Load<A>(g, base + c)));
-        }
+        MapRun<kStream, A>(
+            out, base, base + s.features,
+            [&](int64_t i) {
+              return formula.template At<V, A>(i - base)(LoadV<A>(x + i), LoadV<A>(g + i));
+            },
+            [&](int64_t i) {
+              return formula.template At<A, A>(i - base)(Load<A>(x, i), Load<A>(g, i));
+            });
       }
+      done();
     });
     return;
   }
@@ -426,23 +445,37 @@ void Map(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Shape3
   team.Run(pieces.parts(), [&](int64_t p) {
     pieces.ForEach(p, [&](const Piece& piece) {
       const Formula<A> f = formula.template At<A, A>(piece.feature);
-      const int64_t base = piece.offset, len = piece.len;
-      const uint8_t* m = piece.mask;
-      int64_t i = 0;
-      if (m == nullptr) {
-        for (; i + L <= len; i += L)
-          StoreV<A>(out + base + i, f(LoadV<A>(x + base + i), LoadV<A>(g + base + i)));
-        for (; i < len; ++i)
-          Store<A>(out, base + i, f(Load<A>(x, base + i), Load<A>(g, base + i)));
+      const int64_t base = piece.offset, end = base + piece.len;
+      const uint8_t* m = piece.mask;  // m[i - base] for i in [base, end)
+      if (piece.mask == nullptr) {
+        MapRun<kStream, A>(
+            out, base, end, [&](int64_t i) { return f(LoadV<A>(x + i), LoadV<A>(g + i)); },
+            [&](int64_t i) { return f(Load<A>(x, i), Load<A>(g, i)); });
       } else {
-        for (; i + L <= len; i += L)
-          StoreV<A>(out + base + i,
-                    Keep(LoadKeep<A>(m + i), f(LoadV<A>(x + base + i), LoadV<A>(g + base + i))));
-        for (; i < len; ++i)
-          Store<A>(out, base + i, Keep(m[i] != 0, f(Load<A>(x, base + i), Load<A>(g, base + i))));
+        MapRun<kStream, A>(
+            out, base, end,
+            [&](int64_t i) {
+              return Keep(LoadKeep<A>(m + (i - base)), f(LoadV<A>(x + i), LoadV<A>(g + i)));
+            },
+            [&](int64_t i) { return Keep(m[i - base] != 0, f(Load<A>(x, i), Load<A>(g, i))); });
       }
     });
+    done();
   });
+}
+
+// out = formula(x, g) over the array, vectorized along features (channels-last) or along the
+// contiguous values of one feature (channels-first); masked positions get 0. `Formula` is
+// Normalization or GradInput of const A*. Large outputs are written with streaming stores.
+template <typename A, typename T, typename G, typename O, template <typename> class Formula>
+void Map(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Shape3 s,
+         const Formula<const A*>& formula) {
+  const int64_t bytes = s.outer * s.features * s.inner * static_cast<int64_t>(sizeof(O));
+  if (kHaveStreamingStores && bytes >= kStreamingMinBytes) {
+    MapWith<true>(team, x, g, mask, out, s, formula);
+  } else {
+    MapWith<false>(team, x, g, mask, out, s, formula);
+  }
 }
 
 template <typename A, typename T, typename Y>
