@@ -190,11 +190,11 @@ inline void StoreBytes(void* p, W w, bool stream) {
   // vector's own type stay in registers (a memcpy into __m256i, or a shuffle of a 64-bit-lane
   // view, went through the stack in GCC 12's code), and so do both branches below.
   auto put = [p, stream](int k, __m256i v) {
-    __m256i* to = static_cast<__m256i*>(p) + k;
+    char* to = static_cast<char*>(p) + 32 * k;
     if (stream) {
-      _mm256_stream_si256(to, v);
-    } else {
-      _mm256_storeu_si256(to, v);
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(to), v);
+    } else {  // through the unaligned type: `to` may be anywhere
+      _mm256_storeu_si256(reinterpret_cast<__m256i_u*>(to), v);
     }
   };
   if constexpr (sizeof(W) == 32) {
@@ -213,7 +213,7 @@ inline void StoreBytes(void* p, W w, bool stream) {
     __m128i pieces[sizeof(W) / 16];
     std::memcpy(pieces, &w, sizeof w);
     for (size_t k = 0; k < sizeof(W) / 16; ++k)
-      _mm_stream_si128(static_cast<__m128i*>(p) + k, pieces[k]);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<char*>(p) + 16 * k), pieces[k]);
   } else {
     std::memcpy(p, &w, sizeof w);
   }
