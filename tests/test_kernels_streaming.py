@@ -54,15 +54,19 @@ def _truth(x, scale, bias, dy, epsilon=1e-5):
   return g * xhat + bias[None, :, None], dx, dscale, dbias
 
 
-def _step(axis, use_cpu_kernel, mask=None):
+def _steps(axis, paths, mask=None):
+  """One jit: y, dx, dγ, dβ of batch_norm for each use_cpu_kernel in `paths`."""
   @jax.jit
-  def step(x, scale, bias, dy):
-    def f(x, scale, bias):
-      return jaxbn.batch_norm(x, scale, bias, axis=axis, mask=mask,
-                              use_cpu_kernel=use_cpu_kernel)[0]
-    y, vjp = jax.vjp(f, x, scale, bias)
-    return (y, *vjp(dy))
-  return step
+  def steps(x, scale, bias, dy):
+    out = []
+    for use_cpu_kernel in paths:
+      def f(x, scale, bias, use_cpu_kernel=use_cpu_kernel):
+        return jaxbn.batch_norm(x, scale, bias, axis=axis, mask=mask,
+                                use_cpu_kernel=use_cpu_kernel)[0]
+      y, vjp = jax.vjp(f, x, scale, bias)
+      out.append((y, *vjp(dy)))
+    return out
+  return steps
 
 
 def _to_layout(v, layout):
@@ -73,8 +77,9 @@ def _to_layout(v, layout):
 def _data(shape, dtype, seed=0):
   rng = np.random.default_rng(seed)
   c = shape[1]
-  # Rounded to the dtype first, so that the truth sees the values the kernels see.
-  x, dy = (np.asarray(jnp.asarray(v, dtype).astype(jnp.float32), np.float64)
+  # Rounded to the dtype first (in NumPy: bfloat16 is an ml_dtypes type), so that the truth
+  # sees the values the kernels see.
+  x, dy = (np.asarray(v, dtype).astype(np.float64)
            for v in (rng.standard_normal(shape) * 2 + 3, rng.standard_normal(shape)))
   return x, dy, rng.uniform(0.5, 2, c), rng.standard_normal(c)
 
@@ -91,10 +96,9 @@ def test_streamed_outputs_match_float64_truth_and_the_pure_path(layout, shape, d
   x, dy, scale, bias = _data(shape, dtype)
   want = _truth(x, scale, bias, dy)
   axis = 1 if layout == "first" else -1
-  args = (jnp.asarray(_to_layout(x, layout), dtype), jnp.asarray(scale, jnp.float32),
-          jnp.asarray(bias, jnp.float32), jnp.asarray(_to_layout(dy, layout), dtype))
-  got = _step(axis, True)(*args)
-  pure = _step(axis, False)(*args)
+  args = (np.asarray(_to_layout(x, layout), dtype), np.asarray(scale, np.float32),
+          np.asarray(bias, np.float32), np.asarray(_to_layout(dy, layout), dtype))
+  got, pure = _steps(axis, (True, False))(*args)
   tol = 2e-5 if dtype == jnp.float32 else 2e-2
   for name, w, k, p in zip(("y", "dx", "dscale", "dbias"), want, got, pure):
     if name in ("y", "dx"):
@@ -113,10 +117,10 @@ def test_streamed_masked_outputs_are_zero_and_nan_padding_does_not_leak(layout, 
   keep = np.arange(n) % 4 != 1  # a quarter of the examples are padding, holding NaN
   x[~keep] = np.nan
   want = _truth(x[keep], scale, bias, dy[keep])
-  mask = jnp.asarray(keep).reshape(n, 1, 1)
-  got = _step(1 if layout == "first" else -1, True, mask)(
-      jnp.asarray(_to_layout(x, layout), dtype), jnp.asarray(scale, jnp.float32),
-      jnp.asarray(bias, jnp.float32), jnp.asarray(_to_layout(dy, layout), dtype))
+  mask = np.asarray(keep).reshape(n, 1, 1)
+  (got,) = _steps(1 if layout == "first" else -1, (True,), mask)(
+      np.asarray(_to_layout(x, layout), dtype), np.asarray(scale, np.float32),
+      np.asarray(bias, np.float32), np.asarray(_to_layout(dy, layout), dtype))
   y, dx = (_to_layout(np.asarray(v, np.float64), layout) for v in got[:2])
   assert np.all(y[~keep] == 0) and np.all(dx[~keep] == 0), "padding not zeroed"
   for name, w, g in zip(("y", "dx", "dscale", "dbias"), want, (y[keep], dx[keep], *got[2:])):
