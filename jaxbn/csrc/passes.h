@@ -423,8 +423,8 @@ void MapWith(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Sh
   };
   // Each task works on copies of the operands in locals: a store to the output (through
   // memcpy, so of any type) could otherwise alias the captured ones, and GCC 12 reloaded
-  // every pointer and the feature count after each vector (measured 20% slower on cached
-  // data, scripts/pass_bench.cc at 256×1024).
+  // every pointer and the feature count after each vector (seen in the assembly; together
+  // with StoreV's stack copy, simd.h, 20% slower on cached data, scripts/pass_bench.cc).
   if (s.inner == 1) {
     const Split split = RowSplit(team, s.outer, s.features);
     team.Run(split.parts, [&](int64_t p) {
