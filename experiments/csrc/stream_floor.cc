@@ -1,15 +1,24 @@
 // The benchmark's floor (experiments/bench_ops.py): a BN training step's minimal memory
 // traffic, eight activation-sized transfers, done by trivial streaming kernels through the
-// same path as jaxbn's kernels (an XLA FFI call on XLA's intra-op pool, the same Team and
-// split of the array among threads, the same vectors), so that the only difference from a
-// BN step is the arithmetic and the order in which BN has to touch memory:
+// same path as jaxbn's kernels (an XLA FFI call on XLA's intra-op pool, the same Team, the
+// same number of threads, parts that start on cache lines), so that the only difference
+// from a BN step is the arithmetic and the order in which BN has to touch memory:
 //
-//   floor_forward   reads x (a sum), then reads x and writes y = 2x + 1      3 transfers
-//   floor_backward  reads x and dy (a sum), then reads both and writes x + dy 5 transfers
+//   floor_forward   reads x (a sum), then reads x and writes y = x ^ c         3 transfers
+//   floor_backward  reads x and dy (a sum), then reads both and writes x ^ dy  5 transfers
+//
+// A floor, not a kernel: it moves bytes and does as little as can still not be optimized
+// away. So it treats every dtype as raw 32-bit words (integer sums, bitwise maps): an
+// earlier floor converted bfloat16 to float and back like the kernels do, which on AVX2 costs
+// more than the memory traffic of a single thread (docs/performance.md), and PyTorch beat that
+// "floor" by up to 35%. And it writes with the best stores jaxbn's kernels have: streaming
+// stores where the kernels use them (outputs of at least kStreamingMinBytes, simd.h),
+// ordinary ones below, so that no kernel can beat its floor by its choice of stores.
 //
 // The sums go into a per-thread slot of a small output so that nothing can be optimized
 // away. Built by the benchmark with jaxbn/csrc on the include path.
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -24,50 +33,90 @@ namespace ffi = xla::ffi;
 namespace jaxbn {
 namespace {
 
-constexpr int64_t kAlign = 64;  // elements: every part starts on a cache line in either dtype
+// Words of 32 bits, 16 to a 64-byte vector (a cache line).
+typedef uint32_t Words __attribute__((vector_size(64)));
+constexpr int64_t kWordsPerVector = 16;
 
-template <typename T>
-void ReadPass(Team& team, const T* x, const T* g, int64_t n, float* sink) {
-  using V = Simd<float>;
-  constexpr int L = kLanes<float>;
-  const Split split{n, NumParts(team, n), kAlign};
-  std::vector<float> part(split.parts);
-  team.Run(split.parts, [&](int64_t p) {
-    V a{}, b{};
-    int64_t i = split.Begin(p);
-    if (g == nullptr) {  // two accumulators, as the kernels' sweeps have
-      for (; i + 2 * L <= split.End(p); i += 2 * L) {
-        a += LoadV<float>(x + i);
-        b += LoadV<float>(x + i + L);
-      }
-    } else {
-      for (; i + L <= split.End(p); i += L) {
-        a += LoadV<float>(x + i);
-        b += LoadV<float>(g + i);
-      }
-    }
-    float s = HorizontalSum<float>(a + b);
-    for (; i < split.End(p); ++i) s += Load<float>(x, i) + (g ? Load<float>(g, i) : 0.0f);
-    part[p] = s;
-  });
-  for (float s : part) *sink += s;
+inline Words LoadWords(const uint32_t* p) {
+  Words v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
 }
 
-template <typename T>
-void MapPass(Team& team, const T* x, const T* g, T* out, int64_t n) {
-  constexpr int L = kLanes<float>;
-  const Split split{n, NumParts(team, n), kAlign};
+// The parts of n words among the Team, as jaxbn's passes split `elements` values: as many
+// parts (NumParts), each starting on a cache line.
+inline Split WordSplit(const Team& team, int64_t n, int64_t elements) {
+  return Split{n, NumParts(team, elements), kWordsPerVector};
+}
+
+// Σ of the words of x (and of g): one read of each.
+void ReadPass(Team& team, const uint32_t* x, const uint32_t* g, int64_t n, int64_t elements,
+              float* sink) {
+  const Split split = WordSplit(team, n, elements);
+  std::vector<uint32_t> part(split.parts);
   team.Run(split.parts, [&](int64_t p) {
+    Words a{}, b{};
     int64_t i = split.Begin(p);
-    if (g == nullptr) {
-      for (; i + L <= split.End(p); i += L) StoreV<float>(out + i, LoadV<float>(x + i) * 2.0f + 1.0f);
-      for (; i < split.End(p); ++i) Store<float>(out, i, Load<float>(x, i) * 2.0f + 1.0f);
-    } else {
-      for (; i + L <= split.End(p); i += L)
-        StoreV<float>(out + i, LoadV<float>(x + i) + LoadV<float>(g + i));
-      for (; i < split.End(p); ++i) Store<float>(out, i, Load<float>(x, i) + Load<float>(g, i));
+    for (; i + 2 * kWordsPerVector <= split.End(p); i += 2 * kWordsPerVector) {
+      a += LoadWords(x + i) + (g ? LoadWords(g + i) : Words{});
+      b += LoadWords(x + i + kWordsPerVector) + (g ? LoadWords(g + i + kWordsPerVector) : Words{});
     }
+    a += b;
+    uint32_t s = 0;
+    for (int l = 0; l < kWordsPerVector; ++l) s += a[l];
+    for (; i < split.End(p); ++i) s += x[i] + (g ? g[i] : 0u);
+    part[p] = s;
   });
+  for (uint32_t s : part) *sink += static_cast<float>(s);
+}
+
+// out = x ^ g (g null: x ^ a constant), streaming where jaxbn's kernels would stream.
+template <bool kStream>
+void MapWords(Team& team, const uint32_t* x, const uint32_t* g, uint32_t* out, int64_t n,
+              int64_t elements) {
+  const Split split = WordSplit(team, n, elements);
+  team.Run(split.parts, [&](int64_t p) {
+    const int64_t end = split.End(p);
+    int64_t i = split.Begin(p);
+    auto value = [&](int64_t k) { return x[k] ^ (g ? g[k] : 0x3f800000u); };
+    if constexpr (kStream) {  // an unaligned head one word at a time (XLA's buffers have none)
+      for (const int64_t head = std::min(end, i + ToStreamAlign(out + i)); i < head; ++i)
+        out[i] = value(i);
+    }
+    for (; i + kWordsPerVector <= end; i += kWordsPerVector) {
+      const Words v = LoadWords(x + i) ^ (g ? LoadWords(g + i) : Words{} + 0x3f800000u);
+      StoreBytes(out + i, v, kStream && reinterpret_cast<uintptr_t>(out + i) % kStreamAlign == 0);
+    }
+    for (; i < end; ++i) out[i] = value(i);
+    if constexpr (kStream) StreamingStoresDone();
+  });
+}
+
+// A pass over `bytes` bytes of x (and g) as 32-bit words, the last 0-3 bytes on their own.
+void Read(Team& team, const void* x, const void* g, int64_t bytes, int64_t elements,
+          float* sink) {
+  const int64_t n = bytes / 4;
+  ReadPass(team, static_cast<const uint32_t*>(x), static_cast<const uint32_t*>(g), n, elements,
+           sink);
+  for (int64_t b = n * 4; b < bytes; ++b) {
+    *sink += static_cast<const uint8_t*>(x)[b] + (g ? static_cast<const uint8_t*>(g)[b] : 0);
+  }
+}
+
+void Map(Team& team, const void* x, const void* g, void* out, int64_t bytes, int64_t elements) {
+  const int64_t n = bytes / 4;
+  const auto* xw = static_cast<const uint32_t*>(x);
+  const auto* gw = static_cast<const uint32_t*>(g);
+  auto* ow = static_cast<uint32_t*>(out);
+  if (kHaveStreamingStores && bytes >= kStreamingMinBytes) {
+    MapWords<true>(team, xw, gw, ow, n, elements);
+  } else {
+    MapWords<false>(team, xw, gw, ow, n, elements);
+  }
+  for (int64_t b = n * 4; b < bytes; ++b) {
+    static_cast<uint8_t*>(out)[b] =
+        static_cast<const uint8_t*>(x)[b] ^ (g ? static_cast<const uint8_t*>(g)[b] : 0x5a);
+  }
 }
 
 template <typename Fn>
@@ -85,13 +134,12 @@ ffi::Error Typed(ffi::DataType dtype, Fn&& fn) {
 ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
                        ffi::Result<ffi::AnyBuffer> sink) {
   Team team(pool);
-  return Typed(x.element_type(), [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    const T* xs = reinterpret_cast<const T*>(x.untyped_data());
+  return Typed(x.element_type(), [&](auto*) {
+    const int64_t n = x.element_count(), bytes = x.size_bytes();
     float* s = reinterpret_cast<float*>(sink->untyped_data());
     *s = 0;
-    ReadPass<T>(team, xs, nullptr, x.element_count(), s);
-    MapPass<T>(team, xs, nullptr, reinterpret_cast<T*>(y->untyped_data()), x.element_count());
+    Read(team, x.untyped_data(), nullptr, bytes, n, s);
+    Map(team, x.untyped_data(), nullptr, y->untyped_data(), bytes, n);
     return ffi::Error::Success();
   });
 }
@@ -100,14 +148,12 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer d
                         ffi::AnyBuffer /*after*/, ffi::Result<ffi::AnyBuffer> dx,
                         ffi::Result<ffi::AnyBuffer> sink) {
   Team team(pool);
-  return Typed(x.element_type(), [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    const T* xs = reinterpret_cast<const T*>(x.untyped_data());
-    const T* gs = reinterpret_cast<const T*>(dy.untyped_data());
+  return Typed(x.element_type(), [&](auto*) {
+    const int64_t n = x.element_count(), bytes = x.size_bytes();
     float* s = reinterpret_cast<float*>(sink->untyped_data());
     *s = 0;
-    ReadPass<T>(team, xs, gs, x.element_count(), s);
-    MapPass<T>(team, xs, gs, reinterpret_cast<T*>(dx->untyped_data()), x.element_count());
+    Read(team, x.untyped_data(), dy.untyped_data(), bytes, n, s);
+    Map(team, x.untyped_data(), dy.untyped_data(), dx->untyped_data(), bytes, n);
     return ffi::Error::Success();
   });
 }
@@ -119,8 +165,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FloorForward, jaxbn::ForwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()    // x
-                                  .Ret<ffi::AnyBuffer>()    // y = 2x + 1
-                                  .Ret<ffi::AnyBuffer>());  // a sum of x (float32 scalar)
+                                  .Ret<ffi::AnyBuffer>()    // y = x ^ c, bitwise
+                                  .Ret<ffi::AnyBuffer>());  // a sum of x's words (float32)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FloorBackward, jaxbn::BackwardImpl,
                               ffi::Ffi::Bind()
@@ -128,5 +174,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FloorBackward, jaxbn::BackwardImpl,
                                   .Arg<ffi::AnyBuffer>()    // x
                                   .Arg<ffi::AnyBuffer>()    // dy
                                   .Arg<ffi::AnyBuffer>()    // the forward's sum: runs after it
-                                  .Ret<ffi::AnyBuffer>()    // dx = x + dy
-                                  .Ret<ffi::AnyBuffer>());  // a sum of x and dy
+                                  .Ret<ffi::AnyBuffer>()    // dx = x ^ dy, bitwise
+                                  .Ret<ffi::AnyBuffer>());  // a sum of x's and dy's words

@@ -392,57 +392,124 @@ struct GradInput {
   }
 };
 
-// out = formula(x, g) over the array, vectorized along features (channels-last) or along the
-// contiguous values of one feature (channels-first); masked positions get 0. `Formula` is
-// Normalization or GradInput of const A*.
-template <typename A, typename T, typename G, typename O, template <typename> class Formula>
-void Map(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Shape3 s,
-         const Formula<const A*>& formula) {
+// StoreV, or StoreStreaming (simd.h) where kStream.
+template <bool kStream, typename A, typename O>
+inline void StoreOut(O* p, Simd<A> v) {
+  if constexpr (kStream) {
+    StoreStreaming<A>(p, v);
+  } else {
+    StoreV<A>(p, v);
+  }
+}
+
+// Map with ordinary (kStream false) or streaming stores. With streaming stores each row or
+// run first writes its unaligned head one value at a time, so that the vector stores after
+// it are aligned (StoreStreaming would fall back to ordinary stores otherwise), and each
+// thread ends its part with StreamingStoresDone.
+template <bool kStream, typename A, typename T, typename G, typename O,
+          template <typename> class Formula>
+void MapWith(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Shape3 s,
+             const Formula<const A*>& formula) {
   using V = Simd<A>;
   constexpr int L = kLanes<A>;
+  // The elements before the first kStreamAlign boundary from out + base (none if !kStream).
+  auto head = [](O* at, int64_t len) -> int64_t {
+    if constexpr (kStream) {
+      return std::min(len, ToStreamAlign(at));
+    } else {
+      (void)at;
+      return 0;
+    }
+  };
+  // Each task works on copies of the operands in locals: a store to the output (through
+  // memcpy, so of any type) could otherwise alias the captured ones, and GCC 12 reloaded
+  // every pointer and the feature count after each vector (seen in the assembly; together
+  // with StoreV's stack copy, simd.h, 20% slower on cached data, scripts/pass_bench.cc).
   if (s.inner == 1) {
     const Split split = RowSplit(team, s.outer, s.features);
     team.Run(split.parts, [&](int64_t p) {
+      const T* const xs = x;
+      const G* const gs = g;
+      O* const ys = out;
+      const uint8_t* const ms = mask;
+      const int64_t features = s.features;
+      const Formula<const A*> fs = formula;
       for (int64_t o = split.Begin(p); o < split.End(p); ++o) {
-        const int64_t base = o * s.features;
-        if (mask != nullptr && mask[o] == 0) {  // all-zero bits are 0 in every output type
-          std::memset(static_cast<void*>(out + base), 0, s.features * sizeof(O));
+        const int64_t base = o * features;
+        const int64_t first = head(ys + base, features);
+        int64_t c = 0;
+        if (ms != nullptr && ms[o] == 0) {  // all-zero bits are 0 in every output type
+          if constexpr (kStream) {
+            for (; c < first; ++c) Store<A>(ys, base + c, A(0));
+            for (; c + L <= features; c += L) StoreStreaming<A>(ys + base + c, V{});
+            for (; c < features; ++c) Store<A>(ys, base + c, A(0));
+          } else {
+            std::memset(static_cast<void*>(ys + base), 0, features * sizeof(O));
+          }
           continue;
         }
-        int64_t c = 0;
-        for (; c + L <= s.features; c += L) {
-          const Formula<V> f = formula.template At<V, A>(c);
-          StoreV<A>(out + base + c, f(LoadV<A>(x + base + c), LoadV<A>(g + base + c)));
+        for (; c < first; ++c) {
+          const Formula<A> f = fs.template At<A, A>(c);
+          Store<A>(ys, base + c, f(Load<A>(xs, base + c), Load<A>(gs, base + c)));
         }
-        for (; c < s.features; ++c) {
-          const Formula<A> f = formula.template At<A, A>(c);
-          Store<A>(out, base + c, f(Load<A>(x, base + c), Load<A>(g, base + c)));
+        for (; c + L <= features; c += L) {
+          const Formula<V> f = fs.template At<V, A>(c);
+          StoreOut<kStream, A>(ys + base + c, f(LoadV<A>(xs + base + c), LoadV<A>(gs + base + c)));
+        }
+        for (; c < features; ++c) {
+          const Formula<A> f = fs.template At<A, A>(c);
+          Store<A>(ys, base + c, f(Load<A>(xs, base + c), Load<A>(gs, base + c)));
         }
       }
+      if constexpr (kStream) StreamingStoresDone();
     });
     return;
   }
   const Pieces pieces(team, s, mask);
   team.Run(pieces.parts(), [&](int64_t p) {
-    pieces.ForEach(p, [&](const Piece& piece) {
-      const Formula<A> f = formula.template At<A, A>(piece.feature);
+    const T* const xs = x;
+    const G* const gs = g;
+    O* const ys = out;
+    const Formula<const A*> fs = formula;
+    pieces.ForEach(p, [=](const Piece& piece) {
+      const Formula<A> f = fs.template At<A, A>(piece.feature);
       const int64_t base = piece.offset, len = piece.len;
-      const uint8_t* m = piece.mask;
+      const T* const xb = xs + base;
+      const G* const gb = gs + base;
+      O* const yb = ys + base;
+      const uint8_t* const m = piece.mask;
       int64_t i = 0;
+      const int64_t first = head(yb, len);
       if (m == nullptr) {
+        for (; i < first; ++i) Store<A>(yb, i, f(Load<A>(xb, i), Load<A>(gb, i)));
         for (; i + L <= len; i += L)
-          StoreV<A>(out + base + i, f(LoadV<A>(x + base + i), LoadV<A>(g + base + i)));
-        for (; i < len; ++i)
-          Store<A>(out, base + i, f(Load<A>(x, base + i), Load<A>(g, base + i)));
+          StoreOut<kStream, A>(yb + i, f(LoadV<A>(xb + i), LoadV<A>(gb + i)));
+        for (; i < len; ++i) Store<A>(yb, i, f(Load<A>(xb, i), Load<A>(gb, i)));
       } else {
+        for (; i < first; ++i)
+          Store<A>(yb, i, Keep(m[i] != 0, f(Load<A>(xb, i), Load<A>(gb, i))));
         for (; i + L <= len; i += L)
-          StoreV<A>(out + base + i,
-                    Keep(LoadKeep<A>(m + i), f(LoadV<A>(x + base + i), LoadV<A>(g + base + i))));
-        for (; i < len; ++i)
-          Store<A>(out, base + i, Keep(m[i] != 0, f(Load<A>(x, base + i), Load<A>(g, base + i))));
+          StoreOut<kStream, A>(yb + i,
+                               Keep(LoadKeep<A>(m + i), f(LoadV<A>(xb + i), LoadV<A>(gb + i))));
+        for (; i < len; ++i) Store<A>(yb, i, Keep(m[i] != 0, f(Load<A>(xb, i), Load<A>(gb, i))));
       }
     });
+    if constexpr (kStream) StreamingStoresDone();
   });
+}
+
+// out = formula(x, g) over the array, vectorized along features (channels-last) or along the
+// contiguous values of one feature (channels-first); masked positions get 0. `Formula` is
+// Normalization or GradInput of const A*. Large outputs are written with streaming stores.
+template <typename A, typename T, typename G, typename O, template <typename> class Formula>
+void Map(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Shape3 s,
+         const Formula<const A*>& formula) {
+  const int64_t bytes = s.outer * s.features * s.inner * static_cast<int64_t>(sizeof(O));
+  if (kHaveStreamingStores && bytes >= kStreamingMinBytes) {
+    MapWith<true>(team, x, g, mask, out, s, formula);
+  } else {
+    MapWith<false>(team, x, g, mask, out, s, formula);
+  }
 }
 
 template <typename A, typename T, typename Y>

@@ -17,6 +17,10 @@
 #include <cstring>
 #include <type_traits>
 
+#if defined(__AVX__) || defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 namespace jaxbn {
 namespace {
 
@@ -109,11 +113,18 @@ inline Simd<A> LoadV(const T* p) {
   }
 }
 
-template <typename A, typename T>
-inline void StoreV(T* p, Simd<A> v) {
-  if constexpr (sizeof(T) == sizeof(A) && !std::is_same_v<T, BF16>) {
-    std::memcpy(p, &v, sizeof v);
-  } else if constexpr (std::is_same_v<T, BF16> && std::is_same_v<A, float>) {
+// The bits StoreV writes for kLanes<A> values: the vector itself where T is the compute type,
+// packed bfloat16 for BF16 from float. (Other pairs are stored lane by lane, in StoreV.)
+template <typename T, typename A>
+constexpr bool kPacks = (sizeof(T) == sizeof(A) && !std::is_same_v<T, BF16>) ||
+                        (std::is_same_v<T, BF16> && std::is_same_v<A, float>);
+
+template <typename T, typename A>
+inline auto Packed(Simd<A> v) {
+  static_assert(kPacks<T, A>);
+  if constexpr (!std::is_same_v<T, BF16>) {
+    return v;
+  } else {
     typedef int32_t S32V __attribute__((vector_size(64)));
     U32V u;
     std::memcpy(&u, &v, sizeof u);
@@ -126,11 +137,120 @@ inline void StoreV(T* p, Simd<A> v) {
     // its memory traffic (docs/performance.md).
     const U32V is_nan = (U32V)((S32V{} + 0x7f800000 - (S32V)(u & 0x7fffffffu)) >> 31);
     const U32V bits = (quiet_nan & is_nan) | (rounded & ~is_nan);
-    U16V h = __builtin_convertvector(bits, U16V);
-    std::memcpy(p, &h, sizeof h);
+    return __builtin_convertvector(bits, U16V);
+  }
+}
+
+
+// Streaming (non-temporal) stores, for outputs too large to stay in cache (the normalize and
+// gradient-input passes above kStreamingMinBytes, passes.h). An ordinary store first reads
+// the line it writes ("read for ownership"), so writing y costs two transfers; a streaming
+// store writes whole lines straight to memory, one transfer. Measured on this project's
+// machine (experiments/csrc/nt_store_bench.cc, docs/performance.md): y = 2x + 1 over 32-100
+// MiB of float32 1.5-1.7x faster per thread. They need kStreamAlign-aligned addresses
+// (StoreStreaming falls back to an ordinary store elsewhere, so callers peel the unaligned
+// head of a run for speed, never for correctness), and are weakly ordered: each thread ends
+// its part of a pass with StreamingStoresDone() (an sfence) before it reports the part done.
+// Without SSE2 or AVX (not x86) they are ordinary stores.
+#if defined(__AVX__)
+constexpr bool kHaveStreamingStores = true;
+constexpr int kStreamAlign = 32;
+#elif defined(__SSE2__)
+constexpr bool kHaveStreamingStores = true;
+constexpr int kStreamAlign = 16;
+#else
+constexpr bool kHaveStreamingStores = false;
+constexpr int kStreamAlign = 1;
+#endif
+
+// Outputs of at least this many bytes are written with streaming stores (passes.h, Map; and
+// the benchmark's floor, experiments/csrc/stream_floor.cc): measured
+// (experiments/csrc/nt_store_bench.cc, docs/performance.md), a consumer that reads y right
+// after the pass pays more than streaming saves while y still fits in the last-level cache
+// beside x (1 MiB: 16% slower), breaks even at 8 MiB and gains from 16 MiB on (32 MiB L3).
+// A constant, not the cache size the OS reports: in this project's VM sysconf says 256 MiB
+// (the host's) where the guest has 32 MiB.
+constexpr int64_t kStreamingMinBytes = int64_t{8} << 20;
+
+// Elements of T from p to the next kStreamAlign boundary: the head of a run to peel.
+template <typename T>
+inline int64_t ToStreamAlign(const T* p) {
+  const uintptr_t misaligned = reinterpret_cast<uintptr_t>(p) % kStreamAlign;
+  return misaligned == 0 ? 0 : static_cast<int64_t>((kStreamAlign - misaligned) / sizeof(T));
+}
+
+// Writes the bytes of a 32- or 64-byte vector w to p: with streaming stores if `stream` (p
+// kStreamAlign-aligned), ordinary ones otherwise.
+template <typename W>
+inline void StoreBytes(void* p, W w, bool stream) {
+  static_assert(sizeof(W) == 32 || sizeof(W) == 64);
+#if defined(__AVX__)
+  constexpr int kLanesW = sizeof(W) / sizeof(w[0]);
+  // The halves of a 64-byte vector, as 32-byte vectors of its own lane type: shuffles in the
+  // vector's own type stay in registers (a memcpy into __m256i, or a shuffle of a 64-bit-lane
+  // view, went through the stack in GCC 12's code), and so do both branches below.
+  auto put = [p, stream](int k, __m256i v) {
+    char* to = static_cast<char*>(p) + 32 * k;
+    if (stream) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(to), v);
+    } else {  // through the unaligned type: `to` may be anywhere
+      _mm256_storeu_si256(reinterpret_cast<__m256i_u*>(to), v);
+    }
+  };
+  if constexpr (sizeof(W) == 32) {
+    put(0, (__m256i)w);
+  } else if constexpr (kLanesW == 16) {
+    put(0, (__m256i)__builtin_shufflevector(w, w, 0, 1, 2, 3, 4, 5, 6, 7));
+    put(1, (__m256i)__builtin_shufflevector(w, w, 8, 9, 10, 11, 12, 13, 14, 15));
+  } else {
+    static_assert(kLanesW == 8);
+    put(0, (__m256i)__builtin_shufflevector(w, w, 0, 1, 2, 3));
+    put(1, (__m256i)__builtin_shufflevector(w, w, 4, 5, 6, 7));
+  }
+#elif defined(__SSE2__)
+  // 16-byte pieces through a copy: SSE2-only machines are not what this is tuned for.
+  if (stream) {
+    __m128i pieces[sizeof(W) / 16];
+    std::memcpy(pieces, &w, sizeof w);
+    for (size_t k = 0; k < sizeof(W) / 16; ++k)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<char*>(p) + 16 * k), pieces[k]);
+  } else {
+    std::memcpy(p, &w, sizeof w);
+  }
+#else
+  (void)stream;
+  std::memcpy(p, &w, sizeof w);
+#endif
+}
+
+// kLanes<A> values to p, as T. (Through StoreBytes: GCC 12 sometimes lowered a memcpy of a
+// 64-byte vector into four 16-byte stores from a copy on the stack, which made the normalize
+// pass 20% slower on cached data.)
+template <typename A, typename T>
+inline void StoreV(T* p, Simd<A> v) {
+  if constexpr (kPacks<T, A>) {
+    StoreBytes(p, Packed<T, A>(v), /*stream=*/false);
   } else {
     for (int l = 0; l < kLanes<A>; ++l) Store<A>(p, l, v[l]);
   }
+}
+
+// StoreV through streaming stores where p allows them (see above), an ordinary store elsewhere.
+template <typename A, typename T>
+inline void StoreStreaming(T* p, Simd<A> v) {
+  if constexpr (kHaveStreamingStores && kPacks<T, A>) {
+    StoreBytes(p, Packed<T, A>(v), reinterpret_cast<uintptr_t>(p) % kStreamAlign == 0);
+  } else {
+    StoreV<A>(p, v);
+  }
+}
+
+// Orders this thread's streaming stores before whatever it does next (reporting its part of
+// a pass done, after which other threads and XLA read the output).
+inline void StreamingStoresDone() {
+#if defined(__AVX__) || defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 template <typename A>
