@@ -6,12 +6,13 @@ import pytest
 
 from jaxbn import checks
 
-# The grid (about two minutes of compiling) is a module fixture: under pytest-xdist the tests
-# that share it go to one worker (--dist loadgroup, pyproject.toml), which computes it once.
+# The grid (about two minutes of compiling) is computed once: a session fixture (a module one
+# is torn down whenever a worker runs another file's test in between), and under
+# pytest-xdist the tests that share it go to one worker (--dist loadgroup, pyproject.toml).
 pytestmark = pytest.mark.xdist_group("check_grid")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def grid_results():
   return checks.run_checks()
 

@@ -28,7 +28,8 @@ from experiments import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Trains tiny runs and starts processes: outside the fast tier (pytest -m 'not slow').
-# The finished run below is a module fixture: one xdist worker runs this file (--dist loadgroup).
+# The finished run below is a session fixture, so computed once, and one xdist worker runs
+# this file (--dist loadgroup).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("finished_run")]
 ConfigError = config_lib.ConfigError
 
@@ -58,7 +59,7 @@ def _snapshot(directory: pathlib.Path) -> dict:
           for p in sorted(directory.rglob("*"))}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finished(tmp_path_factory):
   """A real, finished jaxbn workdir (one net, 10 steps) and its config; copy before changing."""
   config = _tiny(variants=("bn",))
