@@ -9,7 +9,7 @@ from jaxbn import checks
 # The grid (about two minutes of compiling) is computed once: a session fixture (a module one
 # is torn down whenever a worker runs another file's test in between), and under
 # pytest-xdist the tests that share it go to one worker (--dist loadgroup, pyproject.toml).
-pytestmark = pytest.mark.xdist_group("check_grid")
+pytestmark = pytest.mark.xdist_group(name="check_grid")
 
 
 @pytest.fixture(scope="session")

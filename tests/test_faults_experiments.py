@@ -30,7 +30,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Trains tiny runs and starts processes: outside the fast tier (pytest -m 'not slow').
 # The finished run below is a session fixture, so computed once, and one xdist worker runs
 # this file (--dist loadgroup).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("finished_run")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(name="finished_run")]
 ConfigError = config_lib.ConfigError
 
 
