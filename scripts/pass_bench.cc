@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <memory>
 #include <functional>
 #include <mutex>
 #include <random>
@@ -82,12 +83,26 @@ void Bench(int64_t n, int64_t h, int64_t w, int64_t c, int threads, int repeats,
   using namespace jaxbn;
   using A = float;
   const int64_t size = n * h * w * c;
-  std::vector<T> x(size), g(size), y(size), dx(size);
+  // Arrays at a 64-byte boundary, as XLA allocates them, plus PASS_BENCH_OFFSET bytes (0 by
+  // default): std::vector's large allocations start 16 bytes past a page, which puts every
+  // row of a streaming store off the 32-byte boundary (passes.h peels a head per row).
+  const char* offset_env = std::getenv("PASS_BENCH_OFFSET");
+  const int64_t offset = offset_env ? std::atoll(offset_env) : 0;
+  std::vector<std::unique_ptr<char, decltype(&std::free)>> storage;
+  auto array = [&] {
+    const size_t bytes = (size * sizeof(T) + 127) / 64 * 64;  // room for the offset
+    storage.emplace_back(static_cast<char*>(std::aligned_alloc(64, bytes)), &std::free);
+    return reinterpret_cast<T*>(storage.back().get() + offset);
+  };
+  T* const x = array();
+  T* const g = array();
+  T* const y = array();
+  T* const dx = array();
   std::mt19937 rng(0);
   std::normal_distribution<float> normal(1.0f, 2.0f);
   for (int64_t i = 0; i < size; ++i) {
-    Store<A>(x.data(), i, normal(rng));
-    Store<A>(g.data(), i, normal(rng) - 1.0f);
+    Store<A>(x, i, normal(rng));
+    Store<A>(g, i, normal(rng) - 1.0f);
   }
   std::vector<A> hi(c, 1.0f), lo(c, 0.0f), a(c, 0.5f), b(c, 0.1f), k(c, -0.01f);
   Pool pool(threads);
@@ -113,13 +128,13 @@ void Bench(int64_t n, int64_t h, int64_t w, int64_t c, int threads, int repeats,
       cases.push_back({names[l], "moments", 1, [&, s] {
                          Team team(pool);
                          Moments m(c);
-                         BatchMoments(team, x.data(), nullptr, s, m);
+                         BatchMoments(team, x, nullptr, s, m);
                          sink += m.m2[0];
                        }, {}});
     if (want("normalize"))
       cases.push_back({names[l], "normalize", 2, [&, s] {
                          Team team(pool);
-                         NormalizeMap(team, x.data(), nullptr, y.data(), s,
+                         NormalizeMap(team, x, nullptr, y, s,
                                       Normalization<const A*>{hi.data(), lo.data(), a.data(),
                                                               b.data()});
                        }, {}});
@@ -127,14 +142,14 @@ void Bench(int64_t n, int64_t h, int64_t w, int64_t c, int threads, int repeats,
       cases.push_back({names[l], "grad_sums", 2, [&, s] {
                          Team team(pool);
                          FeatureSums sums(c);
-                         BatchGradSums(team, x.data(), g.data(), nullptr, s, hi.data(),
+                         BatchGradSums(team, x, g, nullptr, s, hi.data(),
                                        lo.data(), sums);
                          sink += sums.gc[0];
                        }, {}});
     if (want("grad_input"))
       cases.push_back({names[l], "grad_input", 3, [&, s] {
                          Team team(pool);
-                         GradInputMap(team, x.data(), g.data(), nullptr, dx.data(), s,
+                         GradInputMap(team, x, g, nullptr, dx, s,
                                       GradInput<const A*>{hi.data(), lo.data(), a.data(),
                                                           b.data(), k.data()});
                        }, {}});
@@ -142,19 +157,19 @@ void Bench(int64_t n, int64_t h, int64_t w, int64_t c, int threads, int repeats,
   if (want("floor")) {
     cases.push_back({"flat", "read1", 1, [&] {
                        Team team(pool);
-                       ReadOne(team, x.data(), size, &sink);
+                       ReadOne(team, x, size, &sink);
                      }, {}});
     cases.push_back({"flat", "map1", 2, [&] {
                        Team team(pool);
-                       MapOne(team, x.data(), y.data(), size);
+                       MapOne(team, x, y, size);
                      }, {}});
     cases.push_back({"flat", "read2", 2, [&] {
                        Team team(pool);
-                       ReadTwo(team, x.data(), g.data(), size, &sink);
+                       ReadTwo(team, x, g, size, &sink);
                      }, {}});
     cases.push_back({"flat", "map2", 3, [&] {
                        Team team(pool);
-                       MapTwo(team, x.data(), g.data(), dx.data(), size);
+                       MapTwo(team, x, g, dx, size);
                      }, {}});
   }
   for (Case& k : cases) k.run();  // warm-up: pages touched, code and pool threads warm

@@ -84,6 +84,26 @@ struct Moments {
   }
 };
 
+// Calls two(r, q) for consecutive pairs of the rows in [r0, r1) that skip(r) does not drop,
+// and one(r) for the last row if their number is odd. The channels-last reductions take rows
+// two at a time: each add to the per-feature accumulators (in L1, loaded and stored back per
+// vector) then carries two rows, which halves those loads and stores — the bound of the
+// bfloat16 reductions on AVX2, where a row of values is half as many bytes.
+template <typename Skip, typename Two, typename One>
+inline void ForRowPairs(int64_t r0, int64_t r1, Skip&& skip, Two&& two, One&& one) {
+  int64_t pending = -1;
+  for (int64_t r = r0; r < r1; ++r) {
+    if (skip(r)) continue;
+    if (pending < 0) {
+      pending = r;
+    } else {
+      two(pending, r);
+      pending = -1;
+    }
+  }
+  if (pending >= 0) one(pending);
+}
+
 // Channels-last: each chunk of rows is swept twice (sum, then Σd and Σd²) while it is in cache.
 template <typename T>
 void MomentsRows(Team& team, const T* x, const uint8_t* mask, int64_t rows, int64_t features,
@@ -113,28 +133,56 @@ void MomentsRows(Team& team, const T* x, const uint8_t* mask, int64_t rows, int6
         std::fill(s1.begin(), s1.end(), A(0));
         std::fill(sd1.begin(), sd1.end(), A(0));
         std::fill(sdd1.begin(), sdd1.end(), A(0));
-        for (int64_t r = r0; r < r1; ++r) {
-          if (skip(r)) continue;
-          const T* row = x + r * features + c0;
-          for (int64_t t = 0; t < full; ++t) s[t] += LoadV<A>(row + t * L);
+        auto at = [&](int64_t r) { return x + r * features + c0; };
+        // The leftover features, one row at a time.
+        auto sum_rest = [&](const T* row) {
           for (int64_t c = 0; c < rest; ++c) s1[c] += Load<A>(row, full * L + c);
-        }
+        };
+        ForRowPairs(
+            r0, r1, skip,
+            [&](int64_t r, int64_t q) {
+              const T* a = at(r);
+              const T* b = at(q);
+              for (int64_t t = 0; t < full; ++t)
+                s[t] += LoadV<A>(a + t * L) + LoadV<A>(b + t * L);
+              sum_rest(a);
+              sum_rest(b);
+            },
+            [&](int64_t r) {
+              for (int64_t t = 0; t < full; ++t) s[t] += LoadV<A>(at(r) + t * L);
+              sum_rest(at(r));
+            });
         for (int64_t t = 0; t < full; ++t) shift[t] = s[t] / n;
         for (int64_t c = 0; c < rest; ++c) shift1[c] = s1[c] / n;
-        for (int64_t r = r0; r < r1; ++r) {
-          if (skip(r)) continue;
-          const T* row = x + r * features + c0;
-          for (int64_t t = 0; t < full; ++t) {
-            V d = LoadV<A>(row + t * L) - shift[t];
-            sd[t] += d;
-            sdd[t] += d * d;
-          }
+        auto deviations_rest = [&](const T* row) {
           for (int64_t c = 0; c < rest; ++c) {
             A d = Load<A>(row, full * L + c) - shift1[c];
             sd1[c] += d;
             sdd1[c] += d * d;
           }
-        }
+        };
+        ForRowPairs(
+            r0, r1, skip,
+            [&](int64_t r, int64_t q) {
+              const T* a = at(r);
+              const T* b = at(q);
+              for (int64_t t = 0; t < full; ++t) {
+                const V d = LoadV<A>(a + t * L) - shift[t];
+                const V e = LoadV<A>(b + t * L) - shift[t];
+                sd[t] += d + e;
+                sdd[t] += d * d + e * e;
+              }
+              deviations_rest(a);
+              deviations_rest(b);
+            },
+            [&](int64_t r) {
+              for (int64_t t = 0; t < full; ++t) {
+                const V d = LoadV<A>(at(r) + t * L) - shift[t];
+                sd[t] += d;
+                sdd[t] += d * d;
+              }
+              deviations_rest(at(r));
+            });
         acc.AddChunks(c0, full * L, seen, n, reinterpret_cast<const A*>(shift.data()),
                       reinterpret_cast<const A*>(sd.data()),
                       reinterpret_cast<const A*>(sdd.data()));
@@ -275,22 +323,43 @@ void GradSumsRows(Team& team, const T* x, const G* g, const uint8_t* mask, int64
         std::fill(sgc.begin(), sgc.end(), V{});
         std::fill(sg1.begin(), sg1.end(), A(0));
         std::fill(sgc1.begin(), sgc1.end(), A(0));
-        for (int64_t r = r0; r < r1; ++r) {
-          if (mask != nullptr && mask[r] == 0) continue;
+        // The leftover features, one row at a time.
+        auto sums_rest = [&](int64_t r) {
           const T* xr = x + r * features + c0;
           const G* gr = g + r * features + c0;
-          for (int64_t t = 0; t < full; ++t) {
-            V gv = LoadV<A>(gr + t * L);
-            sg[t] += gv;
-            sgc[t] += gv * ((LoadV<A>(xr + t * L) - h[t]) - l[t]);
-          }
           for (int64_t c = 0; c < rest; ++c) {
             const int64_t f = full * L + c;
             A gv = Load<A>(gr, f);
             sg1[c] += gv;
             sgc1[c] += gv * ((Load<A>(xr, f) - hi[c0 + f]) - lo[c0 + f]);
           }
-        }
+        };
+        ForRowPairs(
+            r0, r1, [&](int64_t r) { return mask != nullptr && mask[r] == 0; },
+            [&](int64_t r, int64_t q) {
+              const T* xa = x + r * features + c0;
+              const G* ga = g + r * features + c0;
+              const T* xb = x + q * features + c0;
+              const G* gb = g + q * features + c0;
+              for (int64_t t = 0; t < full; ++t) {
+                const V u = LoadV<A>(ga + t * L), v = LoadV<A>(gb + t * L);
+                sg[t] += u + v;
+                sgc[t] += u * ((LoadV<A>(xa + t * L) - h[t]) - l[t]) +
+                          v * ((LoadV<A>(xb + t * L) - h[t]) - l[t]);
+              }
+              sums_rest(r);
+              sums_rest(q);
+            },
+            [&](int64_t r) {
+              const T* xr = x + r * features + c0;
+              const G* gr = g + r * features + c0;
+              for (int64_t t = 0; t < full; ++t) {
+                const V gv = LoadV<A>(gr + t * L);
+                sg[t] += gv;
+                sgc[t] += gv * ((LoadV<A>(xr + t * L) - h[t]) - l[t]);
+              }
+              sums_rest(r);
+            });
         // The chunk's float sums into the part's double ones, one feature at a time (a loop
         // the compiler vectorizes).
         const A* chunk_g = reinterpret_cast<const A*>(sg.data());
@@ -392,39 +461,39 @@ struct GradInput {
   }
 };
 
-// StoreV, or StoreStreaming (simd.h) where kStream.
-template <bool kStream, typename A, typename O>
-inline void StoreOut(O* p, Simd<A> v) {
+// Writes a run of len outputs from out: vec(i) gives values i .. i + kLanes − 1, one(i) value
+// i. With kStream, the run's whole cache lines (StreamedLines, simd.h) are written with
+// streaming stores and the values before and after them with ordinary ones; without, all
+// with ordinary stores.
+template <bool kStream, typename A, typename O, typename Vec, typename One>
+inline void WriteRun(O* out, int64_t len, const Vec& vec, const One& one) {
+  constexpr int L = kLanes<A>;
+  auto ordinary = [&](int64_t i, int64_t end) {
+    for (; i + L <= end; i += L) StoreV<A>(out + i, vec(i));
+    for (; i < end; ++i) Store<A>(out, i, one(i));
+  };
   if constexpr (kStream) {
-    StoreStreaming<A>(p, v);
+    const Streamed lines = StreamedLines(out, len);
+    ordinary(0, lines.first);
+    for (int64_t i = lines.first; i < lines.last; i += L) StoreStreaming<A>(out + i, vec(i));
+    ordinary(lines.last, len);
   } else {
-    StoreV<A>(p, v);
+    ordinary(0, len);
   }
 }
 
-// Map with ordinary (kStream false) or streaming stores. With streaming stores each row or
-// run first writes its unaligned head one value at a time, so that the vector stores after
-// it are aligned (StoreStreaming would fall back to ordinary stores otherwise), and each
-// thread ends its part with StreamingStoresDone.
+// Map with ordinary (kStream false) or streaming stores (then each thread ends its part with
+// StreamingStoresDone).
 template <bool kStream, typename A, typename T, typename G, typename O,
           template <typename> class Formula>
 void MapWith(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Shape3 s,
              const Formula<const A*>& formula) {
   using V = Simd<A>;
-  constexpr int L = kLanes<A>;
-  // The elements before the first kStreamAlign boundary from out + base (none if !kStream).
-  auto head = [](O* at, int64_t len) -> int64_t {
-    if constexpr (kStream) {
-      return std::min(len, ToStreamAlign(at));
-    } else {
-      (void)at;
-      return 0;
-    }
-  };
-  // Each task works on copies of the operands in locals: a store to the output (through
-  // memcpy, so of any type) could otherwise alias the captured ones, and GCC 12 reloaded
-  // every pointer and the feature count after each vector (seen in the assembly; together
-  // with StoreV's stack copy, simd.h, 20% slower on cached data, scripts/pass_bench.cc).
+  // Each task works on copies of the operands in locals, captured by value: a store to the
+  // output (through memcpy, so of any type) could otherwise alias the captured ones, and GCC
+  // 12 reloaded every pointer and the feature count after each vector (seen in the assembly;
+  // together with StoreV's stack copy, simd.h, 20% slower on cached data,
+  // scripts/pass_bench.cc).
   if (s.inner == 1) {
     const Split split = RowSplit(team, s.outer, s.features);
     team.Run(split.parts, [&](int64_t p) {
@@ -435,31 +504,24 @@ void MapWith(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Sh
       const int64_t features = s.features;
       const Formula<const A*> fs = formula;
       for (int64_t o = split.Begin(p); o < split.End(p); ++o) {
-        const int64_t base = o * features;
-        const int64_t first = head(ys + base, features);
-        int64_t c = 0;
+        O* const row = ys + o * features;
         if (ms != nullptr && ms[o] == 0) {  // all-zero bits are 0 in every output type
           if constexpr (kStream) {
-            for (; c < first; ++c) Store<A>(ys, base + c, A(0));
-            for (; c + L <= features; c += L) StoreStreaming<A>(ys + base + c, V{});
-            for (; c < features; ++c) Store<A>(ys, base + c, A(0));
+            WriteRun<true, A>(row, features, [](int64_t) { return V{}; },
+                              [](int64_t) { return A(0); });
           } else {
-            std::memset(static_cast<void*>(ys + base), 0, features * sizeof(O));
+            std::memset(static_cast<void*>(row), 0, features * sizeof(O));
           }
           continue;
         }
-        for (; c < first; ++c) {
-          const Formula<A> f = fs.template At<A, A>(c);
-          Store<A>(ys, base + c, f(Load<A>(xs, base + c), Load<A>(gs, base + c)));
-        }
-        for (; c + L <= features; c += L) {
-          const Formula<V> f = fs.template At<V, A>(c);
-          StoreOut<kStream, A>(ys + base + c, f(LoadV<A>(xs + base + c), LoadV<A>(gs + base + c)));
-        }
-        for (; c < features; ++c) {
-          const Formula<A> f = fs.template At<A, A>(c);
-          Store<A>(ys, base + c, f(Load<A>(xs, base + c), Load<A>(gs, base + c)));
-        }
+        const T* const xr = xs + o * features;
+        const G* const gr = gs + o * features;
+        WriteRun<kStream, A>(
+            row, features,
+            [=](int64_t c) {
+              return fs.template At<V, A>(c)(LoadV<A>(xr + c), LoadV<A>(gr + c));
+            },
+            [=](int64_t c) { return fs.template At<A, A>(c)(Load<A>(xr, c), Load<A>(gr, c)); });
       }
       if constexpr (kStream) StreamingStoresDone();
     });
@@ -473,25 +535,21 @@ void MapWith(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Sh
     const Formula<const A*> fs = formula;
     pieces.ForEach(p, [=](const Piece& piece) {
       const Formula<A> f = fs.template At<A, A>(piece.feature);
-      const int64_t base = piece.offset, len = piece.len;
-      const T* const xb = xs + base;
-      const G* const gb = gs + base;
-      O* const yb = ys + base;
+      const T* const xb = xs + piece.offset;
+      const G* const gb = gs + piece.offset;
       const uint8_t* const m = piece.mask;
-      int64_t i = 0;
-      const int64_t first = head(yb, len);
       if (m == nullptr) {
-        for (; i < first; ++i) Store<A>(yb, i, f(Load<A>(xb, i), Load<A>(gb, i)));
-        for (; i + L <= len; i += L)
-          StoreOut<kStream, A>(yb + i, f(LoadV<A>(xb + i), LoadV<A>(gb + i)));
-        for (; i < len; ++i) Store<A>(yb, i, f(Load<A>(xb, i), Load<A>(gb, i)));
+        WriteRun<kStream, A>(
+            ys + piece.offset, piece.len,
+            [=](int64_t i) { return f(LoadV<A>(xb + i), LoadV<A>(gb + i)); },
+            [=](int64_t i) { return f(Load<A>(xb, i), Load<A>(gb, i)); });
       } else {
-        for (; i < first; ++i)
-          Store<A>(yb, i, Keep(m[i] != 0, f(Load<A>(xb, i), Load<A>(gb, i))));
-        for (; i + L <= len; i += L)
-          StoreOut<kStream, A>(yb + i,
-                               Keep(LoadKeep<A>(m + i), f(LoadV<A>(xb + i), LoadV<A>(gb + i))));
-        for (; i < len; ++i) Store<A>(yb, i, Keep(m[i] != 0, f(Load<A>(xb, i), Load<A>(gb, i))));
+        WriteRun<kStream, A>(
+            ys + piece.offset, piece.len,
+            [=](int64_t i) {
+              return Keep(LoadKeep<A>(m + i), f(LoadV<A>(xb + i), LoadV<A>(gb + i)));
+            },
+            [=](int64_t i) { return Keep(m[i] != 0, f(Load<A>(xb, i), Load<A>(gb, i))); });
       }
     });
     if constexpr (kStream) StreamingStoresDone();

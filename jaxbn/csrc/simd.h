@@ -125,6 +125,29 @@ inline auto Packed(Simd<A> v) {
   if constexpr (!std::is_same_v<T, BF16>) {
     return v;
   } else {
+#if defined(__AVX2__)
+    // The same rounding in AVX2 intrinsics, 8 lanes at a time: NaN lanes found by one
+    // unordered compare of the half with itself and picked with one blend, and the two halves'
+    // 16-bit results packed by vpackusdw (exact: every result is below 2^16) and put back in
+    // order by one vpermq. 9 instructions per 8 values against the generic code's 15 below
+    // (its mask arithmetic, and an `and` with 0xffff GCC adds before the pack): the bfloat16
+    // stores are bound by this arithmetic on AVX2, not by memory (docs/performance.md).
+    auto round_half = [](__m256 h) {
+      const __m256i u = _mm256_castps_si256(h);
+      const __m256i top = _mm256_srli_epi32(u, 16);
+      const __m256i odd = _mm256_and_si256(top, _mm256_set1_epi32(1));
+      const __m256i rounded = _mm256_srli_epi32(
+          _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd), 16);
+      const __m256i quiet_nan = _mm256_or_si256(top, _mm256_set1_epi32(0x40));
+      const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(h, h, _CMP_UNORD_Q));
+      return _mm256_blendv_epi8(rounded, quiet_nan, is_nan);
+    };
+    const __m256i low = round_half((__m256)__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i high =
+        round_half((__m256)__builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+    // vpackusdw packs within 128-bit lanes: (low 0-3, high 0-3, low 4-7, high 4-7).
+    return (U16V)_mm256_permute4x64_epi64(_mm256_packus_epi32(low, high), 0xd8);
+#else
     typedef int32_t S32V __attribute__((vector_size(64)));
     U32V u;
     std::memcpy(&u, &v, sizeof u);
@@ -138,6 +161,7 @@ inline auto Packed(Simd<A> v) {
     const U32V is_nan = (U32V)((S32V{} + 0x7f800000 - (S32V)(u & 0x7fffffffu)) >> 31);
     const U32V bits = (quiet_nan & is_nan) | (rounded & ~is_nan);
     return __builtin_convertvector(bits, U16V);
+#endif
   }
 }
 
@@ -148,10 +172,10 @@ inline auto Packed(Simd<A> v) {
 // store writes whole lines straight to memory, one transfer. Measured on this project's
 // machine (experiments/csrc/nt_store_bench.cc, docs/performance.md): y = 2x + 1 over 32-100
 // MiB of float32 1.5-1.7x faster per thread. They need kStreamAlign-aligned addresses
-// (StoreStreaming falls back to an ordinary store elsewhere, so callers peel the unaligned
-// head of a run for speed, never for correctness), and are weakly ordered: each thread ends
-// its part of a pass with StreamingStoresDone() (an sfence) before it reports the part done.
-// Without SSE2 or AVX (not x86) they are ordinary stores.
+// (StoreStreaming falls back to an ordinary store elsewhere) and must write whole cache lines
+// (StreamedLines, below), and are weakly ordered: each thread ends its part of a pass with
+// StreamingStoresDone() (an sfence) before it reports the part done. Without SSE2 or AVX
+// (not x86) they are ordinary stores.
 #if defined(__AVX__)
 constexpr bool kHaveStreamingStores = true;
 constexpr int kStreamAlign = 32;
@@ -172,11 +196,29 @@ constexpr int kStreamAlign = 1;
 // (the host's) where the guest has 32 MiB.
 constexpr int64_t kStreamingMinBytes = int64_t{8} << 20;
 
-// Elements of T from p to the next kStreamAlign boundary: the head of a run to peel.
+// The part [first, last) of a run of len values of T from p that streaming stores write: the
+// whole 64-byte cache lines inside the run. A line that streaming stores only partly write
+// (the rest by ordinary stores, or not at all before the write-combining buffer drains) costs
+// a partial write to memory and evicts the line the ordinary stores just read: rows whose
+// ends were off the line, as with 100 channels or a buffer 16 bytes past a boundary, made a
+// float32 channels-last normalize 3-8x slower than aligned ones (scripts/pass_bench.cc,
+// docs/performance.md). The values before `first` and from `last` on get ordinary stores;
+// they share their lines with the neighbouring rows. last − first is a whole number of lines,
+// so of vectors too (a vector is 32 or 64 bytes). {0, 0} if no whole line is inside.
+struct Streamed {
+  int64_t first, last;
+};
+constexpr uintptr_t kLineBytes = 64;
 template <typename T>
-inline int64_t ToStreamAlign(const T* p) {
-  const uintptr_t misaligned = reinterpret_cast<uintptr_t>(p) % kStreamAlign;
-  return misaligned == 0 ? 0 : static_cast<int64_t>((kStreamAlign - misaligned) / sizeof(T));
+inline Streamed StreamedLines(const T* p, int64_t len) {
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t end = begin + static_cast<uintptr_t>(len) * sizeof(T);
+  const uintptr_t line_begin = (begin + kLineBytes - 1) / kLineBytes * kLineBytes;
+  const uintptr_t line_end = end / kLineBytes * kLineBytes;
+  // (A p off T's own alignment, which XLA never passes, gets ordinary stores.)
+  if (line_end <= line_begin || (line_begin - begin) % sizeof(T) != 0) return {0, 0};
+  return {static_cast<int64_t>((line_begin - begin) / sizeof(T)),
+          static_cast<int64_t>((line_end - begin) / sizeof(T))};
 }
 
 // Writes the bytes of a 32- or 64-byte vector w to p: with streaming stores if `stream` (p
