@@ -38,10 +38,10 @@ void ReadOne(jaxbn::Team& team, const T* x, int64_t n, float* sink) {
   const Split split{n, NumParts(team, n), 64};
   std::vector<float> part(split.parts * 16);
   team.Run(split.parts, [&](int64_t p) {
-    Simd<float> acc{};
+    Accumulator<Simd<float>> acc;  // in registers (simd.h)
     int64_t i = split.Begin(p);
-    for (; i + 16 <= split.End(p); i += 16) acc += LoadV<float>(x + i);
-    part[p * 16] = HorizontalSum<float>(acc);
+    for (; i + 16 <= split.End(p); i += 16) acc.Add(LoadV<float>(x + i));
+    part[p * 16] = HorizontalSum<float>(acc.Total());
   });
   *sink += part[0];
 }
@@ -51,10 +51,10 @@ void ReadTwo(jaxbn::Team& team, const T* x, const T* g, int64_t n, float* sink) 
   const Split split{n, NumParts(team, n), 64};
   std::vector<float> part(split.parts * 16);
   team.Run(split.parts, [&](int64_t p) {
-    Simd<float> acc{};
+    Accumulator<Simd<float>> acc;  // in registers (simd.h)
     int64_t i = split.Begin(p);
-    for (; i + 16 <= split.End(p); i += 16) acc += LoadV<float>(x + i) * LoadV<float>(g + i);
-    part[p * 16] = HorizontalSum<float>(acc);
+    for (; i + 16 <= split.End(p); i += 16) acc.Add(LoadV<float>(x + i) * LoadV<float>(g + i));
+    part[p * 16] = HorizontalSum<float>(acc.Total());
   });
   *sink += part[0];
 }

@@ -55,15 +55,17 @@ void ReadPass(Team& team, const uint32_t* x, const uint32_t* g, int64_t n, int64
   const Split split = WordSplit(team, n, elements);
   std::vector<uint32_t> part(split.parts);
   team.Run(split.parts, [&](int64_t p) {
-    Words a{}, b{};
+    // In registers (simd.h: a plain 64-byte vector went through the stack, as in the kernels).
+    Accumulator<Words> a, b;
     int64_t i = split.Begin(p);
     for (; i + 2 * kWordsPerVector <= split.End(p); i += 2 * kWordsPerVector) {
-      a += LoadWords(x + i) + (g ? LoadWords(g + i) : Words{});
-      b += LoadWords(x + i + kWordsPerVector) + (g ? LoadWords(g + i + kWordsPerVector) : Words{});
+      a.Add(LoadWords(x + i) + (g ? LoadWords(g + i) : Words{}));
+      const int64_t j = i + kWordsPerVector;
+      b.Add(LoadWords(x + j) + (g ? LoadWords(g + j) : Words{}));
     }
-    a += b;
+    const Words total = a.Total() + b.Total();
     uint32_t s = 0;
-    for (int l = 0; l < kWordsPerVector; ++l) s += a[l];
+    for (int l = 0; l < kWordsPerVector; ++l) s += total[l];
     for (; i < split.End(p); ++i) s += x[i] + (g ? g[i] : 0u);
     part[p] = s;
   });

@@ -194,40 +194,50 @@ void MomentsRows(Team& team, const T* x, const uint8_t* mask, int64_t rows, int6
   });
 }
 
+// A pair of terms, one per sum: what SweepRun's term returns for a vector (V) or a value.
+template <typename X>
+struct Terms {
+  X first, second;
+};
+
 // Sweeps one contiguous run of len values of x (and of g, for two-input sums), with their
-// mask bytes (or none): term(x, g, keep, acc1, acc2) on vectors of kLanes<A> values, then on
-// the leftover values one at a time; term is generic, so one lambda serves every case and
-// applies Keep(keep, ·) to what it adds. Returns the accumulators' totals.
+// mask bytes (or none): term(x, g, keep) gives the Terms to add, on vectors of kLanes<A>
+// values, then on the leftover values one at a time; term is generic, so one lambda serves
+// every case and applies Keep(keep, ·) to what it returns. Writes the two sums' totals.
 template <typename A, typename T, typename G, typename Fn>
 inline void SweepRun(const T* x, const G* g, const uint8_t* mask, int64_t len, Fn&& term,
                      A* out1, A* out2) {
   constexpr int L = kLanes<A>;
-  // Two vectors of accumulators per sum, so that consecutive adds do not wait on each other:
-  // measured (scripts/pass_bench.cc) 1.3-1.7x faster moments and gradient sums on this
-  // project's machine, where one chain of adds held the loads back.
-  Simd<A> a{}, b{}, a2{}, b2{};
+  // Two accumulators per sum, so that consecutive adds do not wait on each other: measured
+  // (scripts/pass_bench.cc) 1.3-1.7x faster moments and gradient sums on this project's
+  // machine, where one chain of adds held the loads back.
+  using Sum = Accumulator<Simd<A>>;
+  Sum a, b, a2, b2;
+  auto add = [](Sum& s1, Sum& s2, const Terms<Simd<A>>& t) {
+    s1.Add(t.first);
+    s2.Add(t.second);
+  };
   int64_t i = 0;
   if (mask == nullptr) {
     for (; i + 2 * L <= len; i += 2 * L) {
-      term(LoadV<A>(x + i), LoadV<A>(g + i), AllKept{}, a, b);
-      term(LoadV<A>(x + i + L), LoadV<A>(g + i + L), AllKept{}, a2, b2);
+      add(a, b, term(LoadV<A>(x + i), LoadV<A>(g + i), AllKept{}));
+      add(a2, b2, term(LoadV<A>(x + i + L), LoadV<A>(g + i + L), AllKept{}));
     }
-    for (; i + L <= len; i += L) term(LoadV<A>(x + i), LoadV<A>(g + i), AllKept{}, a, b);
+    for (; i + L <= len; i += L) add(a, b, term(LoadV<A>(x + i), LoadV<A>(g + i), AllKept{}));
   } else {
     for (; i + 2 * L <= len; i += 2 * L) {
-      term(LoadV<A>(x + i), LoadV<A>(g + i), LoadKeep<A>(mask + i), a, b);
-      term(LoadV<A>(x + i + L), LoadV<A>(g + i + L), LoadKeep<A>(mask + i + L), a2, b2);
+      add(a, b, term(LoadV<A>(x + i), LoadV<A>(g + i), LoadKeep<A>(mask + i)));
+      add(a2, b2, term(LoadV<A>(x + i + L), LoadV<A>(g + i + L), LoadKeep<A>(mask + i + L)));
     }
     for (; i + L <= len; i += L)
-      term(LoadV<A>(x + i), LoadV<A>(g + i), LoadKeep<A>(mask + i), a, b);
+      add(a, b, term(LoadV<A>(x + i), LoadV<A>(g + i), LoadKeep<A>(mask + i)));
   }
-  A s1 = HorizontalSum<A>(a + a2), s2 = HorizontalSum<A>(b + b2);
+  A s1 = HorizontalSum<A>(a.Total() + a2.Total()), s2 = HorizontalSum<A>(b.Total() + b2.Total());
   for (; i < len; ++i) {
-    if (mask == nullptr) {
-      term(Load<A>(x, i), Load<A>(g, i), AllKept{}, s1, s2);
-    } else {
-      term(Load<A>(x, i), Load<A>(g, i), mask[i] != 0, s1, s2);
-    }
+    const Terms<A> t = mask == nullptr ? term(Load<A>(x, i), Load<A>(g, i), AllKept{})
+                                       : term(Load<A>(x, i), Load<A>(g, i), mask[i] != 0);
+    s1 += t.first;
+    s2 += t.second;
   }
   *out1 = s1;
   *out2 = s2;
@@ -246,17 +256,17 @@ void MomentsPieces(Team& team, const T* x, const uint8_t* mask, Shape3 s, Moment
       const int64_t kept = m ? CountKept(m, len) : len;
       if (kept == 0) return;
       A sum, unused;
-      SweepRun<A>(v, v, m, len,
-                  [](auto xv, auto, auto keep, auto& a, auto&) { a += Keep(keep, xv); }, &sum,
-                  &unused);
+      SweepRun<A>(
+          v, v, m, len,
+          [](auto xv, auto, auto keep) { return Terms<decltype(xv)>{Keep(keep, xv), {}}; },
+          &sum, &unused);
       const A shift = sum / static_cast<A>(kept);
       A sd, sdd;
       SweepRun<A>(
           v, v, m, len,
-          [shift](auto xv, auto, auto keep, auto& a, auto& b) {
-            auto d = Keep(keep, xv - shift);
-            a += d;
-            b += d * d;
+          [shift](auto xv, auto, auto keep) {
+            const auto d = Keep(keep, xv - shift);
+            return Terms<decltype(xv)>{d, d * d};
           },
           &sd, &sdd);
       acc.AddChunk(piece.feature, static_cast<double>(kept), shift, sd, sdd);
@@ -391,9 +401,8 @@ void GradSumsPieces(Team& team, const T* x, const G* g, const uint8_t* mask, Sha
       A sg, sgc;
       SweepRun<A>(
           x + piece.offset, g + piece.offset, piece.mask, piece.len,
-          [h, l](auto xv, auto gv, auto keep, auto& a, auto& b) {
-            a += Keep(keep, gv);
-            b += Keep(keep, gv * ((xv - h) - l));
+          [h, l](auto xv, auto gv, auto keep) {
+            return Terms<decltype(xv)>{Keep(keep, gv), Keep(keep, gv * ((xv - h) - l))};
           },
           &sg, &sgc);
       acc.g[c] += sg;

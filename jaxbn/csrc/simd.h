@@ -302,6 +302,44 @@ inline A HorizontalSum(Simd<A> v) {
   return s;
 }
 
+// A running sum of 64-byte vectors (V: Simd<A>, or the benchmark floor's words) that stays in
+// registers. Where 64 bytes is wider than
+// the machine's vectors (AVX2, SSE, NEON), a loop-carried 64-byte variable has no register
+// (GCC 12 kept it on the stack: every add then waited on a store and a reload; `perf record
+// -e cpu-clock` on scripts/pass_bench.cc, docs/performance.md), so it is kept as two 32-byte
+// halves, which GCC maps onto ymm registers (or pairs of xmm ones).
+template <typename V>
+struct Accumulator {
+#if defined(__AVX512F__)
+  V v{};
+  void Add(V x) { v += x; }
+  V Total() const { return v; }
+#else
+  using E = std::remove_cv_t<std::remove_reference_t<decltype(V{}[0])>>;
+  static constexpr int kN = sizeof(V) / sizeof(E);
+  static_assert(sizeof(V) == 64 && (kN == 16 || kN == 8));
+  typedef E Half __attribute__((vector_size(32)));
+  Half low{}, high{};
+  void Add(V x) {
+    if constexpr (kN == 16) {
+      low += __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
+      high += __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+    } else {
+      low += __builtin_shufflevector(x, x, 0, 1, 2, 3);
+      high += __builtin_shufflevector(x, x, 4, 5, 6, 7);
+    }
+  }
+  V Total() const {
+    if constexpr (kN == 16) {
+      return __builtin_shufflevector(low, high, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                     14, 15);
+    } else {
+      return __builtin_shufflevector(low, high, 0, 1, 2, 3, 4, 5, 6, 7);
+    }
+  }
+#endif
+};
+
 // Masks: one byte per (outer, inner) position, shared by every feature (a mask that varies
 // across features takes the pure-JAX path); a null pointer means no mask. Masked values take
 // no part in any sum and their outputs are 0 whatever x holds, NaN included, so masked terms
