@@ -89,12 +89,16 @@ struct Moments {
 // two at a time: each add to the per-feature accumulators (in L1, loaded and stored back per
 // vector) then carries two rows, which halves those loads and stores — the bound of the
 // bfloat16 reductions on AVX2, where a row of values is half as many bytes.
+// (With paired false, one(r) for every row.)
 template <typename Skip, typename Two, typename One>
-inline void ForRowPairs(int64_t r0, int64_t r1, Skip&& skip, Two&& two, One&& one) {
+inline void ForRowPairs(int64_t r0, int64_t r1, Skip&& skip, Two&& two, One&& one,
+                        bool paired = true) {
   int64_t pending = -1;
   for (int64_t r = r0; r < r1; ++r) {
     if (skip(r)) continue;
-    if (pending < 0) {
+    if (!paired) {
+      one(r);
+    } else if (pending < 0) {
       pending = r;
     } else {
       two(pending, r);
@@ -316,6 +320,13 @@ void GradSumsRows(Team& team, const T* x, const G* g, const uint8_t* mask, int64
   constexpr int L = kLanes<A>;
   const int64_t block = std::min(features, kBlockFeatures);
   const Split split = RowSplit(team, rows, features);
+  // Rows two at a time where the passes are bound by arithmetic: bfloat16, or arrays that
+  // sit in cache (below the streaming stores' threshold). Reading float32 x and dy from
+  // memory two rows at a time, the four interleaved streams made this pass 1.4-1.7x slower
+  // at 64×56×56×128 (512-byte rows; scripts/pass_bench.cc, docs/performance.md).
+  const bool paired = sizeof(T) == 2 ||
+                      rows * features * static_cast<int64_t>(sizeof(T) + sizeof(G)) <
+                          kStreamingMinBytes;
   Reduce(team, split.parts, features, out, [&](int64_t p, FeatureSums& acc) {
     const int64_t tiles = block / L;
     std::vector<V> sg(tiles), sgc(tiles), h(tiles), l(tiles);
@@ -369,7 +380,8 @@ void GradSumsRows(Team& team, const T* x, const G* g, const uint8_t* mask, int64
                 sgc[t] += gv * ((LoadV<A>(xr + t * L) - h[t]) - l[t]);
               }
               sums_rest(r);
-            });
+            },
+            paired);
         // The chunk's float sums into the part's double ones, one feature at a time (a loop
         // the compiler vectorizes).
         const A* chunk_g = reinterpret_cast<const A*>(sg.data());
