@@ -28,8 +28,9 @@ from experiments import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Trains tiny runs and starts processes: outside the fast tier (pytest -m 'not slow').
-# The finished run below is a session fixture, so computed once, and one xdist worker runs
-# this file (--dist loadgroup).
+# The finished run below is a session fixture, computed once per xdist worker that needs it
+# (--dist loadgroup would keep this file on one worker; under pytest 9.2 it does not, see
+# pyproject.toml: a 10-step run, computed twice).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(name="finished_run")]
 ConfigError = config_lib.ConfigError
 
