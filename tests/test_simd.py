@@ -24,6 +24,8 @@ CSRC = ROOT / "jaxbn" / "csrc"
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 
+pytestmark = pytest.mark.slow  # C++ compiles and subprocesses: about 3 s each on two idle cores
+
 
 def _build_and_run(program: str, flags: list[str], tmp_path) -> None:
   compiler = _compiler()
