@@ -148,12 +148,12 @@ void MomentsRows(Team& team, const T* x, const uint8_t* mask, int64_t rows, int6
               const T* a = at(r);
               const T* b = at(q);
               for (int64_t t = 0; t < full; ++t)
-                s[t] += LoadV<A>(a + t * L) + LoadV<A>(b + t * L);
+                AddInto(&s[t], LoadV<A>(a + t * L) + LoadV<A>(b + t * L));
               sum_rest(a);
               sum_rest(b);
             },
             [&](int64_t r) {
-              for (int64_t t = 0; t < full; ++t) s[t] += LoadV<A>(at(r) + t * L);
+              for (int64_t t = 0; t < full; ++t) AddInto(&s[t], LoadV<A>(at(r) + t * L));
               sum_rest(at(r));
             });
         for (int64_t t = 0; t < full; ++t) shift[t] = s[t] / n;
@@ -173,8 +173,8 @@ void MomentsRows(Team& team, const T* x, const uint8_t* mask, int64_t rows, int6
               for (int64_t t = 0; t < full; ++t) {
                 const V d = LoadV<A>(a + t * L) - shift[t];
                 const V e = LoadV<A>(b + t * L) - shift[t];
-                sd[t] += d + e;
-                sdd[t] += d * d + e * e;
+                AddInto(&sd[t], d + e);
+                AddInto(&sdd[t], d * d + e * e);
               }
               deviations_rest(a);
               deviations_rest(b);
@@ -182,8 +182,8 @@ void MomentsRows(Team& team, const T* x, const uint8_t* mask, int64_t rows, int6
             [&](int64_t r) {
               for (int64_t t = 0; t < full; ++t) {
                 const V d = LoadV<A>(at(r) + t * L) - shift[t];
-                sd[t] += d;
-                sdd[t] += d * d;
+                AddInto(&sd[t], d);
+                AddInto(&sdd[t], d * d);
               }
               deviations_rest(at(r));
             });
@@ -364,9 +364,9 @@ void GradSumsRows(Team& team, const T* x, const G* g, const uint8_t* mask, int64
               const G* gb = g + q * features + c0;
               for (int64_t t = 0; t < full; ++t) {
                 const V u = LoadV<A>(ga + t * L), v = LoadV<A>(gb + t * L);
-                sg[t] += u + v;
-                sgc[t] += u * ((LoadV<A>(xa + t * L) - h[t]) - l[t]) +
-                          v * ((LoadV<A>(xb + t * L) - h[t]) - l[t]);
+                AddInto(&sg[t], u + v);
+                AddInto(&sgc[t], u * ((LoadV<A>(xa + t * L) - h[t]) - l[t]) +
+                                     v * ((LoadV<A>(xb + t * L) - h[t]) - l[t]));
               }
               sums_rest(r);
               sums_rest(q);
@@ -376,8 +376,8 @@ void GradSumsRows(Team& team, const T* x, const G* g, const uint8_t* mask, int64
               const G* gr = g + r * features + c0;
               for (int64_t t = 0; t < full; ++t) {
                 const V gv = LoadV<A>(gr + t * L);
-                sg[t] += gv;
-                sgc[t] += gv * ((LoadV<A>(xr + t * L) - h[t]) - l[t]);
+                AddInto(&sg[t], gv);
+                AddInto(&sgc[t], gv * ((LoadV<A>(xr + t * L) - h[t]) - l[t]));
               }
               sums_rest(r);
             },

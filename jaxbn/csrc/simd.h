@@ -308,6 +308,33 @@ inline A HorizontalSum(Simd<A> v) {
 // (GCC 12 kept it on the stack: every add then waited on a store and a reload; `perf record
 // -e cpu-clock` on scripts/pass_bench.cc, docs/performance.md), so it is kept as two 32-byte
 // halves, which GCC maps onto ymm registers (or pairs of xmm ones).
+#if !defined(__AVX512F__)
+// The 32-byte halves of a 64-byte vector (see Accumulator).
+template <typename V>
+struct HalfType {
+  using E = std::remove_cv_t<std::remove_reference_t<decltype(V{}[0])>>;
+  typedef E type __attribute__((vector_size(32)));
+};
+template <typename V>
+using HalfOf = typename HalfType<V>::type;
+template <typename V>
+inline auto LowHalf(V x) {
+  if constexpr (sizeof(V) / sizeof(x[0]) == 16) {
+    return __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
+  } else {
+    return __builtin_shufflevector(x, x, 0, 1, 2, 3);
+  }
+}
+template <typename V>
+inline auto HighHalf(V x) {
+  if constexpr (sizeof(V) / sizeof(x[0]) == 16) {
+    return __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+  } else {
+    return __builtin_shufflevector(x, x, 4, 5, 6, 7);
+  }
+}
+#endif
+
 template <typename V>
 struct Accumulator {
 #if defined(__AVX512F__)
@@ -315,22 +342,14 @@ struct Accumulator {
   void Add(V x) { v += x; }
   V Total() const { return v; }
 #else
-  using E = std::remove_cv_t<std::remove_reference_t<decltype(V{}[0])>>;
-  static constexpr int kN = sizeof(V) / sizeof(E);
-  static_assert(sizeof(V) == 64 && (kN == 16 || kN == 8));
-  typedef E Half __attribute__((vector_size(32)));
-  Half low{}, high{};
+  static_assert(sizeof(V) == 64);
+  HalfOf<V> low{}, high{};
   void Add(V x) {
-    if constexpr (kN == 16) {
-      low += __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7);
-      high += __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-    } else {
-      low += __builtin_shufflevector(x, x, 0, 1, 2, 3);
-      high += __builtin_shufflevector(x, x, 4, 5, 6, 7);
-    }
+    low += LowHalf(x);
+    high += HighHalf(x);
   }
   V Total() const {
-    if constexpr (kN == 16) {
+    if constexpr (sizeof(V) / sizeof(low[0]) == 16) {
       return __builtin_shufflevector(low, high, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
                                      14, 15);
     } else {
@@ -339,6 +358,22 @@ struct Accumulator {
   }
 #endif
 };
+
+// *acc += x for a 64-byte vector in memory (the channels-last reductions' per-feature sums),
+// through its 32-byte halves where 64 bytes is no register type: GCC 12 compiled the plain
+// `*acc += x` into a copy on the stack stored back in 16-byte pieces (perf annotate,
+// docs/performance.md).
+template <typename V>
+inline void AddInto(V* acc, V x) {
+#if defined(__AVX512F__)
+  *acc += x;
+#else
+  typedef HalfOf<V> Half __attribute__((may_alias));
+  Half* halves = reinterpret_cast<Half*>(acc);
+  halves[0] += LowHalf(x);
+  halves[1] += HighHalf(x);
+#endif
+}
 
 // Masks: one byte per (outer, inner) position, shared by every feature (a mask that varies
 // across features takes the pure-JAX path); a null pointer means no mask. Masked values take
