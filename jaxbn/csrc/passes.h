@@ -122,8 +122,9 @@ void MomentsRows(Team& team, const T* x, const uint8_t* mask, int64_t rows, int6
     std::vector<V> s(tiles), shift(tiles), sd(tiles), sdd(tiles);
     std::vector<A> s1(L), shift1(L), sd1(L), sdd1(L);  // the < L features left over
     double seen = 0;  // rows taken so far by this part
-    for (int64_t r0 = split.Begin(p); r0 < split.End(p); r0 += kChunkRows) {
-      const int64_t r1 = std::min(r0 + kChunkRows, split.End(p));
+    const int64_t end = split.End(p);  // hoisted: see MapWith
+    for (int64_t r0 = split.Begin(p); r0 < end; r0 += kChunkRows) {
+      const int64_t r1 = std::min(r0 + kChunkRows, end);
       const int64_t kept = mask ? CountKept(mask + r0, r1 - r0) : r1 - r0;
       if (kept == 0) continue;
       const A n = static_cast<A>(kept);
@@ -148,12 +149,12 @@ void MomentsRows(Team& team, const T* x, const uint8_t* mask, int64_t rows, int6
               const T* a = at(r);
               const T* b = at(q);
               for (int64_t t = 0; t < full; ++t)
-                AddInto(&s[t], LoadV<A>(a + t * L) + LoadV<A>(b + t * L));
+                AddInto(&s[t], LoadUsedOnce<A>(a + t * L) + LoadUsedOnce<A>(b + t * L));
               sum_rest(a);
               sum_rest(b);
             },
             [&](int64_t r) {
-              for (int64_t t = 0; t < full; ++t) AddInto(&s[t], LoadV<A>(at(r) + t * L));
+              for (int64_t t = 0; t < full; ++t) AddInto(&s[t], LoadUsedOnce<A>(at(r) + t * L));
               sum_rest(at(r));
             });
         for (int64_t t = 0; t < full; ++t) shift[t] = s[t] / n;
@@ -171,8 +172,8 @@ void MomentsRows(Team& team, const T* x, const uint8_t* mask, int64_t rows, int6
               const T* a = at(r);
               const T* b = at(q);
               for (int64_t t = 0; t < full; ++t) {
-                const V d = LoadV<A>(a + t * L) - shift[t];
-                const V e = LoadV<A>(b + t * L) - shift[t];
+                const V d = LoadUsedOnce<A>(a + t * L) - shift[t];
+                const V e = LoadUsedOnce<A>(b + t * L) - shift[t];
                 AddInto(&sd[t], d + e);
                 AddInto(&sdd[t], d * d + e * e);
               }
@@ -181,7 +182,7 @@ void MomentsRows(Team& team, const T* x, const uint8_t* mask, int64_t rows, int6
             },
             [&](int64_t r) {
               for (int64_t t = 0; t < full; ++t) {
-                const V d = LoadV<A>(at(r) + t * L) - shift[t];
+                const V d = LoadUsedOnce<A>(at(r) + t * L) - shift[t];
                 AddInto(&sd[t], d);
                 AddInto(&sdd[t], d * d);
               }
@@ -208,7 +209,7 @@ struct Terms {
 // mask bytes (or none): term(x, g, keep) gives the Terms to add, on vectors of kLanes<A>
 // values, then on the leftover values one at a time; term is generic, so one lambda serves
 // every case and applies Keep(keep, ·) to what it returns. Writes the two sums' totals.
-template <typename A, typename T, typename G, typename Fn>
+template <typename A, bool kXOnce = false, typename T, typename G, typename Fn>
 inline void SweepRun(const T* x, const G* g, const uint8_t* mask, int64_t len, Fn&& term,
                      A* out1, A* out2) {
   constexpr int L = kLanes<A>;
@@ -221,20 +222,29 @@ inline void SweepRun(const T* x, const G* g, const uint8_t* mask, int64_t len, F
     s1.Add(t.first);
     s2.Add(t.second);
   };
+  // kXOnce: x through LoadUsedOnce (simd.h), for the gradient sums (their dy is used twice,
+  // so LoadV). The moments keep LoadV: with LoadUsedOnce, GCC 12 kept the broadcast shift of
+  // their second sweep on the stack (4x slower in cache; scripts/pass_bench.cc).
+  auto load_x = [x](int64_t at) {
+    if constexpr (kXOnce) {
+      return LoadUsedOnce<A>(x + at);
+    } else {
+      return LoadV<A>(x + at);
+    }
+  };
   int64_t i = 0;
   if (mask == nullptr) {
     for (; i + 2 * L <= len; i += 2 * L) {
-      add(a, b, term(LoadV<A>(x + i), LoadV<A>(g + i), AllKept{}));
-      add(a2, b2, term(LoadV<A>(x + i + L), LoadV<A>(g + i + L), AllKept{}));
+      add(a, b, term(load_x(i), LoadV<A>(g + i), AllKept{}));
+      add(a2, b2, term(load_x(i + L), LoadV<A>(g + i + L), AllKept{}));
     }
-    for (; i + L <= len; i += L) add(a, b, term(LoadV<A>(x + i), LoadV<A>(g + i), AllKept{}));
+    for (; i + L <= len; i += L) add(a, b, term(load_x(i), LoadV<A>(g + i), AllKept{}));
   } else {
     for (; i + 2 * L <= len; i += 2 * L) {
-      add(a, b, term(LoadV<A>(x + i), LoadV<A>(g + i), LoadKeep<A>(mask + i)));
-      add(a2, b2, term(LoadV<A>(x + i + L), LoadV<A>(g + i + L), LoadKeep<A>(mask + i + L)));
+      add(a, b, term(load_x(i), LoadV<A>(g + i), LoadKeep<A>(mask + i)));
+      add(a2, b2, term(load_x(i + L), LoadV<A>(g + i + L), LoadKeep<A>(mask + i + L)));
     }
-    for (; i + L <= len; i += L)
-      add(a, b, term(LoadV<A>(x + i), LoadV<A>(g + i), LoadKeep<A>(mask + i)));
+    for (; i + L <= len; i += L) add(a, b, term(load_x(i), LoadV<A>(g + i), LoadKeep<A>(mask + i)));
   }
   A s1 = HorizontalSum<A>(a.Total() + a2.Total()), s2 = HorizontalSum<A>(b.Total() + b2.Total());
   for (; i < len; ++i) {
@@ -338,8 +348,9 @@ void GradSumsRows(Team& team, const T* x, const G* g, const uint8_t* mask, int64
         h[t] = LoadV<A>(hi + c0 + t * L);
         l[t] = LoadV<A>(lo + c0 + t * L);
       }
-      for (int64_t r0 = split.Begin(p); r0 < split.End(p); r0 += kChunkRows) {
-        const int64_t r1 = std::min(r0 + kChunkRows, split.End(p));
+      const int64_t end = split.End(p);  // hoisted: see MapWith
+      for (int64_t r0 = split.Begin(p); r0 < end; r0 += kChunkRows) {
+        const int64_t r1 = std::min(r0 + kChunkRows, end);
         std::fill(sg.begin(), sg.end(), V{});
         std::fill(sgc.begin(), sgc.end(), V{});
         std::fill(sg1.begin(), sg1.end(), A(0));
@@ -365,8 +376,8 @@ void GradSumsRows(Team& team, const T* x, const G* g, const uint8_t* mask, int64
               for (int64_t t = 0; t < full; ++t) {
                 const V u = LoadV<A>(ga + t * L), v = LoadV<A>(gb + t * L);
                 AddInto(&sg[t], u + v);
-                AddInto(&sgc[t], u * ((LoadV<A>(xa + t * L) - h[t]) - l[t]) +
-                                     v * ((LoadV<A>(xb + t * L) - h[t]) - l[t]));
+                AddInto(&sgc[t], u * ((LoadUsedOnce<A>(xa + t * L) - h[t]) - l[t]) +
+                                     v * ((LoadUsedOnce<A>(xb + t * L) - h[t]) - l[t]));
               }
               sums_rest(r);
               sums_rest(q);
@@ -377,7 +388,7 @@ void GradSumsRows(Team& team, const T* x, const G* g, const uint8_t* mask, int64
               for (int64_t t = 0; t < full; ++t) {
                 const V gv = LoadV<A>(gr + t * L);
                 AddInto(&sg[t], gv);
-                AddInto(&sgc[t], gv * ((LoadV<A>(xr + t * L) - h[t]) - l[t]));
+                AddInto(&sgc[t], gv * ((LoadUsedOnce<A>(xr + t * L) - h[t]) - l[t]));
               }
               sums_rest(r);
             },
@@ -411,7 +422,7 @@ void GradSumsPieces(Team& team, const T* x, const G* g, const uint8_t* mask, Sha
       const int64_t c = piece.feature;
       const A h = hi[c], l = lo[c];
       A sg, sgc;
-      SweepRun<A>(
+      SweepRun<A, /*kXOnce=*/true>(
           x + piece.offset, g + piece.offset, piece.mask, piece.len,
           [h, l](auto xv, auto gv, auto keep) {
             return Terms<decltype(xv)>{Keep(keep, gv), Keep(keep, gv * ((xv - h) - l))};
@@ -524,7 +535,13 @@ void MapWith(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Sh
       const uint8_t* const ms = mask;
       const int64_t features = s.features;
       const Formula<const A*> fs = formula;
-      for (int64_t o = split.Begin(p); o < split.End(p); ++o) {
+      // The part's end in a local too: in the loop condition, Split::End's two divisions
+      // were redone after every row (the stores may alias `split`, captured by reference),
+      // 30% of the time of a channels-last normalize of 64 features in cache (perf annotate).
+      const int64_t end = split.End(p);
+      const int64_t block = std::max<int64_t>(
+          kChunkRows, kDescendingBlockBytes / (features * static_cast<int64_t>(sizeof(T))));
+      ForDescendingBlocks(split.Begin(p), end, block, [&](int64_t o) {
         O* const row = ys + o * features;
         if (ms != nullptr && ms[o] == 0) {  // all-zero bits are 0 in every output type
           if constexpr (kStream) {
@@ -533,17 +550,17 @@ void MapWith(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Sh
           } else {
             std::memset(static_cast<void*>(row), 0, features * sizeof(O));
           }
-          continue;
+          return;
         }
         const T* const xr = xs + o * features;
         const G* const gr = gs + o * features;
         WriteRun<kStream, A>(
             row, features,
             [=](int64_t c) {
-              return fs.template At<V, A>(c)(LoadV<A>(xr + c), LoadV<A>(gr + c));
+              return fs.template At<V, A>(c)(LoadUsedOnce<A>(xr + c), LoadUsedOnce<A>(gr + c));
             },
             [=](int64_t c) { return fs.template At<A, A>(c)(Load<A>(xr, c), Load<A>(gr, c)); });
-      }
+      });
       if constexpr (kStream) StreamingStoresDone();
     });
     return;
@@ -554,7 +571,7 @@ void MapWith(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Sh
     const G* const gs = g;
     O* const ys = out;
     const Formula<const A*> fs = formula;
-    pieces.ForEach(p, [=](const Piece& piece) {
+    pieces.ForEachDescending(p, sizeof(T), [=](const Piece& piece) {
       const Formula<A> f = fs.template At<A, A>(piece.feature);
       const T* const xb = xs + piece.offset;
       const G* const gb = gs + piece.offset;
@@ -562,13 +579,13 @@ void MapWith(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Sh
       if (m == nullptr) {
         WriteRun<kStream, A>(
             ys + piece.offset, piece.len,
-            [=](int64_t i) { return f(LoadV<A>(xb + i), LoadV<A>(gb + i)); },
+            [=](int64_t i) { return f(LoadUsedOnce<A>(xb + i), LoadUsedOnce<A>(gb + i)); },
             [=](int64_t i) { return f(Load<A>(xb, i), Load<A>(gb, i)); });
       } else {
         WriteRun<kStream, A>(
             ys + piece.offset, piece.len,
             [=](int64_t i) {
-              return Keep(LoadKeep<A>(m + i), f(LoadV<A>(xb + i), LoadV<A>(gb + i)));
+              return Keep(LoadKeep<A>(m + i), f(LoadUsedOnce<A>(xb + i), LoadUsedOnce<A>(gb + i)));
             },
             [=](int64_t i) { return Keep(m[i] != 0, f(Load<A>(xb, i), Load<A>(gb, i))); });
       }

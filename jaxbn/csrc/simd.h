@@ -113,6 +113,34 @@ inline Simd<A> LoadV(const T* p) {
   }
 }
 
+// LoadV for a vector that exactly one operation consumes (the normalize and gradient-input
+// formulas' x and dy, the moments' x, the gradient sums' x). bfloat16 on AVX2: each 8
+// values' 16 bytes loaded into both 128-bit halves of a register (vbroadcasti128, a plain
+// load) and moved into the top halves of the 32-bit lanes by one byte shuffle (vpshufb;
+// its -1 bytes give the zero bottom halves): 4 instructions per 16 values against LoadV's 6
+// (a load, vextracti128, two vpmovzxwd, two vpslld); the bfloat16 passes are bound by
+// conversion arithmetic on AVX2 (docs/performance.md). Not for a vector used twice: GCC 12
+// then built the 64-byte concatenation of the two halves lane by lane on the stack (the
+// gradient sums' dy, 5x slower; perf annotate), where LoadV's widening conversion is safe.
+template <typename A, typename T>
+inline Simd<A> LoadUsedOnce(const T* p) {
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<T, BF16> && std::is_same_v<A, float>) {
+    const __m256i pick = _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7,
+                                          -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1,
+                                          14, 15);
+    auto widen = [&pick](const BF16* q) {
+      return (__v8sf)_mm256_shuffle_epi8(
+          _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i_u*>(q))),
+          pick);
+    };
+    return __builtin_shufflevector(widen(p), widen(p + 8), 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                   12, 13, 14, 15);
+  }
+#endif
+  return LoadV<A>(p);
+}
+
 // The bits StoreV writes for kLanes<A> values: the vector itself where T is the compute type,
 // packed bfloat16 for BF16 from float. (Other pairs are stored lane by lane, in StoreV.)
 template <typename T, typename A>
