@@ -209,7 +209,8 @@ struct Terms {
 // mask bytes (or none): term(x, g, keep) gives the Terms to add, on vectors of kLanes<A>
 // values, then on the leftover values one at a time; term is generic, so one lambda serves
 // every case and applies Keep(keep, ·) to what it returns. Writes the two sums' totals.
-template <typename A, bool kXOnce = false, typename T, typename G, typename Fn>
+template <typename A, bool kXOnce = false, bool kGOnce = false, typename T, typename G,
+          typename Fn>
 inline void SweepRun(const T* x, const G* g, const uint8_t* mask, int64_t len, Fn&& term,
                      A* out1, A* out2) {
   constexpr int L = kLanes<A>;
@@ -222,9 +223,11 @@ inline void SweepRun(const T* x, const G* g, const uint8_t* mask, int64_t len, F
     s1.Add(t.first);
     s2.Add(t.second);
   };
-  // kXOnce: x through LoadUsedOnce (simd.h), for the gradient sums (their dy is used twice,
-  // so LoadV). The moments keep LoadV: with LoadUsedOnce, GCC 12 kept the broadcast shift of
-  // their second sweep on the stack (4x slower in cache; scripts/pass_bench.cc).
+  // kXOnce, kGOnce: x, g through LoadUsedOnce (simd.h) rather than LoadV. The gradient sums
+  // load x so, and dy (used twice) by LoadV. The moments pass x as g too and load both so:
+  // with x alone through LoadUsedOnce, GCC 12 built each x vector on the stack (4x slower
+  // in cache; scripts/pass_bench.cc), and with both, the same in-cache sweeps are 17%
+  // faster than through LoadV in bfloat16.
   auto load_x = [x](int64_t at) {
     if constexpr (kXOnce) {
       return LoadUsedOnce<A>(x + at);
@@ -232,19 +235,26 @@ inline void SweepRun(const T* x, const G* g, const uint8_t* mask, int64_t len, F
       return LoadV<A>(x + at);
     }
   };
+  auto load_g = [g](int64_t at) {
+    if constexpr (kGOnce) {
+      return LoadUsedOnce<A>(g + at);
+    } else {
+      return LoadV<A>(g + at);
+    }
+  };
   int64_t i = 0;
   if (mask == nullptr) {
     for (; i + 2 * L <= len; i += 2 * L) {
-      add(a, b, term(load_x(i), LoadV<A>(g + i), AllKept{}));
-      add(a2, b2, term(load_x(i + L), LoadV<A>(g + i + L), AllKept{}));
+      add(a, b, term(load_x(i), load_g(i), AllKept{}));
+      add(a2, b2, term(load_x(i + L), load_g(i + L), AllKept{}));
     }
-    for (; i + L <= len; i += L) add(a, b, term(load_x(i), LoadV<A>(g + i), AllKept{}));
+    for (; i + L <= len; i += L) add(a, b, term(load_x(i), load_g(i), AllKept{}));
   } else {
     for (; i + 2 * L <= len; i += 2 * L) {
-      add(a, b, term(load_x(i), LoadV<A>(g + i), LoadKeep<A>(mask + i)));
-      add(a2, b2, term(load_x(i + L), LoadV<A>(g + i + L), LoadKeep<A>(mask + i + L)));
+      add(a, b, term(load_x(i), load_g(i), LoadKeep<A>(mask + i)));
+      add(a2, b2, term(load_x(i + L), load_g(i + L), LoadKeep<A>(mask + i + L)));
     }
-    for (; i + L <= len; i += L) add(a, b, term(load_x(i), LoadV<A>(g + i), LoadKeep<A>(mask + i)));
+    for (; i + L <= len; i += L) add(a, b, term(load_x(i), load_g(i), LoadKeep<A>(mask + i)));
   }
   A s1 = HorizontalSum<A>(a.Total() + a2.Total()), s2 = HorizontalSum<A>(b.Total() + b2.Total());
   for (; i < len; ++i) {
@@ -270,13 +280,13 @@ void MomentsPieces(Team& team, const T* x, const uint8_t* mask, Shape3 s, Moment
       const int64_t kept = m ? CountKept(m, len) : len;
       if (kept == 0) return;
       A sum, unused;
-      SweepRun<A>(
+      SweepRun<A, /*kXOnce=*/true, /*kGOnce=*/true>(
           v, v, m, len,
           [](auto xv, auto, auto keep) { return Terms<decltype(xv)>{Keep(keep, xv), {}}; },
           &sum, &unused);
       const A shift = sum / static_cast<A>(kept);
       A sd, sdd;
-      SweepRun<A>(
+      SweepRun<A, /*kXOnce=*/true, /*kGOnce=*/true>(
           v, v, m, len,
           [shift](auto xv, auto, auto keep) {
             const auto d = Keep(keep, xv - shift);
@@ -539,9 +549,7 @@ void MapWith(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Sh
       // were redone after every row (the stores may alias `split`, captured by reference),
       // 30% of the time of a channels-last normalize of 64 features in cache (perf annotate).
       const int64_t end = split.End(p);
-      const int64_t block = std::max<int64_t>(
-          kChunkRows, kDescendingBlockBytes / (features * static_cast<int64_t>(sizeof(T))));
-      ForDescendingBlocks(split.Begin(p), end, block, [&](int64_t o) {
+      for (int64_t o = split.Begin(p); o < end; ++o) {
         O* const row = ys + o * features;
         if (ms != nullptr && ms[o] == 0) {  // all-zero bits are 0 in every output type
           if constexpr (kStream) {
@@ -550,7 +558,7 @@ void MapWith(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Sh
           } else {
             std::memset(static_cast<void*>(row), 0, features * sizeof(O));
           }
-          return;
+          continue;
         }
         const T* const xr = xs + o * features;
         const G* const gr = gs + o * features;
@@ -560,7 +568,7 @@ void MapWith(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Sh
               return fs.template At<V, A>(c)(LoadUsedOnce<A>(xr + c), LoadUsedOnce<A>(gr + c));
             },
             [=](int64_t c) { return fs.template At<A, A>(c)(Load<A>(xr, c), Load<A>(gr, c)); });
-      });
+      }
       if constexpr (kStream) StreamingStoresDone();
     });
     return;
@@ -571,7 +579,7 @@ void MapWith(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Sh
     const G* const gs = g;
     O* const ys = out;
     const Formula<const A*> fs = formula;
-    pieces.ForEachDescending(p, sizeof(T), [=](const Piece& piece) {
+    pieces.ForEach(p, [=](const Piece& piece) {
       const Formula<A> f = fs.template At<A, A>(piece.feature);
       const T* const xb = xs + piece.offset;
       const G* const gb = gs + piece.offset;

@@ -216,24 +216,6 @@ inline Split RowSplit(const Team& team, int64_t rows, int64_t features) {
   return Split{rows, NumParts(team, rows * features), kChunkRows};
 }
 
-// The second pass over an array goes down where the first went up: fn(i) for i in
-// [begin, end) in blocks of `block`, the blocks from the last to the first, each in order
-// (long enough runs up for the hardware prefetchers). A pass that went up left its last
-// values in the last-level cache; going down, the next pass reads those first, before its
-// own reads evict them. The normalize pass follows the moments, the gradient-input pass the
-// gradient sums, over the same x (and dy): for arrays a little larger than the cache
-// (32 MiB here), part of a transfer saved; for arrays that fit, no change.
-template <typename Fn>
-inline void ForDescendingBlocks(int64_t begin, int64_t end, int64_t block, Fn&& fn) {
-  for (int64_t top = end; top > begin;) {
-    const int64_t bottom = std::max(begin, top - block);
-    for (int64_t i = bottom; i < top; ++i) fn(i);
-    top = bottom;
-  }
-}
-// Bytes of a block of ForDescendingBlocks: 16 pages.
-constexpr int64_t kDescendingBlockBytes = int64_t{64} << 10;
-
 // Channels-first (inner > 1): one piece of a segment of `inner` contiguous values of one
 // feature.
 struct Piece {
@@ -264,15 +246,6 @@ class Pieces {
   void ForEach(int64_t p, Fn&& fn) const {
     const int64_t end = split_.End(p);  // once, not after every piece (see MapWith)
     for (int64_t item = split_.Begin(p); item < end; ++item) fn(At(item));
-  }
-
-  // The same pieces, in descending blocks of about kDescendingBlockBytes (ForDescendingBlocks),
-  // for the second pass over an array; `value_bytes` the size of a value of the array.
-  template <typename Fn>
-  void ForEachDescending(int64_t p, int64_t value_bytes, Fn&& fn) const {
-    const int64_t block = std::max<int64_t>(1, kDescendingBlockBytes / (size_ * value_bytes));
-    ForDescendingBlocks(split_.Begin(p), split_.End(p), block,
-                        [&](int64_t item) { fn(At(item)); });
   }
 
  private:
