@@ -3,7 +3,8 @@
 `tests/csrc/bf16_rounding.cc` checks the vector store against the scalar rounding and that
 against a reference written from the definition (round to nearest, ties to even; overflow to
 infinity; NaN kept, quieted), on every top half of a float's bits with the low halves that
-decide a rounding. Built twice: with -march=native (the AVX2 intrinsics on this project's
+decide a rounding; and both vector loads (LoadV, LoadUsedOnce) on every bfloat16 pattern in
+every lane, bit for bit. Built twice: with -march=native (the AVX2 intrinsics on this project's
 machines) and, on x86, for x86-64-v2 (no AVX2: the generic vector code).
 
 `tests/csrc/streamed_lines.cc` checks that the part of a run the kernels write with streaming

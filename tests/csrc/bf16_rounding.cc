@@ -1,4 +1,4 @@
-// float32 → bfloat16 rounding of jaxbn's kernels (jaxbn/csrc/simd.h) against a reference
+// float32 ↔ bfloat16 conversions of jaxbn's kernels (jaxbn/csrc/simd.h) against a reference
 // written here from the definition, outside XLA. The rounding of a pattern depends on its top
 // 16 bits (sign, exponent, the 7 mantissa bits kept) and on whether its low 16 bits are zero,
 // below, at or above the halfway point 0x8000 (and, for NaN, on whether any mantissa bit is
@@ -8,7 +8,10 @@
 //      the generic vector code, whichever the build's -march selects) equals the scalar
 //      ToBF16, bit for bit — with `all`, on every one of the 2^32 patterns (20-40 s);
 //   2. ToBF16 equals the reference: round to nearest, ties to even, overflow to infinity, and
-//      a NaN stays a NaN of the same sign, quieted, with its top payload bits.
+//      a NaN stays a NaN of the same sign, quieted, with its top payload bits;
+//   3. the vector loads (LoadV and LoadUsedOnce, BF16 into float: their AVX2 shuffles or the
+//      generic code) give every one of the 2^16 bfloat16 patterns as the float with those
+//      top bits, bit for bit, NaN payloads included, in every lane.
 //
 //   g++ -O2 -march=native -std=c++17 -Ijaxbn/csrc tests/csrc/bf16_rounding.cc -o /tmp/bf16
 //   /tmp/bf16 [all]    # prints "ok" and exits 0, or the first mismatches and exits 1
@@ -76,6 +79,25 @@ void Check(const uint32_t (&bits)[16], bool against_reference) {
   }
 }
 
+// 16 bfloat16 patterns from `first` on (wrapping) through both vector loads, each lane
+// against the float whose top half is the pattern.
+void CheckLoads(uint32_t first) {
+  BF16 in[16];
+  for (int l = 0; l < 16; ++l) in[l] = BF16{static_cast<uint16_t>(first + l)};
+  const jaxbn::Simd<float> loads[2] = {jaxbn::LoadV<float>(in), jaxbn::LoadUsedOnce<float>(in)};
+  const char* names[2] = {"LoadV", "LoadUsedOnce"};
+  for (int k = 0; k < 2; ++k) {
+    for (int l = 0; l < 16; ++l) {
+      uint32_t got;
+      const float value = loads[k][l];
+      std::memcpy(&got, &value, sizeof got);
+      const uint32_t want = uint32_t{in[l].bits} << 16;
+      if (got != want && failures++ < 30)
+        std::printf("%s lane %d: %04x -> %08x, want %08x\n", names[k], l, in[l].bits, got, want);
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -84,6 +106,11 @@ int main(int argc, char** argv) {
   for (uint32_t top = 0; top < (1u << 16); ++top) {
     for (int l = 0; l < 16; ++l) bits[l] = (top << 16) | kLows[l];
     Check(bits, /*against_reference=*/true);
+  }
+  // Every pattern in every lane: windows starting at each pattern would be 2^16 × 16; starts
+  // 0..15 with a stride of 16 put each pattern in each lane once.
+  for (uint32_t shift = 0; shift < 16; ++shift) {
+    for (uint32_t base = 0; base < (1u << 16); base += 16) CheckLoads(base + shift);
   }
   if (all) {
     for (uint64_t base = 0; base < (uint64_t{1} << 32); base += 16) {
