@@ -531,6 +531,7 @@ template <bool kStream, typename A, typename T, typename G, typename O,
 void MapWith(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Shape3 s,
              const Formula<const A*>& formula) {
   using V = Simd<A>;
+  constexpr int L = kLanes<A>;
   // Each task works on copies of the operands in locals, captured by value: a store to the
   // output (through memcpy, so of any type) could otherwise alias the captured ones, and GCC
   // 12 reloaded every pointer and the feature count after each vector (seen in the assembly;
@@ -549,7 +550,43 @@ void MapWith(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Sh
       // were redone after every row (the stores may alias `split`, captured by reference),
       // 30% of the time of a channels-last normalize of 64 features in cache (perf annotate).
       const int64_t end = split.End(p);
+      // Two rows per load of the coefficients, for float32 (and float64) outputs in cache
+      // (no streaming stores): per vector of one row the formula loads 4 (normalize) or 5
+      // (gradient input) coefficient vectors besides x (and dy), and in cache the load ports,
+      // not the arithmetic, bounded these passes — two rows at a time, 64 features float32:
+      // 15-30% faster (scripts/pass_bench.cc). Not from memory: reading and streaming two
+      // rows at a time made 64×56×56×128 float32 1.6-1.8x slower (as the gradient sums'
+      // pairs did, GradSumsRows); not for bfloat16, bound by its conversions on AVX2, where
+      // pairs measured no faster.
+      constexpr bool pairs =
+          !kStream && sizeof(T) == sizeof(A) && sizeof(G) == sizeof(A) && sizeof(O) == sizeof(A);
+      auto two_rows = [&](int64_t o) {
+        const T* const xa = xs + o * features;
+        const T* const xb = xa + features;
+        const G* const ga = gs + o * features;
+        const G* const gb = ga + features;
+        O* const ya = ys + o * features;
+        O* const yb = ya + features;
+        int64_t c = 0;
+        for (; c + L <= features; c += L) {
+          const Formula<V> f = fs.template At<V, A>(c);
+          const V va = f(LoadUsedOnce<A>(xa + c), LoadUsedOnce<A>(ga + c));
+          const V vb = f(LoadUsedOnce<A>(xb + c), LoadUsedOnce<A>(gb + c));
+          StoreV<A>(ya + c, va);
+          StoreV<A>(yb + c, vb);
+        }
+        for (; c < features; ++c) {
+          const Formula<A> f = fs.template At<A, A>(c);
+          Store<A>(ya, c, f(Load<A>(xa, c), Load<A>(ga, c)));
+          Store<A>(yb, c, f(Load<A>(xb, c), Load<A>(gb, c)));
+        }
+      };
       for (int64_t o = split.Begin(p); o < end; ++o) {
+        if (pairs && o + 1 < end && (ms == nullptr || (ms[o] != 0 && ms[o + 1] != 0))) {
+          two_rows(o);
+          ++o;
+          continue;
+        }
         O* const row = ys + o * features;
         if (ms != nullptr && ms[o] == 0) {  // all-zero bits are 0 in every output type
           if constexpr (kStream) {
