@@ -10,14 +10,18 @@
 // channels-first one (inner > 1: pieces of one feature's contiguous values, vectorized along
 // them, through team.h's one piece iterator).
 //
-// Moments is one pass yet as exact as a two-pass algorithm: rows are taken in cache-sized
-// chunks; each chunk's mean and M2 come from two sweeps of the chunk while it sits in cache
-// (sum, then Σd and Σd² of d = x − chunk mean, the corrected two-pass form), and chunks are
-// combined in double precision with Chan, Golub & LeVeque's pairwise update
+// Moments is one pass yet as exact as a two-pass algorithm. Channels-last, a part's rows are
+// swept once for Σd and Σd² of d = x − shift, against a shift within about σ/4 of the mean (the
+// mean of 16 rows spread over the part), and swept again against the estimated mean in the
+// rare case the shift was too far for Σd² − (Σd)²/n to keep its digits (MomentsRows).
+// Channels-first, each piece is swept twice (sum, then Σd and Σd² of d = x − piece mean, the
+// corrected two-pass form) and pieces are combined in double precision with Chan, Golub &
+// LeVeque's pairwise update
 //   M2 = M2_a + M2_b + δ² n_a n_b / n,   δ = mean_b − mean_a.
-// Float sums run over one chunk only; nothing sums x itself over the whole batch, so a feature
-// with |μ| ≫ σ keeps its digits. μ leaves as a float pair hi + lo, so that x − μ can be formed
-// as (x − hi) − lo: x − hi is exact when x is near μ (Sterbenz), and lo carries what hi cannot.
+// Float sums run over one chunk of rows or one piece only; nothing sums x itself over the
+// whole batch, so a feature with |μ| ≫ σ keeps its digits. μ leaves as a float pair hi + lo,
+// so that x − μ can be formed as (x − hi) − lo: x − hi is exact when x is near μ (Sterbenz),
+// and lo carries what hi cannot.
 // (simd.h says why everything is in an unnamed namespace.)
 
 #ifndef JAXBN_CSRC_PASSES_H_
@@ -35,8 +39,8 @@
 namespace jaxbn {
 namespace {
 
-// Features per column block of the channels-last passes: a chunk of kChunkRows rows of a
-// block (64 KiB in float32) stays in cache between the two sweeps of the moments.
+// Features per column block of the channels-last reductions: a block's per-feature float sums
+// (two of them, 8 KiB in float32) stay in L1 while rows stream past.
 constexpr int64_t kBlockFeatures = 1024;
 
 // ---------------------------------------------------------------------------------------
@@ -55,29 +59,11 @@ struct Moments {
     count[f] = n;
   }
 
-  // A chunk of n values with provisional mean `shift` and Σd, Σd² of d = x − shift
-  // (the corrected two-pass form: the chunk's mean is shift + Σd/n).
+  // n values with provisional mean `shift` and Σd, Σd² of d = x − shift (the chunk's, or
+  // the part's, mean is shift + Σd/n).
   void AddChunk(int64_t f, double n, double shift, double sum_d, double sum_dd) {
     Add(f, n, shift + sum_d / n, sum_dd - sum_d * sum_d / n);
   }
-
-  // Chunks of n_b values for features [f0, f0 + width), all after n_a values each: the
-  // channels-last case, where every feature has the same count, so the weights are shared.
-  template <typename A>
-  void AddChunks(int64_t f0, int64_t width, double n_a, double n_b, const A* shift,
-                 const A* sum_d, const A* sum_dd) {
-    const double inv_b = 1.0 / n_b, w_b = n_b / (n_a + n_b), w_ab = n_a * n_b / (n_a + n_b);
-    double* mu = mean.data() + f0;
-    double* q = m2.data() + f0;
-    for (int64_t j = 0; j < width; ++j) {
-      const double sd = sum_d[j];
-      const double delta = (shift[j] + sd * inv_b) - mu[j];
-      mu[j] += delta * w_b;
-      q[j] += (sum_dd[j] - sd * sd * inv_b) + delta * delta * w_ab;
-    }
-  }
-
-  void SetCount(double n) { std::fill(count.begin(), count.end(), n); }
 
   void Merge(const Moments& other) {
     for (size_t f = 0; f < count.size(); ++f) Add(f, other.count[f], other.mean[f], other.m2[f]);
@@ -108,94 +94,178 @@ inline void ForRowPairs(int64_t r0, int64_t r1, Skip&& skip, Two&& two, One&& on
   if (pending >= 0) one(pending);
 }
 
-// Channels-last: each chunk of rows is swept twice (sum, then Σd and Σd²) while it is in cache.
+// Channels-last statistics: one sweep of a part's rows for Σd and Σd² of d = x − shift per
+// feature, against a shift that estimates the part's mean (ShiftOfRows), then
+//   mean = shift + Σd/n,   M2 = Σd² − (Σd)²/n.
+// Float sums run over one chunk of kChunkRows rows and add up in double. The subtraction
+// loses digits only where the shift is far from the mean: Σd² = M2 + n·δ² with δ = mean −
+// shift, and Σd² carries the float sums' rounding, so its error relative to M2 grows as
+// 1 + n·δ²/M2. A feature is accepted where (Σd)²/n ≤ Σd²/2, i.e. δ² ≤ M2/n (the shift
+// within one σ of the mean; then M2 ≥ Σd²/2, the error at most twice the two-pass form's);
+// where a feature is not, the part's columns from the first such feature to the last are
+// swept again against their means as estimated (shift + Σd/n), which is far closer. Non-finite sums are accepted as they are (a NaN or
+// an infinity in x propagates, it is not retried).
+// Before 2026-12-02 each chunk was swept twice while in cache (its sum, then Σd and Σd²
+// against the chunk's own mean) and chunks were merged pairwise: twice the arithmetic,
+// which bounded this pass on AVX2 (docs/performance.md).
+
+// Rows whose mean is the shift of MomentsRows: up to kShiftRows kept rows spread evenly over
+// the part (not its first rows: neighbouring rows of an image are alike, so their mean can
+// sit far from the part's). Sixteen independent rows put the shift within σ/4 of the mean
+// in a typical case: the acceptance test above then fails for one feature in ~16,000 (a
+// deviation of 4σ/4), and sweeping that feature's columns again costs a fraction of a sweep.
+constexpr int64_t kShiftRows = 16;
+
+template <typename T>
+void ShiftOfRows(const T* x, const uint8_t* mask, int64_t begin, int64_t end, int64_t features,
+                 Compute<T>* shift) {
+  using A = Compute<T>;
+  constexpr int L = kLanes<A>;
+  std::fill(shift, shift + features, A(0));
+  int64_t taken = 0;
+  const int64_t len = end - begin;
+  for (int64_t k = 0; k < kShiftRows; ++k) {
+    // The first kept row in the k-th of kShiftRows equal stretches of the part.
+    const int64_t stop = begin + len * (k + 1) / kShiftRows;
+    int64_t r = begin + len * k / kShiftRows;
+    while (r < stop && mask != nullptr && mask[r] == 0) ++r;
+    if (r >= stop) continue;
+    const T* row = x + r * features;
+    int64_t c = 0;
+    for (; c + L <= features; c += L) StoreV<A>(shift + c, LoadV<A>(shift + c) + LoadV<A>(row + c));
+    for (; c < features; ++c) shift[c] += Load<A>(row, c);
+    ++taken;
+  }
+  // (A part with kept rows has a kept row in some stretch: taken > 0 there.)
+  const A inv = A(1) / static_cast<A>(std::max<int64_t>(taken, 1));
+  for (int64_t c = 0; c < features; ++c) shift[c] *= inv;
+}
+
+// Σd and Σd² of d = x − shift over the kept rows of [begin, end), for the features in
+// [first, last), into sum_d and sum_dd (per feature, doubles, added to).
+template <typename T>
+void ShiftedSumsRows(const T* x, const uint8_t* mask, int64_t begin, int64_t end,
+                     int64_t features, int64_t first, int64_t last, const Compute<T>* shift,
+                     double* sum_d, double* sum_dd) {
+  using A = Compute<T>;
+  using V = Simd<A>;
+  constexpr int L = kLanes<A>;
+  const int64_t block = std::min(last - first, kBlockFeatures);
+  const int64_t tiles = block / L;
+  std::vector<V> h(tiles), sd(tiles), sdd(tiles);
+  std::vector<A> sd1(L), sdd1(L);  // the < L features left over
+  auto skip = [&](int64_t r) { return mask != nullptr && mask[r] == 0; };
+  // Rows two at a time (ForRowPairs) for bfloat16 or a part in cache, one at a time for
+  // float32 and float64 from memory: as in GradSumsRows, pairs of float32 rows read from
+  // memory measured 1.3-1.5x slower (64×56×56×128, scripts/pass_bench.cc).
+  const bool paired = sizeof(T) == 2 || (end - begin) * (last - first) *
+                                                static_cast<int64_t>(sizeof(T)) <
+                                            kStreamingMinBytes / 2;
+  for (int64_t r0 = begin; r0 < end; r0 += kChunkRows) {
+    const int64_t r1 = std::min(r0 + kChunkRows, end);
+    for (int64_t c0 = first; c0 < last; c0 += block) {
+      const int64_t width = std::min(block, last - c0);
+      const int64_t full = width / L, rest = width - full * L;
+      for (int64_t t = 0; t < full; ++t) h[t] = LoadV<A>(shift + c0 + t * L);
+      std::fill(sd.begin(), sd.end(), V{});
+      std::fill(sdd.begin(), sdd.end(), V{});
+      std::fill(sd1.begin(), sd1.end(), A(0));
+      std::fill(sdd1.begin(), sdd1.end(), A(0));
+      auto at = [&](int64_t r) { return x + r * features + c0; };
+      auto deviations_rest = [&](const T* row) {
+        for (int64_t c = 0; c < rest; ++c) {
+          const A d = Load<A>(row, full * L + c) - shift[c0 + full * L + c];
+          sd1[c] += d;
+          sdd1[c] += d * d;
+        }
+      };
+      ForRowPairs(
+          r0, r1, skip,
+          [&](int64_t r, int64_t q) {
+            const T* a = at(r);
+            const T* b = at(q);
+            for (int64_t t = 0; t < full; ++t) {
+              PrefetchAhead(a + t * L);
+              PrefetchAhead(b + t * L);
+              const V d = LoadUsedOnce<A>(a + t * L) - h[t];
+              const V e = LoadUsedOnce<A>(b + t * L) - h[t];
+              AddInto(&sd[t], d + e);
+              AddInto(&sdd[t], d * d + e * e);
+            }
+            deviations_rest(a);
+            deviations_rest(b);
+          },
+          [&](int64_t r) {
+            for (int64_t t = 0; t < full; ++t) {
+              PrefetchAhead(at(r) + t * L);
+              const V d = LoadUsedOnce<A>(at(r) + t * L) - h[t];
+              AddInto(&sd[t], d);
+              AddInto(&sdd[t], d * d);
+            }
+            deviations_rest(at(r));
+          },
+          paired);
+      // The chunk's float sums into the part's double ones (a loop the compiler vectorizes).
+      const A* chunk_d = reinterpret_cast<const A*>(sd.data());
+      const A* chunk_dd = reinterpret_cast<const A*>(sdd.data());
+      double* part_d = sum_d + c0;
+      double* part_dd = sum_dd + c0;
+      for (int64_t f = 0; f < full * L; ++f) {
+        part_d[f] += chunk_d[f];
+        part_dd[f] += chunk_dd[f];
+      }
+      for (int64_t c = 0; c < rest; ++c) {
+        part_d[full * L + c] += sd1[c];
+        part_dd[full * L + c] += sdd1[c];
+      }
+    }
+  }
+}
+
+// Whether Σd² − (Σd)²/n keeps its digits (see above); true for non-finite sums.
+inline bool ShiftAccepted(double n, double sum_d, double sum_dd) {
+  return !(sum_d * sum_d > 0.5 * n * sum_dd);
+}
+
 template <typename T>
 void MomentsRows(Team& team, const T* x, const uint8_t* mask, int64_t rows, int64_t features,
                  Moments& out) {
   using A = Compute<T>;
-  using V = Simd<A>;
-  constexpr int L = kLanes<A>;
-  const int64_t block = std::min(features, kBlockFeatures);
+  // Sweeps of a part at most: a second one against the first's mean is within rounding of
+  // the mean; a third only covers a first shift wrong by more than ~10^6 σ.
+  constexpr int kMaxSweeps = 3;
   const Split split = RowSplit(team, rows, features);
   Reduce(team, split.parts, features, out, [&](int64_t p, Moments& acc) {
-    const int64_t tiles = block / L;
-    std::vector<V> s(tiles), shift(tiles), sd(tiles), sdd(tiles);
-    std::vector<A> s1(L), shift1(L), sd1(L), sdd1(L);  // the < L features left over
-    double seen = 0;  // rows taken so far by this part
-    const int64_t end = split.End(p);  // hoisted: see MapWith
-    for (int64_t r0 = split.Begin(p); r0 < end; r0 += kChunkRows) {
-      const int64_t r1 = std::min(r0 + kChunkRows, end);
-      const int64_t kept = mask ? CountKept(mask + r0, r1 - r0) : r1 - r0;
-      if (kept == 0) continue;
-      const A n = static_cast<A>(kept);
-      auto skip = [&](int64_t r) { return mask != nullptr && mask[r] == 0; };
-      for (int64_t c0 = 0; c0 < features; c0 += block) {
-        const int64_t width = std::min(block, features - c0);
-        const int64_t full = width / L, rest = width - full * L;
-        std::fill(s.begin(), s.end(), V{});
-        std::fill(sd.begin(), sd.end(), V{});
-        std::fill(sdd.begin(), sdd.end(), V{});
-        std::fill(s1.begin(), s1.end(), A(0));
-        std::fill(sd1.begin(), sd1.end(), A(0));
-        std::fill(sdd1.begin(), sdd1.end(), A(0));
-        auto at = [&](int64_t r) { return x + r * features + c0; };
-        // The leftover features, one row at a time.
-        auto sum_rest = [&](const T* row) {
-          for (int64_t c = 0; c < rest; ++c) s1[c] += Load<A>(row, full * L + c);
-        };
-        ForRowPairs(
-            r0, r1, skip,
-            [&](int64_t r, int64_t q) {
-              const T* a = at(r);
-              const T* b = at(q);
-              for (int64_t t = 0; t < full; ++t)
-                AddInto(&s[t], LoadUsedOnce<A>(a + t * L) + LoadUsedOnce<A>(b + t * L));
-              sum_rest(a);
-              sum_rest(b);
-            },
-            [&](int64_t r) {
-              for (int64_t t = 0; t < full; ++t) AddInto(&s[t], LoadUsedOnce<A>(at(r) + t * L));
-              sum_rest(at(r));
-            });
-        for (int64_t t = 0; t < full; ++t) shift[t] = s[t] / n;
-        for (int64_t c = 0; c < rest; ++c) shift1[c] = s1[c] / n;
-        auto deviations_rest = [&](const T* row) {
-          for (int64_t c = 0; c < rest; ++c) {
-            A d = Load<A>(row, full * L + c) - shift1[c];
-            sd1[c] += d;
-            sdd1[c] += d * d;
-          }
-        };
-        ForRowPairs(
-            r0, r1, skip,
-            [&](int64_t r, int64_t q) {
-              const T* a = at(r);
-              const T* b = at(q);
-              for (int64_t t = 0; t < full; ++t) {
-                const V d = LoadUsedOnce<A>(a + t * L) - shift[t];
-                const V e = LoadUsedOnce<A>(b + t * L) - shift[t];
-                AddInto(&sd[t], d + e);
-                AddInto(&sdd[t], d * d + e * e);
-              }
-              deviations_rest(a);
-              deviations_rest(b);
-            },
-            [&](int64_t r) {
-              for (int64_t t = 0; t < full; ++t) {
-                const V d = LoadUsedOnce<A>(at(r) + t * L) - shift[t];
-                AddInto(&sd[t], d);
-                AddInto(&sdd[t], d * d);
-              }
-              deviations_rest(at(r));
-            });
-        acc.AddChunks(c0, full * L, seen, n, reinterpret_cast<const A*>(shift.data()),
-                      reinterpret_cast<const A*>(sd.data()),
-                      reinterpret_cast<const A*>(sdd.data()));
-        acc.AddChunks(c0 + full * L, rest, seen, n, shift1.data(), sd1.data(), sdd1.data());
+    const int64_t begin = split.Begin(p), end = split.End(p);
+    const int64_t kept = mask ? CountKept(mask + begin, end - begin) : end - begin;
+    if (kept == 0) return;
+    const double n = static_cast<double>(kept);
+    std::vector<A> shift(features);
+    std::vector<double> sum_d(features), sum_dd(features);
+    ShiftOfRows(x, mask, begin, end, features, shift.data());
+    int64_t first = 0, last = features;  // the features (re)swept
+    for (int sweep = 1;; ++sweep) {
+      std::fill(sum_d.begin() + first, sum_d.begin() + last, 0.0);
+      std::fill(sum_dd.begin() + first, sum_dd.begin() + last, 0.0);
+      ShiftedSumsRows(x, mask, begin, end, features, first, last, shift.data(), sum_d.data(),
+                      sum_dd.data());
+      if (sweep == kMaxSweeps) break;
+      // The features from the first to the last not accepted are swept again; of them, only
+      // those not accepted move their shift (an accepted one's sums, a NaN's included, come
+      // out of the next sweep the same).
+      int64_t again_first = last, again_last = first;
+      for (int64_t f = first; f < last; ++f) {
+        if (!ShiftAccepted(n, sum_d[f], sum_dd[f])) {
+          shift[f] = static_cast<A>(shift[f] + sum_d[f] / n);
+          again_first = std::min(again_first, f);
+          again_last = f + 1;
+        }
       }
-      seen += kept;
+      if (again_first >= again_last) break;
+      first = again_first;
+      last = again_last;
     }
-    acc.SetCount(seen);
+    for (int64_t f = 0; f < features; ++f) acc.AddChunk(f, n, shift[f], sum_d[f], sum_dd[f]);
   });
 }
 
