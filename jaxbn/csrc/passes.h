@@ -142,11 +142,12 @@ void ShiftOfRows(const T* x, const uint8_t* mask, int64_t begin, int64_t end, in
 }
 
 // Σd and Σd² of d = x − shift over the kept rows of [begin, end), for the features in
-// [first, last), into sum_d and sum_dd (per feature, doubles, added to).
+// [first, last), into sum_d and sum_dd (per feature, doubles, added to); rows two at a time
+// if `paired` (ForRowPairs).
 template <typename T>
 void ShiftedSumsRows(const T* x, const uint8_t* mask, int64_t begin, int64_t end,
                      int64_t features, int64_t first, int64_t last, const Compute<T>* shift,
-                     double* sum_d, double* sum_dd) {
+                     bool paired, double* sum_d, double* sum_dd) {
   using A = Compute<T>;
   using V = Simd<A>;
   constexpr int L = kLanes<A>;
@@ -155,12 +156,6 @@ void ShiftedSumsRows(const T* x, const uint8_t* mask, int64_t begin, int64_t end
   std::vector<V> h(tiles), sd(tiles), sdd(tiles);
   std::vector<A> sd1(L), sdd1(L);  // the < L features left over
   auto skip = [&](int64_t r) { return mask != nullptr && mask[r] == 0; };
-  // Rows two at a time (ForRowPairs) for bfloat16 or a part in cache, one at a time for
-  // float32 and float64 from memory: as in GradSumsRows, pairs of float32 rows read from
-  // memory measured 1.3-1.5x slower (64×56×56×128, scripts/pass_bench.cc).
-  const bool paired = sizeof(T) == 2 || (end - begin) * (last - first) *
-                                                static_cast<int64_t>(sizeof(T)) <
-                                            kStreamingMinBytes / 2;
   for (int64_t r0 = begin; r0 < end; r0 += kChunkRows) {
     const int64_t r1 = std::min(r0 + kChunkRows, end);
     for (int64_t c0 = first; c0 < last; c0 += block) {
@@ -235,6 +230,11 @@ void MomentsRows(Team& team, const T* x, const uint8_t* mask, int64_t rows, int6
   // the mean; a third only covers a first shift wrong by more than ~10^6 σ.
   constexpr int kMaxSweeps = 3;
   const Split split = RowSplit(team, rows, features);
+  // Rows two at a time for bfloat16 or an array in cache, one at a time for float32 and
+  // float64 from memory: as in GradSumsRows, pairs of float32 rows read from memory measured
+  // 1.3-1.5x slower (64×56×56×128, scripts/pass_bench.cc).
+  const bool paired =
+      sizeof(T) == 2 || rows * features * static_cast<int64_t>(sizeof(T)) < kStreamingMinBytes;
   Reduce(team, split.parts, features, out, [&](int64_t p, Moments& acc) {
     const int64_t begin = split.Begin(p), end = split.End(p);
     const int64_t kept = mask ? CountKept(mask + begin, end - begin) : end - begin;
@@ -247,8 +247,8 @@ void MomentsRows(Team& team, const T* x, const uint8_t* mask, int64_t rows, int6
     for (int sweep = 1;; ++sweep) {
       std::fill(sum_d.begin() + first, sum_d.begin() + last, 0.0);
       std::fill(sum_dd.begin() + first, sum_dd.begin() + last, 0.0);
-      ShiftedSumsRows(x, mask, begin, end, features, first, last, shift.data(), sum_d.data(),
-                      sum_dd.data());
+      ShiftedSumsRows(x, mask, begin, end, features, first, last, shift.data(), paired,
+                      sum_d.data(), sum_dd.data());
       if (sweep == kMaxSweeps) break;
       // The features from the first to the last not accepted are swept again; of them, only
       // those not accepted move their shift (an accepted one's sums, a NaN's included, come
@@ -454,6 +454,10 @@ void GradSumsRows(Team& team, const T* x, const G* g, const uint8_t* mask, int64
               const T* xb = x + q * features + c0;
               const G* gb = g + q * features + c0;
               for (int64_t t = 0; t < full; ++t) {
+                PrefetchAhead(xa + t * L);
+                PrefetchAhead(xb + t * L);
+                PrefetchAhead(ga + t * L);
+                PrefetchAhead(gb + t * L);
                 const V u = LoadV<A>(ga + t * L), v = LoadV<A>(gb + t * L);
                 AddInto(&sg[t], u + v);
                 AddInto(&sgc[t], u * ((LoadUsedOnce<A>(xa + t * L) - h[t]) - l[t]) +
@@ -466,6 +470,8 @@ void GradSumsRows(Team& team, const T* x, const G* g, const uint8_t* mask, int64
               const T* xr = x + r * features + c0;
               const G* gr = g + r * features + c0;
               for (int64_t t = 0; t < full; ++t) {
+                PrefetchAhead(xr + t * L);
+                PrefetchAhead(gr + t * L);
                 const V gv = LoadV<A>(gr + t * L);
                 AddInto(&sg[t], gv);
                 AddInto(&sgc[t], gv * ((LoadUsedOnce<A>(xr + t * L) - h[t]) - l[t]));
@@ -630,6 +636,9 @@ void MapWith(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Sh
       // pairs measured no faster.
       constexpr bool pairs =
           !kStream && sizeof(T) == sizeof(A) && sizeof(G) == sizeof(A) && sizeof(O) == sizeof(A);
+      // Whether g is an input of its own (the gradient input's dy; the normalize pass gets x
+      // as g), to prefetch.
+      const bool reads_g = static_cast<const void*>(gs) != static_cast<const void*>(xs);
       auto two_rows = [&](int64_t o) {
         const T* const xa = xs + o * features;
         const T* const xb = xa + features;
@@ -672,6 +681,10 @@ void MapWith(Team& team, const T* x, const G* g, const uint8_t* mask, O* out, Sh
         WriteRun<kStream, A>(
             row, features,
             [=](int64_t c) {
+              if constexpr (kStream) {  // from memory: see PrefetchAhead
+                PrefetchAhead(xr + c);
+                if (reads_g) PrefetchAhead(gr + c);
+              }
               return fs.template At<V, A>(c)(LoadUsedOnce<A>(xr + c), LoadUsedOnce<A>(gr + c));
             },
             [=](int64_t c) { return fs.template At<A, A>(c)(Load<A>(xr, c), Load<A>(gr, c)); });
