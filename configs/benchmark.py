@@ -25,8 +25,9 @@ def get_config():
   # Each round, each implementation first runs untimed for op_settle_s (what the process
   # that ran before left running — PyTorch's OpenMP workers spin for several ms after a
   # call — lands there), then a timed sample of back-to-back calls lasting about op_sample_s
-  # (BN layer) or step_sample_s (training steps).
+  # (BN layer) or step_sample_s (training steps). 120 ms: at 20 ms a 40-50 ms shape was
+  # timed one call per round, and one row's seven rounds spanned 33-53 ms (2026-12-02).
   config.op_settle_s = 0.02
-  config.op_sample_s = 0.02
+  config.op_sample_s = 0.12
   config.step_sample_s = 0.1
   return config
