@@ -14,9 +14,11 @@
 // swept once for Σd and Σd² of d = x − shift, against a shift within about σ/4 of the mean (the
 // mean of 16 rows spread over the part), and swept again against the estimated mean in the
 // rare case the shift was too far for Σd² − (Σd)²/n to keep its digits (MomentsRows).
-// Channels-first, each piece is swept twice (sum, then Σd and Σd² of d = x − piece mean, the
-// corrected two-pass form) and pieces are combined in double precision with Chan, Golub &
-// LeVeque's pairwise update
+// Channels-first, a part's first piece of each feature is swept twice (sum, then Σd and Σd²
+// of d = x − piece mean, the corrected two-pass form) and gives the feature its shift; later
+// pieces are swept once against it, and again against their own mean where the shift is
+// too far for them (MomentsPieces). Parts (and pieces swept again) are combined in double
+// precision with Chan, Golub & LeVeque's pairwise update
 //   M2 = M2_a + M2_b + δ² n_a n_b / n,   δ = mean_b − mean_a.
 // Float sums run over one chunk of rows or one piece only; nothing sums x itself over the
 // whole batch, so a feature with |μ| ≫ σ keeps its digits. μ leaves as a float pair hi + lo,
@@ -337,34 +339,77 @@ inline void SweepRun(const T* x, const G* g, const uint8_t* mask, int64_t len, F
   *out2 = s2;
 }
 
-// Channels-first: each piece is swept twice (sum, then Σd and Σd²) and added as one chunk.
+// Channels-first: a part's first piece of each feature is swept twice (sum, then Σd and Σd² of
+// d = x − piece mean), and its mean becomes the feature's shift for the part; every later piece
+// of the feature is swept once, for Σd and Σd² against that shift, accepted where
+// (Σd)²/n ≤ Σd²/2 (ShiftAccepted: the piece's mean within its σ of the shift) and then
+// added up in double per feature (mean = shift + Σd/n, M2 = Σd² − (Σd)²/n, as in
+// MomentsRows: the pieces' acceptance bounds the sums' too, by Cauchy-Schwarz). A piece
+// not accepted is swept again against its own mean while it is in L1, as before, and
+// merged pairwise on its own. From memory, one sweep of x with prefetch instead of two
+// (docs/performance.md).
 template <typename T>
 void MomentsPieces(Team& team, const T* x, const uint8_t* mask, Shape3 s, Moments& out) {
   using A = Compute<T>;
   const Pieces pieces(team, s, mask);
   Reduce(team, pieces.parts(), s.features, out, [&](int64_t p, Moments& acc) {
+    // Per feature: its shift for this part, and the count and sums of its pieces against it
+    // (count 0: no shift yet).
+    std::vector<A> shift(s.features);
+    std::vector<double> count(s.features, 0.0), sum_d(s.features, 0.0),
+        sum_dd(s.features, 0.0);
     pieces.ForEach(p, [&](const Piece& piece) {
       const T* v = x + piece.offset;
       const uint8_t* m = piece.mask;
       const int64_t len = piece.len;
       const int64_t kept = m ? CountKept(m, len) : len;
       if (kept == 0) return;
+      const int64_t f = piece.feature;
+      const double n = static_cast<double>(kept);
+      // The lines kPrefetchBytes past this piece's (the part's pieces are consecutive in
+      // memory), one prefetch per line; inside SweepRun's loop the prefetches made GCC 12
+      // build each bfloat16 vector on the stack (5x slower).
+      const char* bytes = reinterpret_cast<const char*>(v);
+      for (int64_t b = 0; b < len * static_cast<int64_t>(sizeof(T)); b += kLineBytes)
+        PrefetchAhead(bytes + b);
+      auto deviations = [&](A from, A* sd, A* sdd) {
+        SweepRun<A, /*kXOnce=*/true, /*kGOnce=*/true>(
+            v, v, m, len,
+            [from](auto xv, auto, auto keep) {
+              const auto d = Keep(keep, xv - from);
+              return Terms<decltype(xv)>{d, d * d};
+            },
+            sd, sdd);
+      };
+      A sd, sdd;
+      if (count[f] > 0) {
+        deviations(shift[f], &sd, &sdd);
+        if (ShiftAccepted(n, sd, sdd)) {
+          count[f] += n;
+          sum_d[f] += sd;
+          sum_dd[f] += sdd;
+          return;
+        }
+      }
       A sum, unused;
       SweepRun<A, /*kXOnce=*/true, /*kGOnce=*/true>(
           v, v, m, len,
           [](auto xv, auto, auto keep) { return Terms<decltype(xv)>{Keep(keep, xv), {}}; },
           &sum, &unused);
-      const A shift = sum / static_cast<A>(kept);
-      A sd, sdd;
-      SweepRun<A, /*kXOnce=*/true, /*kGOnce=*/true>(
-          v, v, m, len,
-          [shift](auto xv, auto, auto keep) {
-            const auto d = Keep(keep, xv - shift);
-            return Terms<decltype(xv)>{d, d * d};
-          },
-          &sd, &sdd);
-      acc.AddChunk(piece.feature, static_cast<double>(kept), shift, sd, sdd);
+      const A own = sum / static_cast<A>(kept);
+      deviations(own, &sd, &sdd);
+      if (count[f] == 0) {  // the feature's first piece in this part: its shift
+        shift[f] = own;
+        count[f] = n;
+        sum_d[f] = sd;
+        sum_dd[f] = sdd;
+      } else {
+        acc.AddChunk(f, n, own, sd, sdd);
+      }
     });
+    for (int64_t f = 0; f < s.features; ++f) {
+      if (count[f] > 0) acc.AddChunk(f, count[f], shift[f], sum_d[f], sum_dd[f]);
+    }
   });
 }
 
