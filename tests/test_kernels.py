@@ -30,6 +30,9 @@ CASES = {
     "nchw-one-example": ((1, 2, 90001), 1),  # one example: threads split within a segment
     "two-axes": ((5, 6, 7), (1, 2)),
     "one-row-of-pairs": ((2, 17), -1),
+    # 64 features: bfloat16 rows of whole 64-byte lines, which passes.h maps by its plain
+    # loop nest.
+    "nhwc-whole-lines": ((3, 5, 4, 64), -1),
 }
 
 
