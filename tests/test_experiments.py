@@ -212,6 +212,7 @@ def test_benchmark_runs_tiny_and_reports_every_column(tmp_path):
   config.dataset_size = 16
   config.repeats = 2
   config.op_settle_s = 1e-3
+  config.op_sample_s = 5e-3  # the full benchmark's 120 ms samples would add ~10 s here
   text = benchmark.run(config, tmp_path)
   results = json.loads((tmp_path / "benchmark.json").read_text())
   implementations = set(bench_ops.FORWARDS)
