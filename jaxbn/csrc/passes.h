@@ -96,6 +96,26 @@ inline void ForRowPairs(int64_t r0, int64_t r1, Skip&& skip, Two&& two, One&& on
   if (pending >= 0) one(pending);
 }
 
+// A chunk's two float sums per feature into the part's double ones: `full` vectors of them
+// (first1, first2) and `rest` single values (rest1, rest2), for consecutive features from
+// out1, out2 on (a loop the compiler vectorizes). The channels-last reductions' flush.
+template <typename A>
+inline void AddChunkSums(int64_t full, int64_t rest, const Simd<A>* first1,
+                         const Simd<A>* first2, const A* rest1, const A* rest2, double* out1,
+                         double* out2) {
+  constexpr int L = kLanes<A>;
+  const A* v1 = reinterpret_cast<const A*>(first1);
+  const A* v2 = reinterpret_cast<const A*>(first2);
+  for (int64_t f = 0; f < full * L; ++f) {
+    out1[f] += v1[f];
+    out2[f] += v2[f];
+  }
+  for (int64_t c = 0; c < rest; ++c) {
+    out1[full * L + c] += rest1[c];
+    out2[full * L + c] += rest2[c];
+  }
+}
+
 // Channels-last statistics: one sweep of a part's rows for Σd and Σd² of d = x − shift per
 // feature, against a shift that estimates the part's mean (ShiftOfRows), then
 //   mean = shift + Σd/n,   M2 = Σd² − (Σd)²/n.
@@ -202,19 +222,8 @@ void ShiftedSumsRows(const T* x, const uint8_t* mask, int64_t begin, int64_t end
             deviations_rest(at(r));
           },
           paired);
-      // The chunk's float sums into the part's double ones (a loop the compiler vectorizes).
-      const A* chunk_d = reinterpret_cast<const A*>(sd.data());
-      const A* chunk_dd = reinterpret_cast<const A*>(sdd.data());
-      double* part_d = sum_d + c0;
-      double* part_dd = sum_dd + c0;
-      for (int64_t f = 0; f < full * L; ++f) {
-        part_d[f] += chunk_d[f];
-        part_dd[f] += chunk_dd[f];
-      }
-      for (int64_t c = 0; c < rest; ++c) {
-        part_d[full * L + c] += sd1[c];
-        part_dd[full * L + c] += sdd1[c];
-      }
+      AddChunkSums<A>(full, rest, sd.data(), sdd.data(), sd1.data(), sdd1.data(), sum_d + c0,
+                      sum_dd + c0);
     }
   }
 }
@@ -352,6 +361,9 @@ template <typename T>
 void MomentsPieces(Team& team, const T* x, const uint8_t* mask, Shape3 s, Moments& out) {
   using A = Compute<T>;
   const Pieces pieces(team, s, mask);
+  // Arrays above the streaming stores' threshold come from memory (see Map).
+  const bool from_memory = s.outer * s.features * s.inner * static_cast<int64_t>(sizeof(T)) >=
+                           kStreamingMinBytes;
   Reduce(team, pieces.parts(), s.features, out, [&](int64_t p, Moments& acc) {
     // Per feature: its shift for this part, and the count and sums of its pieces against it
     // (count 0: no shift yet).
@@ -366,12 +378,14 @@ void MomentsPieces(Team& team, const T* x, const uint8_t* mask, Shape3 s, Moment
       if (kept == 0) return;
       const int64_t f = piece.feature;
       const double n = static_cast<double>(kept);
-      // The lines kPrefetchBytes past this piece's (the part's pieces are consecutive in
-      // memory), one prefetch per line; inside SweepRun's loop the prefetches made GCC 12
-      // build each bfloat16 vector on the stack (5x slower).
-      const char* bytes = reinterpret_cast<const char*>(v);
-      for (int64_t b = 0; b < len * static_cast<int64_t>(sizeof(T)); b += kLineBytes)
-        PrefetchAhead(bytes + b);
+      // From memory, the lines kPrefetchBytes past this piece's (the part's pieces are
+      // consecutive in memory), one prefetch per line; inside SweepRun's loop the prefetches
+      // made GCC 12 build each bfloat16 vector on the stack (5x slower).
+      if (from_memory) {
+        const char* bytes = reinterpret_cast<const char*>(v);
+        for (int64_t b = 0; b < len * static_cast<int64_t>(sizeof(T)); b += kLineBytes)
+          PrefetchAhead(bytes + b);
+      }
       auto deviations = [&](A from, A* sd, A* sdd) {
         SweepRun<A, /*kXOnce=*/true, /*kGOnce=*/true>(
             v, v, m, len,
@@ -524,20 +538,8 @@ void GradSumsRows(Team& team, const T* x, const G* g, const uint8_t* mask, int64
               sums_rest(r);
             },
             paired);
-        // The chunk's float sums into the part's double ones, one feature at a time (a loop
-        // the compiler vectorizes).
-        const A* chunk_g = reinterpret_cast<const A*>(sg.data());
-        const A* chunk_gc = reinterpret_cast<const A*>(sgc.data());
-        double* part_g = acc.g.data() + c0;
-        double* part_gc = acc.gc.data() + c0;
-        for (int64_t f = 0; f < full * L; ++f) {
-          part_g[f] += chunk_g[f];
-          part_gc[f] += chunk_gc[f];
-        }
-        for (int64_t c = 0; c < rest; ++c) {
-          acc.g[c0 + full * L + c] += sg1[c];
-          acc.gc[c0 + full * L + c] += sgc1[c];
-        }
+        AddChunkSums<A>(full, rest, sg.data(), sgc.data(), sg1.data(), sgc1.data(),
+                        acc.g.data() + c0, acc.gc.data() + c0);
       }
     }
   });
