@@ -17,6 +17,11 @@ same for batch renormalization's closed form (eq. (7) with γr), and its forward
 inference formula when r, d are unclipped. For given m (e.g. 2, 3, 4) the same identities
 can also be proved on m explicit symbols, a cross-check of the general proof's machinery.
 
+Renorm precision (`renorm_precision_case`, in the grid): batch renormalization's r, d and its
+unclipped output, in float32, against float64 at |μ| = 1e0 … 1e6 and σ = 1e-2 … 1e1 (one
+feature per pair, one call): d = (μ_B − μ)/σ must keep the digits the shifted statistics keep,
+and the output must be the inference formula's (x − μ)/σ·γ + β to float32 rounding.
+
 Errors: for each gradient (dx, dγ, dβ) the max abs difference and the *relative* error
 max|a − b| / max|b| (normwise, so entries near 0 do not blow it up); a comparison reports the
 worst of the three.
@@ -93,6 +98,14 @@ RENORM_CLIPPING = dict(rmax=3.0, rmin=1 / 3, dmax=5.0)
 # (μ_g − μ_B)/σ, i.e. by 1000·(μ_g − μ_B)/σ_B here, far less than 1000 − dmax).
 RENORM_TARGETS = {"inside": ((1.5, 0.7), (0.5, -0.5)),
                   "clipped": ((1000.0, 0.001), (1000.0, -1000.0))}
+# The renorm-precision case: one feature per (|μ|, σ), μ of both signs, a batch of 64; its
+# float32 r, d and y are held to PRECISION_ULPS float32 epsilons of the float64 truth (per
+# feature; d relative to |d| + r, the size of its terms; y relative to the feature's max |y|).
+# Measured on these inputs: at most 1.4. Forming μ_B in float32 before subtracting μ puts d
+# off by up to 1 (|μ| ≥ 1e5 with σ = 0.01 …).
+PRECISION_OFFSETS = tuple(10.0**k for k in range(7))
+PRECISION_SIGMAS = tuple(10.0**k for k in range(-2, 2))
+PRECISION_ULPS = 4.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +116,7 @@ class Case:
   distribution: str
   masked: bool
   dtype: str
-  variant: str = "bn"  # or a key of VARIANTS
+  variant: str = "bn"  # or a key of VARIANTS, or "renorm-precision"
 
   @property
   def name(self) -> str:
@@ -135,8 +148,9 @@ class Comparison:
 
 
 def default_cases() -> list[Case]:
-  """The full grid: every layout × distribution × (unmasked, NaN-padded) × (f64, f32), and
-  each variant on its layouts × (unmasked, NaN-padded) × (f64, f32)."""
+  """The full grid: every layout × distribution × (unmasked, NaN-padded) × (f64, f32), each
+  variant on its layouts × (unmasked, NaN-padded) × (f64, f32), and the renorm-precision
+  case."""
   plain = [
       Case(layout, dist, masked, dtype)
       for layout, dist, masked, dtype in itertools.product(
@@ -149,7 +163,12 @@ def default_cases() -> list[Case]:
       for layout, masked, dtype in itertools.product(layouts, (False, True),
                                                      ("float64", "float32"))
   ]
-  return plain + variants
+  return plain + variants + [renorm_precision_case()]
+
+
+def renorm_precision_case() -> Case:
+  """The grid's renorm-precision case (see the module docstring): float32, dense features."""
+  return Case("dense", "offsets-1e0-1e6", False, "float32", "renorm-precision")
 
 
 def _options(case: Case, x, mask) -> dict:
@@ -281,8 +300,60 @@ def _compare(case: Case, pair: str, got, want, tolerance: float) -> Comparison:
   return Comparison(case.name, pair, max_abs, max_rel, tolerance, bool(max_rel <= tolerance))
 
 
+def _precision_inputs(seed: int = 0, m: int = 64):
+  """float32 x over (offset, σ) features, float32 running statistics with r, d unclipped and
+  of order 1, γ, β, and the float64 truth (r, d, y) computed from those float32 values."""
+  rng = np.random.default_rng(seed)
+  offsets, sigmas = (a.ravel() for a in np.meshgrid(PRECISION_OFFSETS, PRECISION_SIGMAS))
+  signs = np.where(np.arange(offsets.size) % 3 == 0, -1.0, 1.0)
+  x = (signs * offsets + sigmas * rng.standard_normal((m, offsets.size))).astype(np.float32)
+  x64 = x.astype(np.float64)
+  even = np.arange(offsets.size) % 2 == 0
+  var = (x64.var(0) * np.where(even, 0.5, 2.0)).astype(np.float32)
+  running_std = np.sqrt(var.astype(np.float64) + EPSILON)
+  mean = (x64.mean(0) - np.where(even, 0.6, -0.9) * running_std).astype(np.float32)
+  scale = rng.uniform(0.5, 2.0, offsets.size).astype(np.float32)
+  bias = rng.standard_normal(offsets.size).astype(np.float32)
+  truth = {"r": np.sqrt(x64.var(0) + EPSILON) / running_std,
+           "d": (x64.mean(0) - mean.astype(np.float64)) / running_std,
+           "y": ((x64 - mean.astype(np.float64)) / running_std * scale.astype(np.float64)
+                 + bias.astype(np.float64))}
+  return x, mean, var, scale, bias, truth
+
+
+def _check_renorm_precision(case: Case) -> list[Comparison]:
+  """r, d and the unclipped output against float64, on the pure-JAX path and on the default
+  one (the CPU kernels where they are available): one compiled call for both."""
+  x, mean, var, scale, bias, truth = _precision_inputs()
+  renorm = Renorm(mean, var)
+  run = jax.jit(lambda x: tuple(
+      ops.batch_norm(x, scale, bias, epsilon=EPSILON, renorm=renorm, use_cpu_kernel=kernel)
+      for kernel in (False, None)))
+  eps = float(np.finfo(np.float32).eps)
+  tolerance = PRECISION_ULPS * eps
+  results = []
+  for path, (y, stats) in zip(("pure JAX", "default path"), run(x), strict=True):
+    r, d, y = (np.asarray(v, np.float64) for v in (stats.r, stats.d, y))
+    r_err, d_err = np.abs(r - truth["r"]), np.abs(d - truth["d"])
+    y_err = np.max(np.abs(y - truth["y"]), axis=0)
+    rel = max(float(np.max(r_err / truth["r"])),
+              float(np.max(d_err / (np.abs(truth["d"]) + truth["r"]))))
+    y_rel = float(np.max(y_err / np.max(np.abs(truth["y"]), axis=0)))
+    # NaN compares False: a NaN error fails.
+    results += [
+        Comparison(case.name, f"renorm r, d vs float64 ({path})",
+                   float(max(np.max(r_err), np.max(d_err))), rel, tolerance,
+                   bool(rel <= tolerance)),
+        Comparison(case.name, f"unclipped renorm y vs float64 inference ({path})",
+                   float(np.max(y_err)), y_rel, tolerance, bool(y_rel <= tolerance)),
+    ]
+  return results
+
+
 def check_case(case: Case) -> list[Comparison]:
   """All comparisons for one case. Needs float64 enabled (`jax.enable_x64()`)."""
+  if case.variant == "renorm-precision":
+    return _check_renorm_precision(case)
   x, scale, bias, dy, mask = _inputs(case)
   options = _options(case, x, mask)
   args = (x, scale, bias, dy, mask, case.axis, options)

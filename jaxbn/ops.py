@@ -418,7 +418,7 @@ def _forward(x, scale, bias, mask, renorm, static: _Static):
       r, d = renorm
     else:
       r, d = _per_feature.renorm_correction(
-          stats.shift + stats.delta, stats.inv_std, renorm.mean, renorm.var, static.epsilon,
+          stats.shift, stats.delta, stats.inv_std, renorm.mean, renorm.var, static.epsilon,
           renorm.rmin, renorm.rmax, renorm.dmax)
     r, d = lax.stop_gradient(r), lax.stop_gradient(d)  # constants to the gradient (Ioffe)
     correction.update(r=r, d=d)

@@ -136,6 +136,63 @@ def test_unclipped_renorm_trains_with_the_inference_normalization():
   np.testing.assert_allclose(stats.var, plain.var, rtol=1e-14)
 
 
+# Features spanning |μ| = 1e0 … 1e6 (both signs) × σ = 1e-2 … 1e1, one per (offset, σ).
+OFFSETS = 10.0 ** np.arange(0, 7)
+SIGMAS = 10.0 ** np.arange(-2, 2)
+F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def _offset_grid(seed=10, m=64):
+  """float32 x over the (offset, σ) grid, float32 running statistics with r, d unclipped and of
+  order 1 (alternating r ≈ 1.4 / 0.7, d ≈ 0.6 / −0.9), γ, β, and the float64 truth from the
+  same float32 values: r, d and the inference output (x − μ)/σ·γ + β."""
+  rng = np.random.default_rng(seed)
+  offsets, sigmas = (a.ravel() for a in np.meshgrid(OFFSETS, SIGMAS))
+  signs = np.where(np.arange(offsets.size) % 3 == 0, -1.0, 1.0)
+  x = (signs * offsets + sigmas * rng.standard_normal((m, offsets.size))).astype(np.float32)
+  x64 = x.astype(np.float64)
+  even = np.arange(offsets.size) % 2 == 0
+  var = (x64.var(0) * np.where(even, 0.5, 2.0)).astype(np.float32)
+  running_std = np.sqrt(var.astype(np.float64) + EPS)
+  mean = (x64.mean(0) - np.where(even, 0.6, -0.9) * running_std).astype(np.float32)
+  g = rng.uniform(0.5, 2.0, offsets.size).astype(np.float32)
+  b = rng.standard_normal(offsets.size).astype(np.float32)
+  mean64, g64, b64 = (v.astype(np.float64) for v in (mean, g, b))
+  truth = {"r": np.sqrt(x64.var(0) + EPS) / running_std,
+           "d": (x64.mean(0) - mean64) / running_std,
+           "y": (x64 - mean64) / running_std * g64 + b64}
+  return x, mean, var, g, b, truth
+
+
+@pytest.mark.parametrize("use_cpu_kernel", [None, False], ids=["kernels", "pure-jax"])
+def test_r_and_d_keep_the_digits_at_large_offsets(use_cpu_kernel):
+  """d = (μ_B − μ)/σ is formed as ((shift − μ) + δ)/σ: μ_B rounded to one float32 first
+  would lose |μ_B|/σ's worth of d's digits (d = 0 where the truth is 0.07 at 1e5, σ = 0.01).
+  r and d are held to float32 rounding of the float64 truth, feature by feature."""
+  x, mean, var, g, b, truth = _offset_grid()
+  stats = _host(jax.jit(lambda x: jaxbn.batch_norm(
+      x, g, b, renorm=jaxbn.Renorm(mean, var), use_cpu_kernel=use_cpu_kernel)[1])(x))
+  assert np.all(np.abs(truth["d"]) > 0.05)  # the grid's d are far from 0 and unclipped
+  np.testing.assert_array_less(np.abs(stats.r - truth["r"]), 4 * F32_EPS * truth["r"])
+  np.testing.assert_array_less(np.abs(stats.d - truth["d"]),
+                               2 * F32_EPS * (np.abs(truth["d"]) + truth["r"]))
+
+
+@pytest.mark.parametrize("use_cpu_kernel", [None, False], ids=["kernels", "pure-jax"])
+def test_unclipped_renorm_equals_inference_at_large_offsets(use_cpu_kernel):
+  """x̂ r + d = (x − μ)/σ holds in float32 too: renorm's output is batch_norm_inference's to
+  float32 rounding of the float64 truth, at every offset and σ of the grid."""
+  x, mean, var, g, b, truth = _offset_grid(11)
+  y, inferred = _host(jax.jit(lambda x: (
+      jaxbn.batch_norm(x, g, b, renorm=jaxbn.Renorm(mean, var),
+                       use_cpu_kernel=use_cpu_kernel)[0],
+      jaxbn.batch_norm_inference(x, mean, var, g, b)))(x))
+  size = np.max(np.abs(truth["y"]), axis=0)  # per feature
+  for got in (y, inferred):
+    np.testing.assert_array_less(np.max(np.abs(got - truth["y"]), axis=0), 4 * F32_EPS * size)
+  np.testing.assert_array_less(np.max(np.abs(y - inferred), axis=0), 4 * F32_EPS * size)
+
+
 def test_running_stats_equal_to_the_batch_give_plain_bn():
   x, g, b, _ = _inputs(3)
 
