@@ -11,7 +11,7 @@ about `sample_s`, as in a training loop; a row is the median over rounds of the 
 **The floor** of a shape is the time of a BN training step's minimal memory traffic: 8
 activation-sized transfers — read x for the statistics; read x, write y; read x and dy for Σdy
 and Σdy·x̂; read x and dy, write dx — done by trivial streaming kernels
-(`experiments/csrc/stream_floor.cc`) through the same path as jaxbn's kernels (two XLA FFI
+(`benchmarks/csrc/stream_floor.cc`) through the same path as jaxbn's kernels (two XLA FFI
 calls on XLA's pool, the same scheduler and split), in a worker of its own like the others.
 Each row's "% of floor" is the floor's time over its time; GB/s is 8·size·itemsize / time.
 """
@@ -141,12 +141,12 @@ def _torch_step(shape, dtype, channels_first=False):
 
 
 # ---------------------------------------------------------------------------------------
-# The floor: experiments/csrc/stream_floor.cc, built once per source and jaxlib, beside
+# The floor: benchmarks/csrc/stream_floor.cc, built once per source and jaxlib, beside
 # jaxbn's own cache.
 
 FLOOR = "floor"
 TORCH = "torch"
-FLOOR_SOURCE = pathlib.Path(__file__).parent / "csrc" / "stream_floor.cc"
+FLOOR_SOURCE = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "csrc" / "stream_floor.cc"
 FLOOR_LIBRARY_ENV = "JAXBN_BENCH_FLOOR_LIBRARY"
 
 

@@ -27,9 +27,11 @@ CHANNELS_FIRST = [(64, 128, 56, 56)]
 
 
 def build_floor(root: pathlib.Path) -> str:
-  """The checkout's experiments/csrc/stream_floor.cc, compiled against its jaxbn/csrc."""
+  """The checkout's stream_floor.cc, compiled against its jaxbn/csrc."""
   import jax
-  source = root / "experiments" / "csrc" / "stream_floor.cc"
+  source = root / "benchmarks" / "csrc" / "stream_floor.cc"
+  if not source.exists():  # a checkout from before benchmarks/ had its own folder
+    source = root / "experiments" / "csrc" / "stream_floor.cc"
   digest = hashlib.sha256(source.read_bytes())
   for header in sorted((root / "jaxbn" / "csrc").glob("*.h")):
     digest.update(header.read_bytes())

@@ -30,7 +30,7 @@ CASES = {
     "nchw-one-example": ((1, 2, 90001), 1),  # one example: threads split within a segment
     "two-axes": ((5, 6, 7), (1, 2)),
     "one-row-of-pairs": ((2, 17), -1),
-    # 64 features: bfloat16 rows of whole 64-byte lines, which passes.h maps by its plain
+    # 64 features: bfloat16 rows of whole 64-byte lines, which maps.h maps by its plain
     # loop nest.
     "nhwc-whole-lines": ((3, 5, 4, 64), -1),
 }
@@ -118,7 +118,7 @@ def test_moments_match_float64_truth(case, dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_channels_last_moments_sweep_again_where_their_shift_is_far_from_the_mean(dtype):
   # Channels-last statistics sweep a part once for Σd, Σd² of d = x − shift, the shift being
-  # the mean of 16 rows spread evenly over the part (passes.h, ShiftOfRows): here rows 0, 200,
+  # the mean of 16 rows spread evenly over the part (moments.h, ShiftOfRows): here rows 0, 200,
   # ..., 3000 of the one part (64,000 elements: one thread). There features 3-19 hold
   # 1e4 + N(0, 1), all else is N(0, 1): their shift sits 14σ from the mean, where
   # Σd² − (Σd)²/n cancels ~8 bits, so the kernel must notice and sweep features 3-19 again
@@ -143,7 +143,7 @@ def test_channels_last_moments_sweep_again_where_their_shift_is_far_from_the_mea
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_channels_first_moments_sweep_a_piece_again_where_the_shift_is_far_from_it(dtype):
   # Channels-first statistics take a part's first piece of each feature as the shift of
-  # every later piece of it, swept once against it (passes.h, MomentsPieces). Here example
+  # every later piece of it, swept once against it (moments.h, MomentsPieces). Here example
   # 0's plane of feature 0 (the first piece, one part: 64,000 elements) holds 1e5 + N(0, 1)
   # and the other 31 N(0, 1): each later piece sits 1e5 of its σ from the shift, so it must
   # be swept again against its own mean; feature 1, all N(0, 1), is the control. Accepting

@@ -2,7 +2,7 @@
 vectorized across features) and channels-first (features on axis 1, vectorized along each
 feature's contiguous run) must give the same batch norm, and both the float64 truth.
 
-The spatial sizes reach every branch of the channels-first sweeps (jaxbn/csrc/passes.h,
+The spatial sizes reach every branch of the channels-first sweeps (jaxbn/csrc/moments.h, grad_sums.h, maps.h;
 SweepRun: two vectors of lanes at a time, then one, then single values) with and without a
 mask, and the channels-last ones (whole vectors of features, then the features left over;
 several chunks of rows, float sums added into double ones).

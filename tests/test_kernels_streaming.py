@@ -1,6 +1,6 @@
 """The CPU kernels' streaming-store path: outputs (y, dx) of at least kStreamingMinBytes
 (jaxbn/csrc/simd.h) are written with non-temporal stores after an unaligned head peeled
-one value at a time (passes.h, MapRun). The shapes here are just above that size, with
+one value at a time (maps.h, WriteRun). The shapes here are just above that size, with
 feature counts and runs that leave rows and runs off the 32-byte boundary (37 features of
 float32 or bfloat16 channels-last, runs of 2801 values channels-first), so every head, body
 and tail branch runs (and 64 bfloat16 features, whole-line rows); each is checked against float64 truth and against the pure-JAX path.
@@ -37,7 +37,7 @@ CASES = [
     ("last", (64, 37, 900), jnp.float32),
     ("first", (40, 19, 2801), jnp.float32),
     ("last", (64, 37, 1777), jnp.bfloat16),
-    # 64 features: rows of whole lines, the bfloat16 loop nest of passes.h (MapWith).
+    # 64 features: rows of whole lines, the bfloat16 loop nest of maps.h (MapRows).
     ("last", (64, 64, 1025), jnp.bfloat16),
 ]
 

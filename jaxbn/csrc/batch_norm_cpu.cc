@@ -1,5 +1,6 @@
 // jaxbn's CPU kernels: the XLA FFI handlers for the passes over activations that batch
-// normalization needs. The passes are in passes.h, the scheduler that runs them in team.h,
+// normalization needs. The passes are in moments.h, grad_sums.h and maps.h (their shared sweeps in
+// reductions.h), the scheduler that runs them in team.h,
 // the element types and SIMD vectors in simd.h; this file binds operands and runs the
 // per-feature formulas between passes.
 //
@@ -28,7 +29,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "passes.h"
+#include "grad_sums.h"
+#include "maps.h"
+#include "moments.h"
 #include "simd.h"
 #include "team.h"
 #include "xla/ffi/api/ffi.h"

@@ -5,7 +5,7 @@
 // (AVX-512, AVX2, NEON). No fast-math anywhere: reductions vectorize through independent
 // per-lane accumulators, never by reassociating a sum.
 //
-// Like team.h and passes.h, this header belongs to the one translation unit that makes the
+// Like team.h and the passes' headers, this header belongs to the one translation unit that makes the
 // library (and to the scheduler's test program): everything is in an unnamed namespace, so the
 // library exports its six handlers and nothing else, and two builds loaded into one process
 // cannot resolve to each other's functions.
@@ -195,10 +195,10 @@ inline auto Packed(Simd<A> v) {
 
 
 // Streaming (non-temporal) stores, for outputs too large to stay in cache (the normalize and
-// gradient-input passes above kStreamingMinBytes, passes.h). An ordinary store first reads
+// gradient-input passes above kStreamingMinBytes, maps.h). An ordinary store first reads
 // the line it writes ("read for ownership"), so writing y costs two transfers; a streaming
 // store writes whole lines straight to memory, one transfer. Measured on this project's
-// machine (experiments/csrc/nt_store_bench.cc, docs/performance.md): y = 2x + 1 over 32-100
+// machine (benchmarks/csrc/nt_store_bench.cc, docs/performance.md): y = 2x + 1 over 32-100
 // MiB of float32 1.5-1.7x faster per thread. They need kStreamAlign-aligned addresses
 // (StoreStreaming falls back to an ordinary store elsewhere) and must write whole cache lines
 // (StreamedLines, below), and are weakly ordered: each thread ends its part of a pass with
@@ -215,9 +215,9 @@ constexpr bool kHaveStreamingStores = false;
 constexpr int kStreamAlign = 1;
 #endif
 
-// Outputs of at least this many bytes are written with streaming stores (passes.h, Map; and
-// the benchmark's floor, experiments/csrc/stream_floor.cc): measured
-// (experiments/csrc/nt_store_bench.cc, docs/performance.md), a consumer that reads y right
+// Outputs of at least this many bytes are written with streaming stores (maps.h, Map; and
+// the benchmark's floor, benchmarks/csrc/stream_floor.cc): measured
+// (benchmarks/csrc/nt_store_bench.cc, docs/performance.md), a consumer that reads y right
 // after the pass pays more than streaming saves while y still fits in the last-level cache
 // beside x (1 MiB: 16% slower), breaks even at 8 MiB and gains from 16 MiB on (32 MiB L3).
 // A constant, not the cache size the OS reports: in this project's VM sysconf says 256 MiB
@@ -229,7 +229,7 @@ constexpr int64_t kStreamingMinBytes = int64_t{8} << 20;
 // (the rest by ordinary stores, or not at all before the write-combining buffer drains) costs
 // a partial write to memory and evicts the line the ordinary stores just read: rows whose
 // ends were off the line, as with 100 channels or a buffer 16 bytes past a boundary, made a
-// float32 channels-last normalize 3-8x slower than aligned ones (scripts/pass_bench.cc,
+// float32 channels-last normalize 3-8x slower than aligned ones (benchmarks/csrc/pass_bench.cc,
 // docs/performance.md). The values before `first` and from `last` on get ordinary stores;
 // they share their lines with the neighbouring rows. last − first is a whole number of lines,
 // so of vectors too (a vector is 32 or 64 bytes). {0, 0} if no whole line is inside.
@@ -328,7 +328,7 @@ inline void StreamingStoresDone() {
 // hardware prefetchers alone left the channels-last statistics at 1.2-1.3x the time of a
 // plain read of x (in one sweep); 4 KiB ahead brought them to 0.94-1.14x, better than 1 or
 // 2 KiB; the gradient sums went from 1.22x to 1.10x a read of x and dy (float32), the maps
-// 5-10% closer to their channels-first twins (scripts/pass_bench.cc, docs/performance.md).
+// 5-10% closer to their channels-first twins (benchmarks/csrc/pass_bench.cc, docs/performance.md).
 // A prefetch never faults, so one past the end of an array is harmless.
 constexpr int64_t kPrefetchBytes = 4096;
 template <typename T>
@@ -348,7 +348,7 @@ inline A HorizontalSum(Simd<A> v) {
 // registers. Where 64 bytes is wider than
 // the machine's vectors (AVX2, SSE, NEON), a loop-carried 64-byte variable has no register
 // (GCC 12 kept it on the stack: every add then waited on a store and a reload; `perf record
-// -e cpu-clock` on scripts/pass_bench.cc, docs/performance.md), so it is kept as two 32-byte
+// -e cpu-clock` on benchmarks/csrc/pass_bench.cc, docs/performance.md), so it is kept as two 32-byte
 // halves, which GCC maps onto ymm registers (or pairs of xmm ones).
 #if !defined(__AVX512F__)
 // The 32-byte halves of a 64-byte vector (see Accumulator).

@@ -1,6 +1,6 @@
 // A plain thread pool for driving jaxbn's Team (jaxbn/csrc/team.h) outside XLA: used by the
 // scheduler's stress test (tests/csrc/team_stress.cc) and the per-pass benchmark
-// (scripts/pass_bench.cc).
+// (benchmarks/csrc/pass_bench.cc).
 
 #ifndef JAXBN_TESTS_CSRC_THREAD_POOL_H_
 #define JAXBN_TESTS_CSRC_THREAD_POOL_H_

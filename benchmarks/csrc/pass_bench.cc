@@ -1,9 +1,9 @@
-// Per-pass times of jaxbn's CPU kernels (jaxbn/csrc/passes.h) outside XLA: the same bytes
+// Per-pass times of jaxbn's CPU kernels (jaxbn/csrc/moments.h, grad_sums.h, maps.h) outside XLA: the same bytes
 // viewed channels-last (N·H·W, C, 1) and channels-first (N, C, H·W), each pass timed alone
 // on a Team over a plain pool, next to a trivial streaming kernel with the pass's traffic
 // (the floor). Prints one line per (layout, pass): median ms and GB/s.
 //
-//   g++ -O3 -march=native -std=c++17 -pthread -Ijaxbn/csrc scripts/pass_bench.cc -o /tmp/pass_bench
+//   g++ -O3 -march=native -std=c++17 -pthread -Ijaxbn/csrc benchmarks/csrc/pass_bench.cc -o /tmp/pass_bench
 //   /tmp/pass_bench N H W C [f32|bf16] [threads=2] [repeats=15] [passes=all|moments,...]
 //
 // With threads=1 the times are the calling thread's CPU time (robust to other jobs).
@@ -24,8 +24,10 @@
 #include <time.h>
 #include <vector>
 
-#include "passes.h"
-#include "../tests/csrc/thread_pool.h"
+#include "grad_sums.h"
+#include "maps.h"
+#include "moments.h"
+#include "../../tests/csrc/thread_pool.h"
 
 namespace {
 
@@ -85,7 +87,7 @@ void Bench(int64_t n, int64_t h, int64_t w, int64_t c, int threads, int repeats,
   const int64_t size = n * h * w * c;
   // Arrays at a 64-byte boundary, as XLA allocates them, plus PASS_BENCH_OFFSET bytes (0 by
   // default): std::vector's large allocations start 16 bytes past a page, which puts every
-  // row of a streaming store off the 32-byte boundary (passes.h peels a head per row).
+  // row of a streaming store off the 32-byte boundary (maps.h peels a head per row).
   const char* offset_env = std::getenv("PASS_BENCH_OFFSET");
   const int64_t offset = offset_env ? std::atoll(offset_env) : 0;
   std::vector<std::unique_ptr<char, decltype(&std::free)>> storage;

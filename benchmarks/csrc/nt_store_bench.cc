@@ -11,7 +11,7 @@
 //                                     a streaming store evicted it) — the cost side of
 //                                     streaming small outputs
 //
-//   g++ -O3 -march=native -std=c++17 -pthread experiments/csrc/nt_store_bench.cc -o /tmp/ntb
+//   g++ -O3 -march=native -std=c++17 -pthread benchmarks/csrc/nt_store_bench.cc -o /tmp/ntb
 //   /tmp/ntb [threads=2] [rounds=9] [MiB of x, ...]   (default sizes 1 4 8 16 32 64 100)
 
 #include <immintrin.h>
