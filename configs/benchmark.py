@@ -1,4 +1,4 @@
-"""The benchmark (experiments/benchmark.py): the BN layer alone at five shapes and two dtypes,\ntrain-step throughput and compiled memory of the paper MLP and the CNN."""
+"""The benchmark (benchmarks/main.py): the BN layer alone at five shapes and two dtypes,\ntrain-step throughput and compiled memory of the paper MLP and the CNN."""
 
 import ml_collections
 
@@ -25,8 +25,8 @@ def get_config():
   # Each round, each implementation first runs untimed for op_settle_s (what the process
   # that ran before left running — PyTorch's OpenMP workers spin for several ms after a
   # call — lands there), then a timed sample of back-to-back calls lasting about op_sample_s
-  # (BN layer) or step_sample_s (training steps). 120 ms: at 20 ms a 40-50 ms shape was
-  # timed one call per round, and one row's seven rounds spanned 33-53 ms (2026-12-02).
+  # (BN layer) or step_sample_s (training steps). 120 ms: a 40-50 ms shape gets more than
+  # one call per sample (at 20 ms its rounds spread over 33-53 ms).
   config.op_settle_s = 0.02
   config.op_sample_s = 0.12
   config.step_sample_s = 0.1

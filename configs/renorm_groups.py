@@ -1,4 +1,4 @@
-"""Small normalization groups: BN vs Batch Renormalization vs no BN (issue 14, item 5a, c).
+"""Small normalization groups: BN vs Batch Renormalization vs no BN (ghost batches).
 
 Each batch of 60 Fashion-MNIST images is normalized in groups (ghost batches,
 `virtual_batch_size`) of 2, 4, 10 and 60 examples; three seeds per net, vmapped. After

@@ -1,4 +1,4 @@
-"""Non-i.i.d. batches: BN vs Batch Renormalization (issue 14, item 5b).
+"""Non-i.i.d. batches: BN vs Batch Renormalization (batches of few classes).
 
 Every training batch of 60 Fashion-MNIST images holds 2 classes, 30 examples of each
 (`experiments/batches.py`), normalized over the whole batch; three seeds per net, vmapped.
