@@ -10,13 +10,17 @@ per process names the reason and the fix. Nothing here raises into `batch_norm`.
 A cached library is loaded only once it is verified as jaxbn's own complete build: after a
 successful compile its sha256 and size are written beside it (`*.so.sha256`), and they are
 checked before `dlopen`, so a truncated, empty or foreign file at the cache path is rebuilt
-(atomically replaced), never loaded. The cache directory, the library and its digest must
-belong to the current user or root and be writable by no one else, so that no other user of
-a shared cache can swap in code this process would run: a library or digest that fails this
-is rebuilt, a directory that fails it is not used at all. One process compiles at a time (a
-lock file in the cache directory); the compiler runs in its own process group, killed as a
-group when it overruns the timeout, and a build that died leaves `*.partial` files that the
-next build removes.
+(atomically replaced), never loaded. The library is opened once, checked and hashed through
+that open file, and handed to the loader as that same file (`/proc/self/fd/N` on Linux,
+elsewhere its absolute path), so what loads is what was verified: neither a file renamed over
+it after the check nor a library of the same name on LD_LIBRARY_PATH. The cache directory, the
+library and its digest must belong to the current user or root and be writable by no one
+else, so that no other user of a shared cache can swap in code this process would run: a
+library or digest that fails this is rebuilt, a directory that fails it is not used at all.
+Directories it creates for the cache are never writable by group or others, whatever the
+umask. One process compiles at a time (a lock file in the cache directory); the compiler runs
+in its own process group, killed as a group when it overruns the timeout, and a build that
+died leaves `*.partial` files that the next build removes.
 
 Environment:
   JAXBN_CPU_KERNEL       0/false/no/off (any case): never build or use the kernels, without a
@@ -25,6 +29,9 @@ Environment:
                          correct).
   JAXBN_CACHE_DIR        where compiled kernels live (default: $XDG_CACHE_HOME/jaxbn or
                          ~/.cache/jaxbn); one file per source/compiler/jaxlib/CPU combination.
+                         A relative path is taken from the working directory at the first
+                         `batch_norm`; an empty value means unset (the default). A relative
+                         XDG_CACHE_HOME is ignored, as the XDG spec says.
   JAXBN_COMPILE_TIMEOUT  seconds the compiler may run before it is killed (default 120); also
                          bounds the wait for another process's build.
   CXX                    the C++ compiler (default: c++, g++ or clang++ on PATH).
@@ -37,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import hashlib
 import logging
 import math
@@ -106,6 +114,7 @@ class _Unavailable(Exception):
 
 _lock = threading.Lock()
 _status: Status | None = None
+_loaded_fds: list[int] = []
 
 
 def status() -> Status:
@@ -140,8 +149,16 @@ def _load() -> Status:
     if compiler is None:
       raise _Unavailable("no C++ compiler found",
                          "install g++ (or clang++), or set CXX to a C++17 compiler")
-    library = _build(compiler)
-    handle = ctypes.CDLL(str(library))
+    library, fd = _build(compiler)
+    try:
+      handle = ctypes.CDLL(_loader_path(library, fd))
+    except BaseException:
+      os.close(fd)
+      raise
+    # Loaded: the descriptor stays open for the life of the process, because the loader knows
+    # the library by /proc/self/fd/N and answers a later dlopen of that name with it; while
+    # the descriptor is open, no other file can be opened under that number.
+    _loaded_fds.append(fd)
     handlers = {target: getattr(handle, symbol) for target, symbol in TARGETS.items()}
     for target, handler in handlers.items():
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
@@ -173,10 +190,16 @@ def _disabled() -> str | None:
 
 
 def cache_dir() -> Path:
-  if "JAXBN_CACHE_DIR" in os.environ:
-    return Path(os.environ["JAXBN_CACHE_DIR"])
-  base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-  return Path(base) / "jaxbn"
+  """The cache directory, always absolute: a bare file name would send `dlopen` searching
+  LD_LIBRARY_PATH and the loader's cache for a library of that name instead of this file."""
+  # Empty means unset, as for XDG_CACHE_HOME: `JAXBN_CACHE_DIR=` in a shell or a CI matrix
+  # most likely means "no override", and the cwd is no place to run code from by accident.
+  directory = os.environ.get("JAXBN_CACHE_DIR")
+  if not directory:
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    directory = base / "jaxbn"
+  return Path(os.path.abspath(directory))
 
 
 def _compile_timeout() -> float:
@@ -217,28 +240,92 @@ def _sources_digest() -> bytes:
   return digest.digest()
 
 
-def _build(compiler: list[str]) -> Path:
-  """The verified library for this compiler, compiled first if the cache lacks a good one."""
+def _build(compiler: list[str]) -> tuple[Path, int]:
+  """The verified library for this compiler, compiled first if the cache lacks a good one,
+  and a descriptor open on exactly the file that was verified, which the caller owns."""
   timeout = _compile_timeout()
   command, library = _cache_path(compiler, timeout)
   directory = library.parent
-  directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+  _make_directories(directory)
   untrusted = _untrusted(directory, os.stat(directory))
   if untrusted:
     raise _Unavailable(f"cache directory {untrusted}",
                        "set JAXBN_CACHE_DIR to a directory only you can write, or "
                        f"`chmod go-w {directory}`")
-  if _verify(library) is None:
-    return library
+  fd, problem = _open_verified(library)
+  if fd is not None:
+    return library, fd
   with _build_lock(directory, timeout):
-    problem = _verify(library)  # another process may have built it while this one waited
-    if problem is None:
-      return library
+    fd, problem = _open_verified(library)  # another process may have built it meanwhile
+    if fd is not None:
+      return library, fd
     _remove_stale_partials(directory, timeout)
     logger.warning("jaxbn: compiling the CPU kernels once per machine (about 10 s) into %s%s",
                    library, "" if problem == _NOT_BUILT else f"; the cached copy {problem}")
     _compile(compiler, command, library, timeout)
-  return library
+    fd, problem = _open_verified(library)  # what loads is checked, even just after the build
+  if fd is None:
+    raise RuntimeError(f"the library just built at {library} {problem}")
+  return library, fd
+
+
+def _make_directories(directory: Path):
+  """Creates `directory` and its missing parents with mode 0o755: Path.mkdir(parents=True)
+  makes the parents 0o777 less the umask, writable by everyone under umask 000. The mode given
+  to mkdir is an upper bound (the umask or a default ACL only narrow it)."""
+  try:
+    os.mkdir(directory, 0o755)
+  except FileExistsError:
+    return
+  except FileNotFoundError:
+    if directory.parent == directory:
+      raise
+    _make_directories(directory.parent)
+    with contextlib.suppress(FileExistsError):  # another process may have made it meanwhile
+      os.mkdir(directory, 0o755)
+
+
+class _NotRegular(Exception):
+  """The path is a symlink, a directory, a FIFO or a device, not a regular file."""
+
+
+# A FIFO or device planted at the cache path must not block the open; a symlink is refused.
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+               | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+               | getattr(os, "O_BINARY", 0))
+
+
+def _open_regular(path: Path) -> tuple[int, os.stat_result] | None:
+  """An open descriptor on `path` and its stat, or None where `path` is missing; raises
+  _NotRegular where it is a symlink or not a regular file."""
+  try:
+    fd = os.open(path, _OPEN_FLAGS)
+  except FileNotFoundError:
+    return None
+  except OSError as e:
+    if e.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
+      raise _NotRegular from None
+    raise
+  info = os.fstat(fd)
+  if not stat.S_ISREG(info.st_mode):
+    os.close(fd)
+    raise _NotRegular
+  return fd, info
+
+
+def _read(fd: int) -> bytes:
+  with open(fd, "rb", closefd=False) as f:
+    return f.read()
+
+
+def _loader_path(library: Path, fd: int) -> str:
+  """The name to give dlopen for the file open on `fd`: /proc/self/fd/N is that very file
+  (the inode whose digest was checked), whatever has been renamed over `library` since."""
+  proc = f"/proc/self/fd/{fd}"
+  if os.path.exists(proc):
+    return proc
+  # No /proc: the verified path, absolute, so the loader opens it rather than searching.
+  return os.path.abspath(library)
 
 
 def _digest_path(library: Path) -> Path:
@@ -260,29 +347,51 @@ def _untrusted(path: Path, info: os.stat_result) -> str | None:
   return None
 
 
-def _verify(library: Path) -> str | None:
-  """None if `library` is jaxbn's own complete build (its digest matches), else why not."""
+def _open_verified(library: Path) -> tuple[int | None, str | None]:
+  """A descriptor open on `library` if it is jaxbn's own complete build (its digest matches
+  the bytes read through that descriptor), else None and why not. Everything is checked on
+  the open files, not on paths that could be renamed over between the check and the load."""
+  try:
+    opened = _open_regular(library)
+  except _NotRegular:
+    return None, "is not a regular file"
+  if opened is None:
+    return None, _NOT_BUILT
+  fd, info = opened
+  try:
+    problem = _verify(library, fd, info)
+  except BaseException:
+    os.close(fd)
+    raise
+  if problem is not None:
+    os.close(fd)
+    return None, problem
+  return fd, None
+
+
+def _verify(library: Path, fd: int, info: os.stat_result) -> str | None:
+  """None if the library open on `fd` is jaxbn's own complete build, else why not."""
   digest = _digest_path(library)
   try:
-    info = os.lstat(library)
-  except FileNotFoundError:
-    return _NOT_BUILT
-  if not stat.S_ISREG(info.st_mode):
-    return "is not a regular file"
-  try:
-    digest_info = os.lstat(digest)
-  except FileNotFoundError:
+    opened = _open_regular(digest)
+  except _NotRegular:
+    return f"is not trusted: its digest {digest} is not a regular file"
+  if opened is None:
     return "has no digest, so it is not a complete jaxbn build"
-  for path, path_info in ((library, info), (digest, digest_info)):
-    untrusted = _untrusted(path, path_info)
-    if untrusted:
-      return f"is not trusted: {untrusted}"
-  recorded = digest.read_bytes()
+  digest_fd, digest_info = opened
+  try:
+    for path, path_info in ((library, info), (digest, digest_info)):
+      untrusted = _untrusted(path, path_info)
+      if untrusted:
+        return f"is not trusted: {untrusted}"
+    recorded = _read(digest_fd)
+  finally:
+    os.close(digest_fd)
   fields = recorded.split()
   if len(fields) != 3 or fields[1] != str(info.st_size).encode():
     # Checked before reading: a truncated library is what makes dlopen die of SIGBUS.
     return f"is {info.st_size} bytes, not the size its digest records (truncated or replaced)"
-  if _digest(library, library.read_bytes()) != recorded:
+  if _digest(library, _read(fd)) != recorded:
     return "does not match its digest (damaged or replaced)"
   return None
 

@@ -1,9 +1,11 @@
 """Faults around the C++ CPU kernels (`jaxbn._native_build`, and when `jaxbn.ops` calls them).
 
-A truncated, empty or foreign library in the cache, a cache other users can write, a compiler
-that fails in Latin-1, hangs, or is missing, another process holding the build, spellings of
-JAXBN_CPU_KERNEL, an empty feature axis, a host whose default backend is not CPU: each ends in
-the kernels or the pure-JAX path, with at most one warning, never a crash or a long hang.
+A truncated, empty or foreign library in the cache, a cache other users can write, a relative
+or empty cache directory, a library swapped after its check, a compiler that fails in Latin-1,
+hangs, or is missing, another process holding the build, spellings of JAXBN_CPU_KERNEL, an
+empty feature axis, a host whose default backend is not CPU: each ends in the kernels or the
+pure-JAX path, with at most one warning, never a crash or a long hang; what loads is always the
+file that was verified.
 
 `_native_build.status()` decides once per process, so most tests call `_load()` directly with
 a fake $CXX: a shell script that answers `--version`, then does one thing wrong (or copies a
@@ -95,6 +97,14 @@ def _alive(pid: int) -> bool:
   return state not in ("Z", "X")  # a zombie is dead, only not yet reaped
 
 
+def _plant(tmp_path: Path, output: Path, marker: Path):
+  """Compiles to `output` a library whose constructor creates `marker` when it is loaded."""
+  source = tmp_path / "planted.c"
+  source.write_text("#include <stdio.h>\n__attribute__((constructor)) static void planted(void)"
+                    f' {{ FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n')
+  subprocess.run([C_COMPILER, "-shared", "-fPIC", str(source), "-o", str(output)], check=True)
+
+
 # ----------------------------------------------------------------------------------------
 # What is in the cache.
 
@@ -144,11 +154,8 @@ def test_an_empty_library_is_refused_and_not_cached(cache, fake_cxx, caplog):
 def test_a_foreign_library_at_the_cache_path_is_replaced_without_running_it(
     tmp_path, cache, fake_cxx, good_library, registered, caplog):
   marker = tmp_path / "constructor-ran"
-  source = tmp_path / "foreign.c"
-  source.write_text("#include <stdio.h>\n__attribute__((constructor)) static void planted(void)"
-                    f' {{ FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n')
   library = _library_path(fake_cxx(f'cp "{good_library}" "$out"'))
-  subprocess.run([C_COMPILER, "-shared", "-fPIC", str(source), "-o", str(library)], check=True)
+  _plant(tmp_path, library, marker)
   status = _native_build._load()
   assert status.available, status.reason
   assert not marker.exists(), "the foreign library was loaded"
@@ -191,6 +198,127 @@ def test_a_library_another_user_could_have_written_is_rebuilt(cache, fake_cxx, g
   assert info.st_uid == os.geteuid() and info.st_mode & 0o022 == 0
   [warning] = _warnings(caplog)
   assert "compiling" in warning and "is not trusted" in warning
+
+
+# ----------------------------------------------------------------------------------------
+# Where the cache is, and which file is loaded from it.
+
+
+_IN_CWD = """
+import jax.numpy as jnp
+from jaxbn import kernels
+status = kernels.status()
+print(status.available, status.reason, status.library)
+print(kernels.moments(kernels.Layout(3, 1), jnp.arange(12.0).reshape(4, 3))[0])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(C_COMPILER is None, reason="no C compiler to build a planted library")
+def test_a_relative_cache_dir_loads_from_the_cwd_never_from_the_library_path(
+    tmp_path, cache, fake_cxx, good_library):
+  name = _library_path(fake_cxx(f'cp "{good_library}" "$out"')).name
+  marker, planted = tmp_path / "constructor-ran", tmp_path / "on-the-library-path"
+  planted.mkdir()
+  _plant(tmp_path, planted / name, marker)  # the bare name, where the loader searches
+  work = tmp_path / "work"
+  work.mkdir()
+  work.chmod(0o755)
+  result = subprocess.run(
+      [sys.executable, "-c", _IN_CWD], capture_output=True, text=True, timeout=300,
+      check=False, cwd=work,
+      env={**os.environ, "JAXBN_CACHE_DIR": ".", "LD_LIBRARY_PATH": str(planted)})
+  assert result.returncode == 0, result.stderr
+  assert not marker.exists(), "a library found on LD_LIBRARY_PATH was loaded"
+  assert f"True compiled and registered {work / name}\n" in result.stdout, result.stderr
+  assert "[4.5 5.5 6.5]" in result.stdout
+  assert (work / name).read_bytes() == good_library.read_bytes()
+
+
+def test_an_empty_cache_dir_is_the_default_and_a_relative_one_is_under_the_cwd(
+    tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  monkeypatch.setenv("JAXBN_CACHE_DIR", "")
+  assert _native_build.cache_dir() == tmp_path / "xdg" / "jaxbn"
+  monkeypatch.setenv("JAXBN_CACHE_DIR", "kernels/cache")
+  assert _native_build.cache_dir() == tmp_path / "kernels" / "cache"
+  monkeypatch.setenv("JAXBN_CACHE_DIR", ".")
+  assert _native_build.cache_dir() == tmp_path
+  # The XDG rule: a relative XDG_CACHE_HOME is invalid and ignored.
+  monkeypatch.delenv("JAXBN_CACHE_DIR")
+  monkeypatch.setenv("XDG_CACHE_HOME", "xdg")
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert _native_build.cache_dir() == tmp_path / "home" / ".cache" / "jaxbn"
+
+
+def test_directories_it_creates_are_not_writable_by_others_under_any_umask(
+    tmp_path, cache, fake_cxx, monkeypatch):
+  fake_cxx("exit 1")
+  leaf = tmp_path / "made" / "by" / "jaxbn"
+  monkeypatch.setenv("JAXBN_CACHE_DIR", str(leaf))
+  previous = os.umask(0)
+  try:
+    status = _native_build._load()
+  finally:
+    os.umask(previous)
+  assert "exited with 1" in status.reason  # got as far as compiling in the directory
+  for directory in (leaf, leaf.parent, leaf.parent.parent):
+    mode = directory.stat().st_mode
+    assert mode & 0o022 == 0, f"{directory} is {oct(mode)}"
+
+
+@pytest.mark.skipif(C_COMPILER is None, reason="no C compiler to build a planted library")
+def test_a_library_swapped_after_its_digest_is_checked_is_not_what_loads(
+    tmp_path, cache, fake_cxx, good_library, registered, monkeypatch):
+  library = _library_path(fake_cxx("exit 1"))
+  # A verified build in the cache, not yet loaded by this process (the loader would answer a
+  # second load of the same name with the library it already has).
+  data = good_library.read_bytes()
+  shutil.copy(good_library, library)
+  _native_build._write_atomically(_native_build._digest_path(library),
+                                  _native_build._digest(library, data))
+  marker, planted = tmp_path / "constructor-ran", tmp_path / "planted.so"
+  _plant(tmp_path, planted, marker)
+  load = _native_build.ctypes.CDLL
+  loaded = []
+
+  def swap_then_load(name, *args, **kwargs):
+    os.replace(planted, library)  # after the digest check, before dlopen
+    loaded.append(load(name, *args, **kwargs))
+    return loaded[-1]
+
+  monkeypatch.setattr(_native_build.ctypes, "CDLL", swap_then_load)
+  status = _native_build._load()
+  assert not marker.exists(), "the library swapped in after the check was loaded"
+  assert status.available, status.reason
+  assert all(hasattr(loaded[0], symbol) for symbol in _native_build.TARGETS.values())
+
+
+@pytest.mark.skipif(C_COMPILER is None, reason="no C compiler to build a planted library")
+def test_a_later_load_in_the_process_maps_the_file_it_verified(
+    tmp_path, fake_cxx, good_library, registered, monkeypatch):
+  marker = tmp_path / "constructor-ran"
+  _plant(tmp_path, tmp_path / "planted.so", marker)
+  fake_cxx("exit 1")
+  statuses = []
+  # Two caches, each holding a library with a valid digest and not yet loaded by this
+  # process: the real kernels, then the planted library, whose constructor tells whether the
+  # loader mapped it or answered with the library the first load left behind.
+  for name, source in (("first", good_library), ("second", tmp_path / "planted.so")):
+    directory = tmp_path / name
+    directory.mkdir()
+    directory.chmod(0o755)
+    monkeypatch.setenv("JAXBN_CACHE_DIR", str(directory))
+    library = _library_path(Path(os.environ["CXX"]))
+    shutil.copy(source, library)
+    library.chmod(0o755)
+    _native_build._write_atomically(_native_build._digest_path(library),
+                                    _native_build._digest(library, library.read_bytes()))
+    statuses.append(_native_build._load())
+  assert statuses[0].available, statuses[0].reason
+  assert marker.exists(), "the loader answered with the earlier library"
+  assert not statuses[1].available and "undefined symbol: Jaxbn" in statuses[1].reason
 
 
 # ----------------------------------------------------------------------------------------
