@@ -158,14 +158,21 @@ def renorm_clipping(*, rmax: Any, rmin: Any, dmax: Any, prefix: str = "") -> tup
   """Batch renormalization's clipping (rmax, rmin, dmax), checked where they are static.
 
   r = σ_B/σ is clipped to [rmin, rmax] and d to [−dmax, dmax]; a range that excludes r = 1
-  or d = 0 would shift every batch even when its statistics match the running ones. Traced
-  values (a warm-up schedule) are not checked here; the modules check what they schedule to.
+  or d = 0 would shift every batch even when its statistics match the running ones. Each is
+  a real scalar: a Python or NumPy number or a 0-d real array; a string ("3") or a bool is a
+  TypeError, not read through float(). Traced values (a warm-up schedule, clips passed into
+  `jit`) cannot be checked here; `jaxbn._per_feature.renorm_correction` turns a traced range
+  that excludes r = 1 or d = 0 into NaN.
   """
   values = {"rmax": rmax, "rmin": rmin, "dmax": dmax}
   for name, value in values.items():
     if isinstance(value, jax.core.Tracer):
       continue
-    if np.ndim(value) != 0 or isinstance(value, (bool, np.bool_)):
+    is_real_scalar = np.ndim(value) == 0 and (
+        (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)))
+        or (isinstance(value, (np.ndarray, jax.Array))
+            and np.asarray(value).dtype.kind in "fiu"))
+    if not is_real_scalar:
       raise TypeError(f"{prefix}{name} must be a real scalar, got {value!r}.")
     number = float(value)
     if math.isnan(number):

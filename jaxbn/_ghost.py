@@ -10,9 +10,11 @@ so the C++ CPU kernels serve it unchanged. Eqs. (1)-(7) hold per (virtual batch,
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +53,20 @@ class GhostLayout:
 def layout(shape: tuple[int, ...], features: tuple[int, ...], reductions: tuple[int, ...],
            virtual_batch_size) -> GhostLayout | None:
   """The ghost layout for `virtual_batch_size`, checked against x's batch axis (the first
-  reduction axis), or None for ordinary batch statistics."""
+  reduction axis), or None for ordinary batch statistics.
+
+  Any integer counts, a NumPy one (a config loaded with NumPy) as the Python int it equals;
+  a bool (Python's or NumPy's), a float or a string is a TypeError, a size below 1 a
+  ValueError.
+  """
   if virtual_batch_size is None:
     return None
-  if (isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int)
-      or virtual_batch_size < 1):
+  if (isinstance(virtual_batch_size, (bool, np.bool_))
+      or not isinstance(virtual_batch_size, numbers.Integral)):
+    raise TypeError(
+        f"virtual_batch_size must be an int or None, got {virtual_batch_size!r}.")
+  virtual_batch_size = int(virtual_batch_size)
+  if virtual_batch_size < 1:
     raise ValueError(
         f"virtual_batch_size must be a positive int or None, got {virtual_batch_size!r}.")
   if not reductions:

@@ -71,8 +71,16 @@ def renorm_correction(shift: jax.Array, delta: jax.Array, inv_std: jax.Array,
   (shift − μ) + delta: shift and μ are close when d is small, so their difference is exact,
   where μ_B rounded to the compute dtype first would lose |μ_B|/σ's worth of d's digits
   (all of them in float32 at |μ| = 1e5, σ = 0.01).
+
+  A clipping range that excludes r = 1 or d = 0 (rmax < 1, rmin outside [0, 1] — which
+  includes rmin > rmax — or dmax < 0, or a NaN clip) gives NaN r or d, and so NaN outputs,
+  rather than a silently wrong correction (jnp.clip would give r = rmax, d = −dmax): static
+  clips are refused when the call is traced (`jaxbn._args.renorm_clipping`), traced ones
+  (passed into `jit`, or scheduled) can only be judged here, per call.
   """
   inv_running_std = lax.rsqrt(running_var + epsilon)
   r = jnp.clip(inv_running_std / inv_std, rmin, rmax)
   d = jnp.clip(((shift - running_mean) + delta) * inv_running_std, -dmax, dmax)
-  return r, d
+  nan = jnp.full((), jnp.nan, r.dtype)
+  r_clips_valid = (rmax >= 1) & (rmin >= 0) & (rmin <= 1)
+  return jnp.where(r_clips_valid, r, nan), jnp.where(dmax >= 0, d, nan)

@@ -84,7 +84,10 @@ class BatchNorm(nn.Module):
       the mean/var that inference uses.
     renorm_warmup_steps: relax the clipping linearly from rmax = rmin = 1, dmax = 0 (plain
       BN) to `renorm_clipping` over this many training steps (Ioffe's schedule), counted in
-      `batch_stats/renorm_steps`; 0 (default) clips as given from the first step.
+      `batch_stats/renorm_steps`, an int32 that stops at 2**31 − 1 rather than wrapping (so
+      at most that many warm-up steps); 0 (default) clips as given from the first step.
+      Fields of the wrong type (renorm="yes", a string clip or momentum) raise a TypeError
+      naming the field; NumPy scalars count as the Python numbers they equal.
     virtual_batch_size: ghost batches (Keras 2's `virtual_batch_size`): statistics per
       virtual batch of this many examples; the running averages get the virtual batches'
       average (see `jaxbn.batch_norm` for the split).
@@ -147,7 +150,8 @@ class BatchNorm(nn.Module):
       rn_var = self._batch_stat("renorm_var", jnp.ones, feature_shape, stats_dtype,
                                 initializing)
       if self.renorm_warmup_steps:
-        rn_steps = self._batch_stat("renorm_steps", jnp.zeros, (), jnp.int32, initializing)
+        rn_steps = self._batch_stat("renorm_steps", jnp.zeros, (), _renorm_schedule.CLOCK_DTYPE,
+                                    initializing)
     scale = self._param("scale", self.use_scale, self.scale_init, feature_shape)
     bias = self._param("bias", self.use_bias, self.bias_init, feature_shape)
     out_dtype = dtypes.canonicalize_dtype(
@@ -176,7 +180,7 @@ class BatchNorm(nn.Module):
       rn_mean.value, rn_var.value = ops.update_running_stats(
           rn_mean.value, rn_var.value, stats, momentum=self.renorm_momentum)
       if self.renorm_warmup_steps:
-        rn_steps.value = rn_steps.value + 1
+        rn_steps.value = _renorm_schedule.tick(rn_steps.value)
     if not initializing:
       if num_batches is not None:
         num_batches.value = num_batches.value + 1

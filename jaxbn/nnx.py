@@ -109,7 +109,7 @@ class BatchNorm(nnx.Module):
       self.renorm_mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
       self.renorm_var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
       if renorm_warmup_steps:
-        self.renorm_steps = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        self.renorm_steps = nnx.BatchStat(jnp.zeros((), _renorm_schedule.CLOCK_DTYPE))
     self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
     if momentum is None:
@@ -180,7 +180,7 @@ class BatchNorm(nnx.Module):
       self.renorm_mean[...], self.renorm_var[...] = ops.update_running_stats(
           self.renorm_mean[...], self.renorm_var[...], stats, momentum=self.renorm_momentum)
       if self.renorm_warmup_steps:
-        self.renorm_steps[...] = self.renorm_steps[...] + 1
+        self.renorm_steps[...] = _renorm_schedule.tick(self.renorm_steps[...])
     num_batches = None
     if hasattr(self, "count"):  # PyTorch's num_batches_tracked: momentum=None adds it
       self.count[...] = self.count[...] + 1

@@ -76,9 +76,20 @@ class Renorm(NamedTuple):
   """Batch renormalization (Ioffe 2017) from running statistics and clipping.
 
   x̂ = (x − μ_B)/σ_B · r + d with r = clip(σ_B/σ, rmin, rmax), d = clip((μ_B − μ)/σ, −dmax,
-  dmax), both under stop-gradient; σ_B = √(σ²_B + ε) and σ = √(var + ε). The running σ is
-  kept as a variance, as Flax keeps it (see docs/derivation.md). Clipping defaults are Keras
+  dmax), both under stop-gradient; σ_B = √(σ²_B + ε) and σ = √(var + ε). μ_B − μ is formed
+  from the shifted statistics as (shift − μ) + δ, so d keeps its digits when |μ| ≫ σ, and
+  unclipped renorm equals `batch_norm_inference` with the same running statistics to the
+  compute dtype's rounding (float32: both within 4·ε₃₂ of float64, relative to a feature's
+  largest |y|, at |μ| up to 1e6 and σ down to 1e-2; `jaxbn check` checks it). The running
+  σ is kept as a variance, as Flax keeps it (see docs/derivation.md). Clipping defaults are Keras
   2's: missing rmax, rmin, dmax mean inf, 0, inf (no clipping); the paper's is rmin = 1/rmax.
+
+  The clips are real scalars (Python or NumPy numbers, 0-d real arrays); a string or a bool
+  is a TypeError. Static clips are checked when `batch_norm` is traced (rmax ≥ 1,
+  0 ≤ rmin ≤ 1, dmax ≥ 0: the range must hold r = 1 and d = 0), raising a ValueError. Traced
+  clips (passed into `jit`, or a warm-up schedule) cannot be checked then: a traced range
+  outside those bounds (rmin > rmax among them) gives NaN r or d, and so NaN outputs,
+  instead of a silently clipped correction.
 
   Attributes:
     mean: the running μ, with the feature shape.
@@ -208,9 +219,10 @@ def batch_norm(
       with γ replaced by γr. With `axis_name`, r and d come from the pooled statistics.
     virtual_batch_size: ghost batches (Hoffer et al. 2017): statistics per virtual batch of
       this many examples along x's batch axis (the first non-feature axis), which it must
-      divide. As Keras 2, the batch axis of size N splits as (v, N/v): virtual batch g holds
-      examples g, g + N/v, g + 2N/v, …. With `axis_name`, the g-th virtual batches of every
-      device pool. `stats.r`, `stats.d` then carry the virtual batches' axis (size N/v)
+      divide; an int (a NumPy integer counts as one; a bool, float or string is a
+      TypeError). As Keras 2, the batch axis of size N splits as (v, N/v): virtual batch g
+      holds examples g, g + N/v, g + 2N/v, …. With `axis_name`, the g-th virtual batches of
+      every device pool. `stats.r`, `stats.d` then carry the virtual batches' axis (size N/v)
       where the batch axis sits among the feature axes (first, for axis=-1).
 
   Returns:

@@ -169,13 +169,26 @@ def test_bfloat16_within_bfloat16_rounding_of_float64():
 
 @pytest.mark.parametrize("size, error, message", [
     (4, ValueError, "virtual_batch_size=4 does not divide the batch: x has shape \\(6, 3\\)"),
+    (np.int64(4), ValueError, "virtual_batch_size=4 does not divide the batch"),
     (0, ValueError, "virtual_batch_size must be a positive int"),
-    (True, ValueError, "virtual_batch_size must be a positive int"),
+    (True, TypeError, "virtual_batch_size must be an int or None, got True"),
+    (np.bool_(True), TypeError, "virtual_batch_size must be an int or None, got (np.)?True"),
+    (2.0, TypeError, "virtual_batch_size must be an int or None, got 2.0"),
+    ("2", TypeError, "virtual_batch_size must be an int or None, got '2'"),
 ])
 def test_bad_virtual_batch_size_raises_at_trace_time(size, error, message):
   x = jax.device_put(np.ones((N, C)))
   with pytest.raises(error, match=message):
     jax.jit(lambda x: jaxbn.batch_norm(x, virtual_batch_size=size)[0]).lower(x)
+
+
+def test_numpy_integer_virtual_batch_sizes_are_ints():
+  """A NumPy integer (e.g. from a config loaded with NumPy) is the same virtual batch size."""
+  x = jax.device_put(_inputs(7)[0])
+  sizes = (V, np.int64(V), np.int32(V), np.uint8(V))
+  ys = jax.jit(lambda x: [jaxbn.batch_norm(x, virtual_batch_size=v)[0] for v in sizes])(x)
+  for y in ys[1:]:
+    np.testing.assert_array_equal(y, ys[0])
 
 
 def test_modules_keep_the_virtual_batches_average():

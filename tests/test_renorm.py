@@ -375,6 +375,8 @@ def test_nnx_and_linen_renorm_agree_over_steps():
     (dict(renorm_clipping={"rmax": 3}), "renorm_clipping=.* is set but renorm=False"),
     (dict(renorm=True, renorm_warmup_steps=5), "must then be finite"),
     (dict(renorm=True, renorm_momentum=1.5), "renorm_momentum must be"),
+    (dict(renorm=True, renorm_clipping=CLIP, renorm_warmup_steps=2**31),
+     "renorm_warmup_steps=2147483648 is past what the int32 clock counts"),
 ])
 def test_module_errors_name_the_field(kwargs, message):
   x = jax.device_put(np.ones((4, 3), np.float32))
@@ -382,3 +384,126 @@ def test_module_errors_name_the_field(kwargs, message):
     jlinen.BatchNorm(**kwargs).init(jax.random.key(0), x, use_running_average=False)
   with pytest.raises(ValueError, match=message):
     jnnx.BatchNorm(3, **kwargs, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(renorm="yes"), "renorm must be a bool, got 'yes'"),
+    (dict(renorm=1), "renorm must be a bool, got 1"),
+    (dict(renorm=True, renorm_clipping={"rmax": "3"}), "renorm_clipping:rmax must be a real "
+                                                        "scalar, got '3'"),
+    (dict(renorm=True, renorm_clipping={"dmax": True}), "renorm_clipping:dmax must be a real "
+                                                         "scalar, got True"),
+    (dict(renorm=True, renorm_momentum="0.9"), "renorm_momentum must be a real number"),
+    (dict(renorm=True, renorm_clipping=CLIP, renorm_warmup_steps="5"),
+     "renorm_warmup_steps must be an int"),
+    (dict(renorm=True, renorm_clipping=CLIP, renorm_warmup_steps=5.0),
+     "renorm_warmup_steps must be an int"),
+])
+def test_module_type_errors_name_the_field(kwargs, message):
+  """A string (or another type) where a bool, a real or an int is meant is refused, not
+  read by truthiness or float(): renorm="no" would switch renorm on."""
+  x = jax.device_put(np.ones((4, 3), np.float32))
+  with pytest.raises(TypeError, match=message):
+    jlinen.BatchNorm(**kwargs).init(jax.random.key(0), x, use_running_average=False)
+  with pytest.raises(TypeError, match=message):
+    jnnx.BatchNorm(3, **kwargs, rngs=nnx.Rngs(0))
+
+
+def test_string_clips_are_refused_by_the_function():
+  x, g, b, _ = _inputs()
+  for field, value in (("rmax", "3"), ("rmin", "0.5"), ("dmax", "2")):
+    renorm = RUNNING["inside"]._replace(**{field: value})
+    with pytest.raises(TypeError, match=f"renorm.{field} must be a real scalar, got '{value}'"):
+      jax.jit(lambda x: jaxbn.batch_norm(x, g, b, renorm=renorm)[0]).lower(x)
+
+
+def test_numpy_scalars_from_a_config_are_accepted():
+  """NumPy bools, integers and floats (what a config file loaded with NumPy holds) mean what
+  the Python ones do."""
+  x = jax.device_put(_inputs(12, (8, 3))[0].astype(np.float32))
+  plain = dict(renorm=True, renorm_clipping={"rmax": 3.0, "rmin": 0.5, "dmax": 2.0},
+               renorm_momentum=0.75, renorm_warmup_steps=4)
+  numpy = dict(renorm=np.bool_(True),
+               renorm_clipping={"rmax": np.float32(3), "rmin": np.float64(0.5),
+                                "dmax": np.int64(2)},
+               renorm_momentum=np.float32(0.75), renorm_warmup_steps=np.int64(4))
+
+  @jax.jit
+  def linen(x):
+    outputs = []
+    for kwargs in (plain, numpy):
+      bn = jlinen.BatchNorm(**kwargs)
+      variables = bn.init(jax.random.key(0), x, use_running_average=False)
+      outputs.append(bn.apply(variables, x + 1, use_running_average=False,
+                              mutable=["batch_stats"]))
+    return outputs
+
+  (y, updates), (y_numpy, updates_numpy) = _host(linen(x))
+  np.testing.assert_array_equal(y_numpy, y)
+  for name, value in updates["batch_stats"].items():
+    np.testing.assert_array_equal(updates_numpy["batch_stats"][name], value)
+  call = nnx.jit(lambda mod, x: mod(x))
+  mods = [jnnx.BatchNorm(3, **kwargs, rngs=nnx.Rngs(0)) for kwargs in (plain, numpy)]
+  np.testing.assert_array_equal(call(mods[1], x), call(mods[0], x))
+
+
+@pytest.mark.parametrize("rmax, rmin, dmax, nan", [
+    (1.5, 2.0, 1.0, "r"),  # rmin > rmax: jnp.clip would give r = rmax
+    (0.5, 0.2, 1.0, "r"),  # rmax < 1
+    (3.0, -0.5, 1.0, "r"),  # rmin < 0
+    (3.0, 0.5, -1.0, "d"),  # dmax < 0: jnp.clip would give d = -dmax
+    (3.0, 1 / 3, 5.0, None),
+])
+def test_traced_clips_outside_their_ranges_give_nan(rmax, rmin, dmax, nan):
+  """Traced clips cannot be checked when the call is traced: a range that excludes r = 1 or
+  d = 0 gives NaN r (or d), and so NaN outputs, instead of a silently clipped correction."""
+  x, g, b, _ = _inputs(13)
+  running = RUNNING["clipped"]
+  run = jax.jit(lambda x, rmax, rmin, dmax: jaxbn.batch_norm(
+      x, g, b, renorm=running._replace(rmax=rmax, rmin=rmin, dmax=dmax)))
+  y, stats = _host(run(x, rmax, rmin, dmax))
+  if nan is None:  # valid traced clips clip as static ones do
+    want_y, want = _host(jax.jit(lambda x: jaxbn.batch_norm(
+        x, g, b, renorm=running._replace(rmax=rmax, rmin=rmin, dmax=dmax)))(x))
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(stats.r, want.r)
+    np.testing.assert_array_equal(stats.d, want.d)
+    return
+  other = "d" if nan == "r" else "r"
+  assert np.all(np.isnan(getattr(stats, nan)))
+  assert np.all(np.isfinite(getattr(stats, other)))
+  assert np.all(np.isnan(y))
+
+
+@pytest.mark.parametrize("module", ["linen", "nnx"])
+def test_warmup_clock_saturates_instead_of_wrapping(module):
+  """The int32 warm-up clock stops at 2**31 − 1: wrapped to −2**31 it would set
+  rmax = 1 + (rmax − 1)·(−2**31/T) < 1 and invert the clipping. Saturated, the clipping
+  stays the full one."""
+  top = np.iinfo(np.int32).max
+  x = jax.device_put(_inputs(14, (8, 3))[0].astype(np.float32) * 3 + 2)  # far from (0, 1)
+  kwargs = dict(renorm=True, renorm_clipping=CLIP, renorm_warmup_steps=4)
+  full = jax.jit(lambda x, scale, bias, mean, var: jaxbn.batch_norm(
+      x, scale, bias, renorm=jaxbn.Renorm(mean, var, **CLIP))[0])
+  if module == "linen":
+    bn = jlinen.BatchNorm(**kwargs)
+    variables = jax.jit(lambda x: bn.init(jax.random.key(0), x, use_running_average=False))(x)
+    variables["batch_stats"]["renorm_steps"] = jnp.asarray(top - 1, jnp.int32)
+    apply = jax.jit(functools.partial(bn.apply, use_running_average=False,
+                                      mutable=["batch_stats"]))
+    for step in range(3):
+      stats = variables["batch_stats"]
+      want = full(x, variables["params"]["scale"], variables["params"]["bias"],
+                  stats["renorm_mean"], stats["renorm_var"])
+      y, updates = apply(variables, x)
+      np.testing.assert_array_equal(y, want)
+      assert int(updates["batch_stats"]["renorm_steps"]) == top, step
+      variables = {"params": variables["params"], **updates}
+  else:
+    bn = jnnx.BatchNorm(3, **kwargs, rngs=nnx.Rngs(0))
+    bn.renorm_steps[...] = jnp.asarray(top - 1, jnp.int32)
+    call = nnx.jit(lambda bn, x: bn(x))
+    for step in range(3):
+      want = full(x, bn.scale[...], bn.bias[...], bn.renorm_mean[...], bn.renorm_var[...])
+      np.testing.assert_array_equal(call(bn, x), want)
+      assert int(bn.renorm_steps[...]) == top, step
