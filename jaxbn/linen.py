@@ -175,7 +175,7 @@ class BatchNorm(nn.Module):
         use_fast_variance=self.use_fast_variance, gradient=self.gradient, dtype=out_dtype,
         use_cpu_kernel=self.use_cpu_kernel, renorm=renorm,
         virtual_batch_size=self.virtual_batch_size)
-    _recording.record(self.path, stats, self.unbiased_running_var)
+    _recording.record_linen(self, stats, self.unbiased_running_var)
     if not initializing and self.renorm:
       rn_mean.value, rn_var.value = ops.update_running_stats(
           rn_mean.value, rn_var.value, stats, momentum=self.renorm_momentum)

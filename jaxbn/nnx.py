@@ -175,7 +175,7 @@ class BatchNorm(nnx.Module):
         use_fast_variance=self.use_fast_variance, gradient=self.gradient, dtype=out_dtype,
         use_cpu_kernel=self.use_cpu_kernel, renorm=renorm,
         virtual_batch_size=self.virtual_batch_size)
-    _recording.record(self, stats, self.unbiased_running_var)
+    _recording.record_nnx(self, stats, self.unbiased_running_var)
     if self.renorm:
       self.renorm_mean[...], self.renorm_var[...] = ops.update_running_stats(
           self.renorm_mean[...], self.renorm_var[...], stats, momentum=self.renorm_momentum)

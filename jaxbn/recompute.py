@@ -22,11 +22,18 @@ variance averages, and the variance training-mode normalization divides by (each
 centred on its own mean, so the spread of batch means never reaches it). The two differ most
 where batches differ most (non-i.i.d. batches: docs/experiments.md, renorm_noniid); with
 `unbiased_running_var` each batch's variance is scaled by c/(c − 1) first, as in training.
+
+The layers hand over their statistics through the model's own state (see `jaxbn._recording`):
+accumulators next to each running mean, which Flax's transforms carry as they carry the running
+statistics. So layers under `nn.remat`, `nn.scan`, `nn.vmap`, `nnx.remat`, `nnx.vmap` get the
+statistics the untransformed layers would: per scan step and per ensemble member where the
+variables hold one of each.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -53,6 +60,11 @@ def recompute_batch_stats(model: Any, batches: Iterable[Any], *, variables: Any 
     ...                                         train=True)          # linen
     >>> jaxbn.recompute_batch_stats(model, batches)                  # nnx, in place
 
+  Layers under Flax's transforms (`nn.remat`, `nn.scan`, `nn.vmap`, `nnx.remat`,
+  `nnx.vmap`) get the statistics the untransformed layers would: where the variables hold one
+  set per scan step or ensemble member, each gets its own. Flax's own BatchNorm layers are
+  left as they are, with a warning naming each. It runs on concrete values, outside `jax.jit`.
+
   Args:
     model: a `flax.linen.Module` (with `variables`) or a `flax.nnx.Module` (updated in place).
     batches: an iterable of the model's positional input: an array, or a tuple of
@@ -68,10 +80,18 @@ def recompute_batch_stats(model: Any, batches: Iterable[Any], *, variables: Any 
   Returns:
     linen: new variables, `batch_stats` mean/var replaced (other collections untouched).
     nnx: `model`, its BatchNorms' `mean` and `var` replaced.
+    Either way a layer that did not run in training mode keeps its statistics, and so does
+    a feature that saw no values (all masked) or, with `unbiased_running_var`, one value.
 
   Raises:
     ValueError: no batches, no jaxbn BatchNorm ran in training mode, or an unknown
       `variance`.
+    TypeError: called under `jax.jit` / `nnx.jit` (or another JAX transformation), where
+      the statistics cannot reach the host.
+
+  Warns:
+    UserWarning: for each `flax.linen.BatchNorm` / `flax.nnx.BatchNorm` in the model, whose
+      running statistics are left as they are.
   """
   if variance not in _VARIANCES:
     raise ValueError(f"variance must be one of {_VARIANCES}, got {variance!r}.")
@@ -90,37 +110,50 @@ def recompute_batch_stats(model: Any, batches: Iterable[Any], *, variables: Any 
 
 
 class _Pool:
-  """Per-layer statistics over the batches, in float64: count, mean and biased variance pooled
-  (Chan et al.), and the count-weighted sum of the per-batch variances (for "average")."""
+  """Per-layer statistics over the batches, in float64, elementwise (a layer's variables may
+  hold a leading scan or ensemble axis): count, mean and biased variance pooled (Chan et al.),
+  and the count-weighted sum of the per-batch variances (for "average")."""
 
   def __init__(self):
-    self.layers: dict[str, list] = {}
+    self.layers: dict[str, dict[str, np.ndarray]] = {}
 
-  def add(self, key: str, record: dict) -> None:
-    count, mean, var = (np.asarray(record[k], np.float64) for k in ("count", "mean", "var"))
-    unbiased = bool(record["unbiased"])
-    # What the running variance is updated with for this batch: c/(c − 1)·var if unbiased.
-    batch_var = var * count / np.maximum(count - 1, 1) if unbiased else var
-    if key not in self.layers:
-      self.layers[key] = [count, mean, var, count * batch_var, unbiased]
+  def add(self, name: str, acc: Mapping[str, Any]) -> None:
+    """Pools one batch's accumulators (`jaxbn._recording`) into the layer's totals."""
+    new = {key.removeprefix("recompute_"): np.asarray(acc[key], np.float64)
+           for key in _recording.NAMES}
+    if name not in self.layers:
+      self.layers[name] = new
       return
-    total, pooled_mean, pooled_var, weighted_var_sum, _ = self.layers[key]
-    new_total = total + count
-    weight = np.divide(count, new_total, out=np.zeros_like(count), where=new_total > 0)
-    delta = mean - pooled_mean
-    pooled_mean = pooled_mean + weight * delta
+    old = self.layers[name]
+    total = old["count"] + new["count"]
+    weight = np.divide(new["count"], total, out=np.zeros_like(total), where=total > 0)
+    delta = new["mean"] - old["mean"]
     # T'·V' = T·V + c·v + δ²·T·c/T'
-    pooled_var = (1 - weight) * pooled_var + weight * var + weight * (1 - weight) * delta**2
-    self.layers[key] = [new_total, pooled_mean, pooled_var,
-                        weighted_var_sum + count * batch_var, unbiased]
+    self.layers[name] = {
+        "calls": old["calls"] + new["calls"],
+        "count": total,
+        "mean": old["mean"] + weight * delta,
+        "var": (1 - weight) * old["var"] + weight * new["var"]
+               + weight * (1 - weight) * delta**2,
+        "var_sum": old["var_sum"] + new["var_sum"],
+        "unbiased": np.maximum(old["unbiased"], new["unbiased"]),
+    }
 
-  def result(self, key: str, variance: str) -> tuple[np.ndarray, np.ndarray]:
-    total, mean, var, weighted_var_sum, unbiased = self.layers[key]
+  def ran(self, name: str) -> bool:
+    return name in self.layers and bool(np.any(self.layers[name]["calls"] > 0))
+
+  def result(self, name: str, variance: str, old_mean: Any, old_var: Any
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """The recomputed mean and variance; where a feature saw no values (or, unbiased, one),
+    the old ones, as a training step would keep them."""
+    layer = self.layers[name]
+    total, var, unbiased = layer["count"], layer["var"], layer["unbiased"] > 0
     if variance == "average":
-      return mean, np.divide(weighted_var_sum, total, out=np.zeros_like(var), where=total > 0)
-    if unbiased:
-      var = var * total / np.maximum(total - 1, 1)
-    return mean, var
+      var = np.divide(layer["var_sum"], total, out=np.zeros_like(var), where=total > 0)
+    else:
+      var = np.where(unbiased, var * total / np.maximum(total - 1, 1), var)
+    return (np.where(total > 0, layer["mean"], np.asarray(old_mean, np.float64)),
+            np.where(total > unbiased, var, np.asarray(old_var, np.float64)))
 
 
 def _batch_args(batch) -> tuple:
@@ -128,16 +161,24 @@ def _batch_args(batch) -> tuple:
 
 
 def _pool_batches(run, batches, owner: str) -> _Pool:
+  """Runs every batch (`run` returns each layer's accumulators by name) and pools them."""
   pool = _Pool()
   seen = 0
   for batch in batches:
-    for key, records in run(_batch_args(batch)).items():
-      for record in records:
-        pool.add(key, record)
+    accumulators = run(_batch_args(batch))
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(accumulators)):
+      # Under an outer jit the statistics are traced values: they cannot be pooled on the host.
+      raise TypeError(
+          "recompute_batch_stats was called under jax.jit (or nnx.jit, or another JAX "
+          "transformation): it pools the statistics on the host, in float64, and so needs "
+          "concrete values; call it outside jit, with concrete variables (nnx: a model "
+          "outside the transformation) and batches.")
+    for name, acc in jax.device_get(accumulators).items():
+      pool.add(name, acc)
     seen += 1
   if not seen:
     raise ValueError("recompute_batch_stats: batches is empty.")
-  if not pool.layers:
+  if not any(pool.ran(name) for name in pool.layers):
     raise ValueError(
         f"recompute_batch_stats: no jaxbn BatchNorm ran in training mode in {owner}; "
         "pass what puts them in training mode (linen: e.g. train=True or "
@@ -145,43 +186,77 @@ def _pool_batches(run, batches, owner: str) -> _Pool:
   return pool
 
 
-def _collect(records, name_of) -> dict[str, list[dict]]:
-  """The recorded statistics by layer name, as a jit output (a layer called twice per batch
-  contributes twice)."""
-  out: dict[str, list[dict]] = {}
-  for key, stats, unbiased in records:
-    out.setdefault(name_of(key), []).append(
-        {"count": stats.count, "mean": stats.mean, "var": stats.var,
-         "unbiased": jnp.asarray(unbiased)})
-  return out
+def _running_stats_layers(tree: Mapping, path: tuple[str, ...] = ()
+                          ) -> dict[str, tuple[str, ...]]:
+  """The paths, by name, of the dicts in a batch_stats tree that hold a running `mean` and
+  `var` (any BatchNorm's: which of them are jaxbn's only the run tells)."""
+  found = {}
+  if hasattr(tree.get("mean"), "shape") and hasattr(tree.get("var"), "shape"):
+    found["/".join(path)] = path
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      found.update(_running_stats_layers(value, (*path, key)))
+  return found
+
+
+def _at(tree: Mapping, path: tuple[str, ...]) -> Any:
+  for part in path:
+    tree = tree[part]
+  return tree
+
+
+def _replaced(tree: Mapping, path: tuple[str, ...], values: Mapping) -> dict:
+  """A copy of `tree` with the dict at `path` updated by `values` (the dicts along the path
+  copied, the rest shared)."""
+  tree = dict(tree)
+  if not path:
+    return {**tree, **values}
+  tree[path[0]] = _replaced(tree[path[0]], path[1:], values)
+  return tree
 
 
 def _recompute_linen(model, variables, batches, variance, call_kwargs):
-  paths: dict[str, tuple[str, ...]] = {}
+  from flax import linen as nn  # pylint: disable=import-outside-toplevel
 
-  def name_of(path):
-    name = "/".join(path)
-    paths[name] = tuple(path)
-    return name
+  batch_stats = variables.get("batch_stats", {})
+  layers = _running_stats_layers(batch_stats)
+  with_accumulators = batch_stats
+  for path in layers.values():
+    with_accumulators = _replaced(with_accumulators, path,
+                                  _recording.zeros(_at(batch_stats, path)["mean"]))
+  flax_layers: set[str] = set()
+
+  def spot_flax(next_fun, args, kwargs, context):
+    # At trace time: the path is static, so nothing traced leaves the transforms.
+    if isinstance(context.module, nn.BatchNorm):
+      flax_layers.add("/".join(context.module.path))
+    return next_fun(*args, **kwargs)
 
   @jax.jit
   def run(variables, args):
-    with _recording.recording() as records:
-      model.apply(variables, *args, mutable=["batch_stats"], **call_kwargs)
-    return _collect(records, name_of)
+    with nn.intercept_methods(spot_flax):
+      _, updates = model.apply(variables, *args, mutable=["batch_stats"], **call_kwargs)
+    return {name: {key: _at(updates["batch_stats"], path)[key] for key in _recording.NAMES}
+            for name, path in layers.items()}
 
-  pool = _pool_batches(lambda args: run(variables, args), batches,
-                       type(model).__name__)
-  batch_stats = jax.tree.map(lambda v: v, dict(variables["batch_stats"]))  # copied dicts
-  for name, path in paths.items():
-    layer = batch_stats
-    for part in path:
-      layer[part] = dict(layer[part])
-      layer = layer[part]
-    mean, var = pool.result(name, variance)
-    layer["mean"] = jnp.asarray(mean, layer["mean"].dtype)
-    layer["var"] = jnp.asarray(var, layer["var"].dtype)
+  variables_in = {**variables, "batch_stats": with_accumulators}
+  pool = _pool_batches(lambda args: run(variables_in, args), batches, type(model).__name__)
+  for name in sorted(flax_layers):
+    warnings.warn(_flax_warning("flax.linen.BatchNorm", name), stacklevel=3)
+  for name, path in layers.items():
+    if pool.ran(name):
+      layer = _at(batch_stats, path)
+      mean, var = pool.result(name, variance, layer["mean"], layer["var"])
+      batch_stats = _replaced(batch_stats, path, {
+          "mean": jnp.asarray(mean, layer["mean"].dtype),
+          "var": jnp.asarray(var, layer["var"].dtype)})
   return {**variables, "batch_stats": batch_stats}
+
+
+def _flax_warning(kind: str, name: str) -> str:
+  return (f"recompute_batch_stats: the {kind} at '{name}' is Flax's, not jaxbn's: its running "
+          "statistics are left as they are (only jaxbn BatchNorm layers report their batch "
+          "statistics; replace it with jaxbn's to have them recomputed).")
 
 
 def _recompute_nnx(model, batches, variance, call_kwargs):
@@ -189,27 +264,32 @@ def _recompute_nnx(model, batches, variance, call_kwargs):
 
   from jaxbn import nnx as jaxbn_nnx  # pylint: disable=import-outside-toplevel
 
-  def layers(root):
+  def layers(root, kind=jaxbn_nnx.BatchNorm):
     return {"/".join(map(str, path)): node for path, node in nnx.iter_graph(root)
-            if isinstance(node, jaxbn_nnx.BatchNorm)}
+            if isinstance(node, kind)}
 
   graphdef, state = nnx.split(model)
 
   @jax.jit
   def run(state, args):
     copy = nnx.merge(graphdef, state)  # its updates (EMA, rng counters) are dropped
-    names = {}
-    for name, layer in layers(copy).items():
+    ours = layers(copy)
+    for layer in ours.values():
       layer.use_running_average = False
-      names[id(layer)] = name
-    with _recording.recording() as records:
-      copy(*args, **call_kwargs)
-    return _collect(records, lambda layer: names[id(layer)])
+      # BatchStats shaped like the running mean: nnx transforms split and carry them as
+      # they do the running statistics.
+      for key, zeros in _recording.zeros(layer.mean[...]).items():
+        setattr(layer, key, nnx.BatchStat(zeros))
+    copy(*args, **call_kwargs)
+    return {name: {key: getattr(layer, key)[...] for key in _recording.NAMES}
+            for name, layer in ours.items()}
 
   pool = _pool_batches(lambda args: run(state, args), batches, type(model).__name__)
+  for name in sorted(layers(model, nnx.BatchNorm)):
+    warnings.warn(_flax_warning("flax.nnx.BatchNorm", name), stacklevel=3)
   for name, layer in layers(model).items():
-    if name in pool.layers:
-      mean, var = pool.result(name, variance)
+    if pool.ran(name):
+      mean, var = pool.result(name, variance, layer.mean[...], layer.var[...])
       layer.mean[...] = jnp.asarray(mean, layer.mean[...].dtype)
       layer.var[...] = jnp.asarray(var, layer.var[...].dtype)
   return model

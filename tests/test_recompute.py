@@ -1,8 +1,9 @@
 """jaxbn.recompute_batch_stats: population statistics with the final weights, vs float64.
 
-A small linen and nnx model (Dense → BatchNorm → relu → Dense → BatchNorm); the reference is
-the float64 mean and biased variance of each BatchNorm's input over all batches concatenated,
-computed with the same weights by hand.
+A small linen and nnx model (Dense → BatchNorm → relu → Dense → BatchNorm), and a block under
+each Flax transform; the reference is the float64 mean and biased variance of each
+BatchNorm's input over all batches concatenated (per scan step or ensemble member), computed
+with the same weights by hand.
 """
 
 import functools
@@ -48,9 +49,21 @@ def _init(net, x):
   return net.init(jax.random.key(0), x, train=True)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init_plain(net, *args):
+  """net's variables, for a net whose call has no train flag."""
+  return net.init(jax.random.key(0), *args)
+
+
 def _population(h):
   h = np.asarray(h, np.float64).reshape(-1, HIDDEN)
   return h.mean(0), h.var(0)
+
+
+def _population_in(batches):
+  """The mean and biased variance of the batches themselves, in float64."""
+  x = np.asarray(batches, np.float64).reshape(-1, IN)
+  return x.mean(0), x.var(0)
 
 
 def _bn64(h, gamma, beta):
@@ -173,3 +186,205 @@ def test_errors(batches):
     jaxbn.recompute_batch_stats(net, batches, variables=variables, variance="mean", train=True)
   with pytest.raises(TypeError, match="must be a flax.linen or flax.nnx Module"):
     jaxbn.recompute_batch_stats(lambda x: x, batches)
+
+
+# Under Flax's transforms: the statistics of the untransformed layers, computed by hand.
+
+STEPS = 3  # scan steps, or ensemble members under vmap
+
+
+class _Block(nn.Module):
+  """Dense → BatchNorm, the layer a transform wraps (a carry in and out, for nn.scan)."""
+
+  @nn.compact
+  def __call__(self, h, _=None):
+    z = nn.Dense(HIDDEN, name="dense")(h)
+    return jlinen.BatchNorm(use_running_average=False, momentum=0.9, name="bn")(z), None
+
+
+class LinenTransformed(nn.Module):
+  transform: str
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(HIDDEN, name="proj")(x)
+    if self.transform == "remat":
+      return nn.remat(_Block)(name="block")(h)[0]
+    if self.transform == "scan":  # STEPS layers, stacked: per-step variables
+      scanned = nn.scan(_Block, variable_axes={"params": 0, "batch_stats": 0},
+                        split_rngs={"params": True}, length=STEPS)
+      return scanned(name="block")(h, None)[0]
+    # vmap: an ensemble of STEPS members, each with its own variables, all given h
+    ensemble = nn.vmap(_Block, in_axes=None, out_axes=0, axis_size=STEPS,
+                       variable_axes={"params": 0, "batch_stats": 0},
+                       split_rngs={"params": True})
+    return ensemble(name="block")(h)[0]
+
+
+def _block_reference(transform, proj, dense, bn, batches):
+  """The block's BatchNorm inputs over all batches, by hand in float64: their mean and
+  biased variance, per scan step or ensemble member on a leading axis (none for remat)."""
+  f64 = lambda tree: {k: np.asarray(v, np.float64) for k, v in tree.items()}
+  proj, dense, bn = f64(proj), f64(dense), f64(bn)
+  inputs = []  # per batch: the BatchNorm's input per step / member
+  for x in batches:
+    h = np.asarray(x, np.float64) @ proj["kernel"] + proj["bias"]
+    if transform == "remat":
+      inputs.append([h @ dense["kernel"] + dense["bias"]])
+    elif transform == "vmap":
+      inputs.append([h @ dense["kernel"][e] + dense["bias"][e] for e in range(STEPS)])
+    else:  # scan: each step's layer normalizes the previous step's output
+      steps = []
+      for s in range(STEPS):
+        steps.append(h @ dense["kernel"][s] + dense["bias"][s])
+        h = _bn64(steps[-1], bn["scale"][s], bn["bias"][s])
+      inputs.append(steps)
+  z = np.swapaxes(np.asarray(inputs), 0, 1).reshape(len(inputs[0]), -1, HIDDEN)
+  mean, var = z.mean(1), z.var(1)
+  return (mean[0], var[0]) if transform == "remat" else (mean, var)
+
+
+@pytest.mark.parametrize("transform", ["remat", "scan", "vmap"])
+def test_linen_under_transforms_matches_the_untransformed_layers(batches, transform):
+  net = LinenTransformed(transform)
+  variables = _init_plain(net, batches[0])
+  new = jaxbn.recompute_batch_stats(net, batches, variables=variables)
+  p = variables["params"]
+  mean, var = _block_reference(transform, p["proj"], p["block"]["dense"], p["block"]["bn"],
+                               batches)
+  got = new["batch_stats"]["block"]["bn"]
+  assert set(got) == {"mean", "var"}
+  assert got["mean"].shape == variables["batch_stats"]["block"]["bn"]["mean"].shape
+  np.testing.assert_allclose(got["mean"], mean, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got["var"], var, rtol=1e-5)
+  if transform != "remat":  # each step / member has statistics of its own
+    assert np.all(np.ptp(mean, axis=0) > 1e-2)
+
+
+class _NnxBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(HIDDEN, HIDDEN, rngs=rngs)
+    self.bn = jnnx.BatchNorm(HIDDEN, momentum=0.9, rngs=rngs)
+
+  def __call__(self, h):
+    return self.bn(self.dense(h))
+
+
+class NnxTransformed(nnx.Module):
+  def __init__(self, transform, rngs):
+    self.transform = transform
+    self.proj = nnx.Linear(IN, HIDDEN, rngs=rngs)
+    if transform == "vmap":  # Flax's ensemble recipe: STEPS members made under nnx.vmap
+      @nnx.split_rngs(splits=STEPS)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def members(rngs):
+        return _NnxBlock(rngs)
+      self.block = members(rngs)
+    else:
+      self.block = _NnxBlock(rngs)
+
+  def __call__(self, x):
+    h = self.proj(x)
+    if self.transform == "vmap":
+      return nnx.vmap(lambda block, h: block(h), in_axes=(0, None))(self.block, h)
+    return nnx.remat(lambda block, h: block(h))(self.block, h)
+
+
+@pytest.mark.parametrize("transform", ["remat", "vmap"])
+def test_nnx_under_transforms_matches_the_untransformed_layers(batches, transform):
+  model = NnxTransformed(transform, nnx.Rngs(0))
+  model.eval()
+  linear = lambda layer: {"kernel": layer.kernel[...], "bias": layer.bias[...]}
+  bn = {"scale": model.block.bn.scale[...], "bias": model.block.bn.bias[...]}
+  mean, var = _block_reference(transform, linear(model.proj), linear(model.block.dense), bn,
+                               batches)
+  shape = model.block.bn.mean[...].shape
+  jaxbn.recompute_batch_stats(model, batches)
+  assert model.block.bn.mean[...].shape == shape
+  np.testing.assert_allclose(model.block.bn.mean[...], mean, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(model.block.bn.var[...], var, rtol=1e-5)
+  assert model.block.bn.use_running_average  # still in eval mode
+  assert not hasattr(model.block.bn, "recompute_calls")  # the accumulators stay on the copy
+  if transform == "vmap":
+    assert np.all(np.ptp(mean, axis=0) > 1e-2)
+
+
+class LinenWithFlaxBN(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    h = jlinen.BatchNorm(use_running_average=not train, momentum=0.9, name="ours")(x)
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, name="theirs")(h)
+
+
+def test_linen_flax_batch_norm_is_left_as_it_is_with_a_warning(batches):
+  net = LinenWithFlaxBN()
+  variables = _init(net, batches[0])
+  with pytest.warns(UserWarning, match="flax.linen.BatchNorm at 'theirs'.*left as they are"):
+    new = jaxbn.recompute_batch_stats(net, batches, variables=variables, train=True)
+  mean, var = _population_in(batches)
+  np.testing.assert_allclose(new["batch_stats"]["ours"]["mean"], mean, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(new["batch_stats"]["ours"]["var"], var, rtol=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, new["batch_stats"]["theirs"],
+               variables["batch_stats"]["theirs"])
+
+
+class NnxWithFlaxBN(nnx.Module):
+  def __init__(self, rngs):
+    self.ours = jnnx.BatchNorm(IN, rngs=rngs)
+    self.theirs = nnx.BatchNorm(IN, rngs=rngs)
+
+  def __call__(self, x):
+    return self.theirs(self.ours(x))
+
+
+def test_nnx_flax_batch_norm_is_left_as_it_is_with_a_warning(batches):
+  model = NnxWithFlaxBN(nnx.Rngs(0))
+  before = jax.tree.map(np.asarray, nnx.state(model.theirs, nnx.BatchStat))
+  with pytest.warns(UserWarning, match="flax.nnx.BatchNorm at 'theirs'.*left as they are"):
+    jaxbn.recompute_batch_stats(model, batches)
+  mean, var = _population_in(batches)
+  np.testing.assert_allclose(model.ours.mean[...], mean, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(model.ours.var[...], var, rtol=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(model.theirs, nnx.BatchStat), before)
+
+
+def test_under_jit_is_refused_clearly(batches):
+  net = LinenNet()
+  variables = _init(net, batches[0])
+  with pytest.raises(TypeError, match="under jax.jit.*call it outside"):
+    jax.jit(lambda v: jaxbn.recompute_batch_stats(net, batches, variables=v, train=True))(
+        variables)
+  model = NnxNet(nnx.Rngs(0))
+  with pytest.raises(TypeError, match="under jax.jit.*call it outside"):
+    nnx.jit(lambda m: jaxbn.recompute_batch_stats(m, batches))(model)
+
+
+class LinenMasked(nn.Module):
+  @nn.compact
+  def __call__(self, x, mask):
+    return jlinen.BatchNorm(use_running_average=False, unbiased_running_var=True,
+                            name="bn")(x, mask=mask)
+
+
+def test_features_without_enough_values_keep_their_statistics(batches):
+  """As a training step keeps them: feature 0 sees no values (masked everywhere), feature 1
+  one value, too few for an unbiased variance; feature 2 all of them."""
+  masks = [np.ones((PER_BATCH, IN), bool) for _ in batches]
+  for i, mask in enumerate(masks):
+    mask[:, 0] = False
+    mask[:, 1] = False
+    if i == 0:
+      mask[0, 1] = True
+  masks = [jax.device_put(m) for m in masks]
+  net = LinenMasked()
+  variables = _init_plain(net, batches[0], masks[0])
+  stale = {"mean": jnp.full((IN,), 3.0, jnp.float32), "var": jnp.full((IN,), 7.0, jnp.float32)}
+  new = jaxbn.recompute_batch_stats(net, list(zip(batches, masks)),
+                                    variables={**variables, "batch_stats": {"bn": stale}})
+  got = new["batch_stats"]["bn"]
+  x = np.asarray(batches, np.float64).reshape(-1, IN)
+  np.testing.assert_array_equal(got["mean"][0], 3.0)
+  np.testing.assert_array_equal(got["var"][:2], [7.0, 7.0])
+  np.testing.assert_allclose(got["mean"][1], x[0, 1], rtol=1e-6)
+  np.testing.assert_allclose(got["mean"][2], x[:, 2].mean(), rtol=1e-5)
+  np.testing.assert_allclose(got["var"][2], x[:, 2].var(ddof=1), rtol=1e-5)
