@@ -152,7 +152,7 @@ FLOOR_LIBRARY_ENV = "JAXBN_BENCH_FLOOR_LIBRARY"
 
 def build_floor() -> pathlib.Path | None:
   """Compiles the floor's kernels (cached); None, with a warning, where that fails."""
-  from jaxbn import _native_build
+  from jaxbn._cpu import build as _native_build
 
   headers = _native_build.CSRC
   digest = hashlib.sha256(FLOOR_SOURCE.read_bytes())

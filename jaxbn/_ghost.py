@@ -5,6 +5,7 @@ of size N becomes (v, N/v), and the new axis of size G = N/v is a feature axis. 
 batch g holds the examples g, g + G, g + 2G, …; for a shuffled batch that is as random a split
 as contiguous chunks, and for a dense (N, C) input the feature axes (G, C) stay contiguous,
 so the C++ CPU kernels serve it unchanged. Eqs. (1)-(7) hold per (virtual batch, feature).
+Called by `jaxbn.ops.batch_norm`: the reshape before the core, the averaging after it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
-class GhostLayout:
+class VirtualBatches:
   """Where the virtual batches go: x's batch axis `batch_axis` (size v·groups) splits into
   (v, groups); the groups axis is batch_axis + 1 in the reshaped x, and sits at position
   `position` among the reshaped feature axes."""
@@ -49,10 +50,20 @@ class GhostLayout:
     shape = value.shape[:self.position] + (self.groups,) + value.shape[self.position + 1:]
     return jnp.broadcast_to(value, shape)
 
+  def average(self, stats):
+    """`BatchStats` per virtual batch → the virtual batches' count-weighted mean of μ and of
+    the biased variance (Keras 2 feeds its moving averages the plain mean; they agree without
+    a mask), and their mean count; r and d keep the virtual batches' axis."""
+    p = self.position
+    weights = stats.count / jnp.maximum(jnp.sum(stats.count, axis=p, keepdims=True), 1)
+    average = lambda v: jnp.sum(weights * v, axis=p)
+    return stats._replace(mean=average(stats.mean), var=average(stats.var),
+                          count=jnp.mean(stats.count, axis=p))
 
-def layout(shape: tuple[int, ...], features: tuple[int, ...], reductions: tuple[int, ...],
-           virtual_batch_size) -> GhostLayout | None:
-  """The ghost layout for `virtual_batch_size`, checked against x's batch axis (the first
+
+def virtual_batches(shape: tuple[int, ...], features: tuple[int, ...],
+                    reductions: tuple[int, ...], virtual_batch_size) -> VirtualBatches | None:
+  """The virtual batches of `virtual_batch_size` examples, checked against x's batch axis (the first
   reduction axis), or None for ordinary batch statistics.
 
   Any integer counts, a NumPy one (a config loaded with NumPy) as the Python int it equals;
@@ -78,5 +89,5 @@ def layout(shape: tuple[int, ...], features: tuple[int, ...], reductions: tuple[
     raise ValueError(
         f"virtual_batch_size={virtual_batch_size} does not divide the batch: x has shape "
         f"{shape} and its batch axis {b} has size {n}.")
-  return GhostLayout(batch_axis=b, size=virtual_batch_size, groups=n // virtual_batch_size,
-                     position=sum(a < b for a in features))
+  return VirtualBatches(batch_axis=b, size=virtual_batch_size, groups=n // virtual_batch_size,
+                        position=sum(a < b for a in features))

@@ -1,46 +1,28 @@
 """Batch normalization's passes over the activations, in pure JAX, over any reduction axes.
 
-Written once for every pure-JAX caller: `jaxbn.ops` runs them over the call's own axes (with
-the sums pooled over `axis_name`), `jaxbn.kernels`' twins over the kernels' (outer, C, inner)
-view, and the pooled CPU path (`jaxbn._cpu_path`) pools the kernels' per-device moments with
-`pooled_statistics`. Per-feature values keep their reduced axes (keepdims), so they broadcast
-against x; the formulas between the passes are `jaxbn._per_feature`'s.
+Written once for every pure-JAX caller: `jaxbn._xla_path` runs them over the call's own axes
+(with the sums pooled over `axis_name`), the kernels' twins (`jaxbn._cpu.twins`) over the
+(outer, C, inner) view, and the pooled CPU path (`jaxbn._cpu.path`) pools the kernels'
+per-device moments with `pooled_statistics`. Per-feature values keep their reduced axes
+(keepdims), so they broadcast against x; the formulas between the passes are
+`jaxbn._per_feature`'s.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxbn import _per_feature
+from jaxbn._records import Statistics
 
 Pool = Callable  # sums per-device values over the devices (a psum), or the identity
 
 
 def _local(values):
   return values
-
-
-class Statistics(NamedTuple):
-  """Eqs. (1)-(3) per feature, broadcastable against x.
-
-  Attributes:
-    count: m, the values behind each feature's statistics (0 for a fully masked feature).
-    shift: μ's leading part; μ = shift + delta, so x − μ is (x − shift) − delta, which is
-      formed without cancellation when |μ| ≫ σ.
-    delta: μ − shift.
-    var: the biased variance, eq. (2) without ε.
-    inv_std: 1/σ.
-  """
-
-  count: jax.Array
-  shift: jax.Array
-  delta: jax.Array
-  var: jax.Array
-  inv_std: jax.Array
 
 
 def masked(mask: jax.Array | None, value: jax.Array) -> jax.Array:
@@ -70,29 +52,30 @@ def local_count(shape: tuple[int, ...], mask: jax.Array | None, axes: tuple[int,
   return jnp.sum(jnp.broadcast_to(mask, shape), axis=axes, dtype=dtype, keepdims=True)
 
 
-def _from_deviations(count, m, shift, sum_d, sum_dd, epsilon: float) -> Statistics:
-  """The statistics from Σ d and Σ d² about a shift, d = x − shift (eq. (2) shifted)."""
-  delta = sum_d / m
-  var = _per_feature.shifted_variance(sum_dd / m, delta)
-  return Statistics(count, shift, delta, var, _per_feature.inverse_std(var, epsilon))
+def _from_deviations(count, m, hi, sum_d, sum_dd, epsilon: float) -> Statistics:
+  """The statistics from Σ d and Σ d² about hi, d = x − hi (eq. (2) shifted): μ = hi + lo
+  with lo = mean(d)."""
+  lo = sum_d / m
+  var = _per_feature.shifted_variance(sum_dd / m, lo)
+  return Statistics(count, hi, lo, var, _per_feature.inverse_std(var, epsilon))
 
 
 def shifted_moments(x_c: jax.Array, mask: jax.Array | None, count: jax.Array,
                     axes: tuple[int, ...], pool: Pool = _local):
-  """Eqs. (1)-(2) as (count, m, shift, Σ d, Σ d²), d = x − shift, m = max(count, 1), by the
-  corrected two-pass algorithm.
+  """Eqs. (1)-(2) as (count, m, hi, Σ d, Σ d²), d = x − hi, m = max(count, 1), by the
+  corrected two-pass algorithm: μ = hi + mean(d).
 
   x_c is in the compute dtype with padding already zeroed; `count` is this device's m. Summing
   x directly in float32 loses |μ|/σ's worth of digits: at x = 1e4 + N(0, 1) the sum's rounding
-  alone moves μ by more than σ/100. So the first pass only finds a shift near μ; the second
-  sums d = x − shift, which is small and exact to form (Chan, Golub & LeVeque).
+  alone moves μ by more than σ/100. So the first pass only finds hi, a shift near μ; the
+  second sums d = x − hi, which is small and exact to form (Chan, Golub & LeVeque).
   """
   count, sum_x = pool(sums(axes, count, x_c))
   m = at_least_one(count)
-  shift = sum_x / m
-  d = masked(mask, x_c - shift)
+  hi = sum_x / m
+  d = masked(mask, x_c - hi)
   sum_d, sum_dd = pool(sums(axes, d, d * d))
-  return count, m, shift, sum_d, sum_dd
+  return count, m, hi, sum_d, sum_dd
 
 
 def statistics(x_c: jax.Array, mask: jax.Array | None, count: jax.Array,
@@ -100,8 +83,8 @@ def statistics(x_c: jax.Array, mask: jax.Array | None, count: jax.Array,
                fast_variance: bool = False) -> Statistics:
   """Eqs. (1)-(3) of x_c (compute dtype, padding zeroed), pooled by `pool`.
 
-  `fast_variance`: Flax's one-pass E[x²] − E[x]², which is the shifted formula with a shift
-  of 0 (one pass, and no digits kept when |μ| ≫ σ).
+  `fast_variance`: Flax's one-pass E[x²] − E[x]², which is the shifted formula with hi = 0
+  (one pass, and no digits kept when |μ| ≫ σ).
   """
   if fast_variance:
     count, sum_x, sum_xx = pool(sums(axes, count, x_c, x_c * x_c))
@@ -113,27 +96,26 @@ def statistics(x_c: jax.Array, mask: jax.Array | None, count: jax.Array,
 def pooled_statistics(count, hi, lo, m2, *, epsilon: float, pool: Pool) -> Statistics:
   """Eqs. (1)-(3) pooled across devices from each device's m, μ = hi + lo and M2 = Σ (x − μ)².
 
-  The same two passes, over the devices: a common shift near the global μ, then each device's
-  Σ (x − shift) and Σ (x − shift)² from its own mean and M2 — no sum of x itself, so |μ| ≫ σ
+  The same two passes, over the devices: a common hi near the global μ, then each device's
+  Σ (x − hi) and Σ (x − hi)² from its own mean and M2 — no sum of x itself, so |μ| ≫ σ
   keeps its digits here too.
   """
   total = pool(count)
   m = at_least_one(total)
-  shift = pool(count * hi) / m
-  offset = (hi - shift) + lo  # this device's mean − shift
+  global_hi = pool(count * hi) / m
+  offset = (hi - global_hi) + lo  # this device's mean − global_hi
   sum_d, sum_dd = pool((count * offset, m2 + count * offset * offset))
-  return _from_deviations(total, m, shift, sum_d, sum_dd, epsilon)
+  return _from_deviations(total, m, global_hi, sum_d, sum_dd, epsilon)
 
 
-def centred(x: jax.Array, shift: jax.Array, delta: jax.Array,
-            mask: jax.Array | None) -> jax.Array:
-  """x − μ in the compute dtype, formed as (x − shift) − delta; 0 at padding."""
-  return masked(mask, (x.astype(shift.dtype) - shift) - delta)
+def centred(x: jax.Array, hi: jax.Array, lo: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """x − μ in the compute dtype, formed as (x − hi) − lo; 0 at padding."""
+  return masked(mask, (x.astype(hi.dtype) - hi) - lo)
 
 
-def normalize(x_c, shift, delta, a, b, mask):
-  """Eqs. (3)-(4) as ((x − shift) − delta)·a + b, with a = γ/σ and b = β; 0 at padding."""
-  return masked(mask, ((x_c - shift) - delta) * a + b)
+def normalize(x_c, hi, lo, a, b, mask):
+  """Eqs. (3)-(4) as ((x − hi) − lo)·a + b, with a = γ/σ and b = β; 0 at padding."""
+  return masked(mask, ((x_c - hi) - lo) * a + b)
 
 
 def grad_sums(g: jax.Array, x_centred: jax.Array, axes: tuple[int, ...]):

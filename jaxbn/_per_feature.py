@@ -1,7 +1,7 @@
 """The per-feature formulas that sit between batch normalization's passes over the activations.
 
-One definition for every path: `jaxbn._passes` calls these for the pure-JAX path of
-`jaxbn.ops`, the pooled CPU path and `jaxbn.kernels`' pure-JAX twins; the fused C++ kernels
+One definition for every path: `jaxbn._passes` calls these for the pure-JAX path
+(`jaxbn._xla_path`), the pooled CPU path and the kernels' pure-JAX twins; the fused C++ kernels
 (`jaxbn/csrc/batch_norm_cpu.cc`, Forward and Backward) repeat them in the same order of
 operations (with 1/√ where JAX has rsqrt: within an ulp), and the tests hold the two to each
 other.
@@ -20,12 +20,12 @@ def variance(m2: jax.Array, count) -> jax.Array:
   return jnp.maximum(m2 / count, 0)
 
 
-def shifted_variance(mean_square: jax.Array, delta: jax.Array) -> jax.Array:
-  """Eq. (2) without ε from a shifted pass: (1/m) Σ d² − δ², where d = x − shift and
-  δ = mean(d); never below 0 (round-off). A Σ d² that overflowed the compute dtype stays
+def shifted_variance(mean_square: jax.Array, lo: jax.Array) -> jax.Array:
+  """Eq. (2) without ε from a shifted pass: (1/m) Σ d² − lo², where d = x − hi and
+  lo = mean(d); never below 0 (round-off). A Σ d² that overflowed the compute dtype stays
   inf, as the kernels' M2/m does, rather than turning into inf − inf = NaN."""
   return jnp.where(jnp.isposinf(mean_square), mean_square,
-                   jnp.maximum(mean_square - delta * delta, 0))
+                   jnp.maximum(mean_square - lo * lo, 0))
 
 
 def inverse_std(var: jax.Array, epsilon: float) -> jax.Array:
@@ -56,7 +56,7 @@ def dx_coefficients(scale: jax.Array, inv_std: jax.Array, count, sum_g: jax.Arra
   return a, b, k
 
 
-def renorm_correction(shift: jax.Array, delta: jax.Array, inv_std: jax.Array,
+def renorm_correction(hi: jax.Array, lo: jax.Array, inv_std: jax.Array,
                       running_mean: jax.Array, running_var: jax.Array, epsilon: float,
                       rmin, rmax, dmax):
   """Batch renormalization's (r, d) (Ioffe 2017, Algorithm 1), per feature, unclipped inside
@@ -67,8 +67,8 @@ def renorm_correction(shift: jax.Array, delta: jax.Array, inv_std: jax.Array,
   with σ_B = √(σ²_B + ε) = 1/inv_std (eq. (2)) and the running σ = √(running_var + ε): the
   same ε on both sides, so with r, d unclipped x̂·r + d = (x − μ)/σ, the inference formula.
 
-  μ_B comes as shift + delta (`jaxbn._passes.Statistics`) and μ_B − μ is formed as
-  (shift − μ) + delta: shift and μ are close when d is small, so their difference is exact,
+  μ_B comes as hi + lo (`jaxbn._records.Statistics`) and μ_B − μ is formed as
+  (hi − μ) + lo: hi and μ are close when d is small, so their difference is exact,
   where μ_B rounded to the compute dtype first would lose |μ_B|/σ's worth of d's digits
   (all of them in float32 at |μ| = 1e5, σ = 0.01).
 
@@ -80,7 +80,7 @@ def renorm_correction(shift: jax.Array, delta: jax.Array, inv_std: jax.Array,
   """
   inv_running_std = lax.rsqrt(running_var + epsilon)
   r = jnp.clip(inv_running_std / inv_std, rmin, rmax)
-  d = jnp.clip(((shift - running_mean) + delta) * inv_running_std, -dmax, dmax)
+  d = jnp.clip(((hi - running_mean) + lo) * inv_running_std, -dmax, dmax)
   nan = jnp.full((), jnp.nan, r.dtype)
   r_clips_valid = (rmax >= 1) & (rmin >= 0) & (rmin <= 1)
   return jnp.where(r_clips_valid, r, nan), jnp.where(dmax >= 0, d, nan)

@@ -15,9 +15,10 @@ and, given dy = ∂L/∂y, the backward the seed derives term by term and leaves
 
 `docs/derivation.md` derives the closed form; `jaxbn.reference` computes it the seed's way.
 
-The forward and the backward are each a choice of two paths: pure JAX (the passes over the
-activations of `jaxbn._passes`, the per-feature formulas of `jaxbn._per_feature`), or on CPU,
-where the call allows it, the fused C++ kernels (`jaxbn._cpu_path`), which compute the same.
+The forward and the backward are each a choice of two paths with the same signatures: pure
+JAX (`jaxbn._xla_path`: the passes over the activations of `jaxbn._passes`, the per-feature
+formulas of `jaxbn._per_feature`), or on CPU, where the call allows it, the fused C++ kernels
+(`jaxbn._cpu.path`), which compute the same. The records both take are `jaxbn._records`'.
 """
 
 from __future__ import annotations
@@ -29,15 +30,11 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from jaxbn import _args, _cpu_path, _ghost, _passes, _per_feature, kernels
-
-try:  # private: only to name the fix when forward mode meets the custom_vjp
-  from jax._src.interpreters.ad import JVPTracer as _JVPTracer
-except ImportError:  # pragma: no cover - a JAX without it gets JAX's own error
-  _JVPTracer = None
+from jaxbn import _args, _custom_vjp, _ghost, _passes, _per_feature, _xla_path
+from jaxbn._cpu import path as _cpu_path
+from jaxbn._records import Affine, Residuals, Static
 
 __all__ = [
     "BatchStats",
@@ -77,7 +74,7 @@ class Renorm(NamedTuple):
 
   x̂ = (x − μ_B)/σ_B · r + d with r = clip(σ_B/σ, rmin, rmax), d = clip((μ_B − μ)/σ, −dmax,
   dmax), both under stop-gradient; σ_B = √(σ²_B + ε) and σ = √(var + ε). μ_B − μ is formed
-  from the shifted statistics as (shift − μ) + δ, so d keeps its digits when |μ| ≫ σ, and
+  from the split mean μ_B = hi + lo as (hi − μ) + lo, so d keeps its digits when |μ| ≫ σ, and
   unclipped renorm equals `batch_norm_inference` with the same running statistics to the
   compute dtype's rounding (float32: both within 4·ε₃₂ of float64, relative to a feature's
   largest |y|, at |μ| up to 1e6 and σ down to 1e-2; `jaxbn check` checks it). The running
@@ -115,45 +112,6 @@ class RenormCorrection(NamedTuple):
 
   r: jax.Array
   d: jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  """Everything about a call that is not an array; a hashable custom_vjp nondiff argument."""
-
-  reduction_axes: tuple[int, ...]
-  broadcast_shape: tuple[int, ...]
-  epsilon: float
-  axis_name: Hashable | None
-  axis_index_groups: tuple[tuple[int, ...], ...] | None
-  use_fast_variance: bool
-  out_dtype: np.dtype
-  # (features, inner) view for the C++ CPU kernels, or None for the pure-JAX path everywhere.
-  kernel_layout: kernels.Layout | None = None
-  # use_cpu_kernel=True: the C++ in every CPU lowering, even where lowering would pick the twin.
-  force_kernel: bool = False
-
-  def pool(self, values):
-    """Sums per-device values over `axis_name`, if there is one (one collective)."""
-    if self.axis_name is None:
-      return values
-    return lax.psum(values, self.axis_name, axis_index_groups=self.axis_index_groups)
-
-
-class Residuals(NamedTuple):
-  """What the analytic backward keeps: x and per-feature vectors, nothing activation-sized."""
-
-  x: jax.Array
-  mask: jax.Array | None
-  scale: jax.Array
-  bias: jax.Array
-  shift: jax.Array  # μ = shift + delta (`jaxbn._passes.Statistics`)
-  delta: jax.Array
-  inv_std: jax.Array
-  count: jax.Array  # m, at least 1
-  renorm: Any = None  # the renorm inputs (their cotangent is 0), or None
-  r: jax.Array | None = None  # renorm's r and d, broadcastable against x, or None
-  d: jax.Array | None = None
 
 
 def batch_norm(
@@ -238,7 +196,7 @@ def batch_norm(
   _args.reduction_size(x, reductions)
   renorm = _renorm_input(renorm, shape, cdt)
   mask = _args.batch_mask(mask, x)
-  ghost = _ghost.layout(x.shape, features, reductions, virtual_batch_size)
+  ghost = _ghost.virtual_batches(x.shape, features, reductions, virtual_batch_size)
   x_shape = x.shape
   if ghost is not None:  # more features, same maths (jaxbn._ghost)
     x = ghost.split(x)
@@ -247,7 +205,7 @@ def batch_norm(
     renorm = _per_feature_fields(renorm, ghost.per_group)
     features = ghost.features(features)
     reductions = tuple(a for a in range(x.ndim) if a not in features)
-  static = _Static(
+  static = Static(
       reduction_axes=reductions,
       broadcast_shape=_args.broadcast_shape(x, features),
       epsilon=_args.epsilon_value(epsilon),
@@ -258,18 +216,19 @@ def batch_norm(
   )
   gradient = _args.gradient_mode(gradient)
   static = dataclasses.replace(
-      static, kernel_layout=_cpu_path.layout(x, features, mask, static, gradient, use_cpu_kernel),
+      static, kernel_view=_cpu_path.feature_view(x, features, mask, static, gradient,
+                                                 use_cpu_kernel),
       force_kernel=use_cpu_kernel is True)
   renorm = _per_feature_fields(renorm, lambda v: v.reshape(static.broadcast_shape))
   if gradient == "analytic":
-    _refuse_forward_mode(x, scale, bias)
-    x, scale, bias = (_device_varying(v, axis_name) for v in (x, scale, bias))
+    _custom_vjp.refuse_forward_mode(x, scale, bias)
+    x, scale, bias = (_custom_vjp.device_varying(v, axis_name) for v in (x, scale, bias))
     y, stats = _batch_norm_analytic(x, scale, bias, mask, renorm, static)
   else:
     y, stats, _ = _forward(x, scale, bias, mask, renorm, static)
   if ghost is not None:
     y = y.reshape(x_shape)
-    stats = _average_virtual_batches(stats, ghost.position)
+    stats = ghost.average(stats)
   return y, jax.tree.map(lax.stop_gradient, stats)
 
 
@@ -297,15 +256,6 @@ def _per_feature_fields(renorm, fn):
   if isinstance(renorm, RenormCorrection):
     return RenormCorrection(fn(renorm.r), fn(renorm.d))
   return renorm._replace(mean=fn(renorm.mean), var=fn(renorm.var))
-
-
-def _average_virtual_batches(stats: BatchStats, position: int) -> BatchStats:
-  """The virtual batches' count-weighted mean of μ and of the biased variance (Keras 2 feeds
-  its moving averages the plain mean; they agree without a mask), and their mean count."""
-  weights = stats.count / jnp.maximum(jnp.sum(stats.count, axis=position, keepdims=True), 1)
-  average = lambda v: jnp.sum(weights * v, axis=position)
-  return stats._replace(mean=average(stats.mean), var=average(stats.var),
-                        count=jnp.mean(stats.count, axis=position))
 
 
 def batch_norm_inference(
@@ -412,80 +362,63 @@ def update_running_stats(
 
 
 # ----------------------------------------------------------------------------------------
-# The forward pass, shared by both gradient modes.
+# The forward pass, shared by both gradient modes, and the analytic backward: each picks the
+# call's path (`static.kernel_view`) and hands it the same records.
 
 
-def _forward(x, scale, bias, mask, renorm, static: _Static):
-  """Eqs. (1)-(4). Returns (y, stats, residuals for the analytic backward)."""
-  correction = {}
-  cdt = _args.compute_dtype(x)
+def _path(static: Static):
+  return _xla_path if static.kernel_view is None else _cpu_path
 
-  def affine(stats: _passes.Statistics):
-    """(γ, β) of eq. (4) in the compute dtype, or with renorm (γr, γd + β)."""
-    gamma = scale.astype(cdt).reshape(static.broadcast_shape)
-    beta = bias.astype(cdt).reshape(static.broadcast_shape)
-    if renorm is None:
-      return gamma, beta
-    if isinstance(renorm, RenormCorrection):
-      r, d = renorm
-    else:
-      r, d = _per_feature.renorm_correction(
-          stats.shift, stats.delta, stats.inv_std, renorm.mean, renorm.var, static.epsilon,
-          renorm.rmin, renorm.rmax, renorm.dmax)
-    r, d = lax.stop_gradient(r), lax.stop_gradient(d)  # constants to the gradient (Ioffe)
-    correction.update(r=r, d=d)
-    return gamma * r, gamma * d + beta
 
-  if static.kernel_layout is None:
-    y, stats = _forward_xla(x, mask, static, affine)
+def _affine(scale, bias, renorm, static: Static, cdt) -> Affine:
+  """Eq. (4)'s (γ, β) in the compute dtype, with renorm's (r, d) from the statistics."""
+  gamma = scale.astype(cdt).reshape(static.broadcast_shape)
+  beta = bias.astype(cdt).reshape(static.broadcast_shape)
+  if renorm is None:
+    return Affine(gamma, beta)
+  if isinstance(renorm, RenormCorrection):
+    r, d = renorm
+    correction = lambda stats: (r, d)
   else:
-    y, stats = _cpu_path.forward(x, mask, static, affine, fused=renorm is None)
+    correction = lambda stats: _per_feature.renorm_correction(
+        stats.hi, stats.lo, stats.inv_std, renorm.mean, renorm.var, static.epsilon,
+        renorm.rmin, renorm.rmax, renorm.dmax)
+  # r and d are constants to the gradient (Ioffe).
+  return Affine(gamma, beta, lambda stats: tuple(map(lax.stop_gradient, correction(stats))))
+
+
+def _forward(x, scale, bias, mask, renorm, static: Static):
+  """Eqs. (1)-(4). Returns (y, stats, residuals for the analytic backward)."""
+  affine = _affine(scale, bias, renorm, static, _args.compute_dtype(x))
+  y, stats = _path(static).forward(x, mask, static, affine)
+  r, d = (None, None) if affine.correction is None else affine.correction(stats)
   feature_shape = tuple(n for a, n in enumerate(static.broadcast_shape)
                         if a not in static.reduction_axes)
   squeeze = functools.partial(jnp.squeeze, axis=static.reduction_axes)
   batch_stats = BatchStats(
-      mean=squeeze(stats.shift + stats.delta),
+      mean=squeeze(stats.hi + stats.lo),
       var=squeeze(stats.var),
       count=jnp.broadcast_to(squeeze(stats.count), feature_shape),
-      r=squeeze(correction["r"]) if correction else None,
-      d=squeeze(correction["d"]) if correction else None,
+      r=None if r is None else squeeze(r),
+      d=None if d is None else squeeze(d),
   )
-  residuals = Residuals(x, mask, scale, bias, stats.shift, stats.delta, stats.inv_std,
-                        _passes.at_least_one(stats.count), renorm,
-                        correction.get("r"), correction.get("d"))
+  residuals = Residuals(x, mask, scale, bias, stats.hi, stats.lo, stats.inv_std,
+                        _passes.at_least_one(stats.count), renorm, r, d)
   return y, batch_stats, residuals
 
 
-def _forward_xla(x, mask, static: _Static, affine):
-  cdt = _args.compute_dtype(x)
-  # Padding is zeroed before any arithmetic: where-masking only the result would still let
-  # autodiff multiply a zero cotangent by a NaN partial (0 · NaN = NaN).
-  x_c = _passes.masked(mask, x.astype(cdt))
-  stats = _passes.statistics(
-      x_c, mask, _passes.local_count(x.shape, mask, static.reduction_axes, cdt),
-      static.reduction_axes, epsilon=static.epsilon, pool=static.pool,
-      fast_variance=static.use_fast_variance)
-  gamma, beta = affine(stats)
-  y = _passes.normalize(x_c, stats.shift, stats.delta, gamma * stats.inv_std, beta, mask)
-  return y.astype(static.out_dtype), stats
-
-
-# ----------------------------------------------------------------------------------------
-# The analytic backward.
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _batch_norm_analytic(x, scale, bias, mask, renorm, static: _Static):
+def _batch_norm_analytic(x, scale, bias, mask, renorm, static: Static):
   y, stats, _ = _forward(x, scale, bias, mask, renorm, static)
   return y, stats
 
 
-def _batch_norm_analytic_fwd(x, scale, bias, mask, renorm, static: _Static):
+def _batch_norm_analytic_fwd(x, scale, bias, mask, renorm, static: Static):
   y, stats, residuals = _forward(x, scale, bias, mask, renorm, static)
   return (y, stats), residuals
 
 
-def _batch_norm_analytic_bwd(static: _Static, residuals: Residuals, cotangents):
+def _batch_norm_analytic_bwd(static: Static, residuals: Residuals, cotangents):
   """Eqs. (5), (6) and the closed form of (7), from x and per-feature vectors only.
 
   With pooled batches (axis_name) m, Σ dy and Σ dy·x̂ in eq. (7) are global sums, while ∂L/∂γ
@@ -500,10 +433,7 @@ def _batch_norm_analytic_bwd(static: _Static, residuals: Residuals, cotangents):
   if residuals.r is not None:
     core = residuals._replace(
         scale=scale.astype(residuals.r.dtype).reshape(static.broadcast_shape) * residuals.r)
-  if static.kernel_layout is None:
-    dx, d_scale, d_bias = _backward_xla(static, core, dy)
-  else:
-    dx, d_scale, d_bias = _cpu_path.backward(static, core, dy)
+  dx, d_scale, d_bias = _path(static).backward(static, core, dy)
   if residuals.r is not None:
     d_scale, d_bias = (v.reshape(static.broadcast_shape) for v in (d_scale, d_bias))
     d_scale = residuals.r * d_scale + residuals.d * d_bias
@@ -516,50 +446,4 @@ def _batch_norm_analytic_bwd(static: _Static, residuals: Residuals, cotangents):
   )
 
 
-def _backward_xla(static: _Static, residuals: Residuals, dy):
-  r = residuals
-  x_centred = _passes.centred(r.x, r.shift, r.delta, r.mask)  # x − μ recomputed; x̂ = it·1/σ
-  g = _passes.masked(r.mask, dy.astype(r.shift.dtype))
-  sum_g, sum_g_centred = _passes.grad_sums(g, x_centred, static.reduction_axes)
-  gamma = r.scale.astype(r.inv_std.dtype).reshape(static.broadcast_shape)
-  d_scale, d_bias, a, b, k = _passes.gradient_coefficients(
-      gamma, r.inv_std, r.count, sum_g, sum_g_centred, static.pool)
-  dx = _passes.grad_input(g, x_centred, a, b, k, r.mask)
-  return dx.astype(r.x.dtype), d_scale, d_bias
-
-
 _batch_norm_analytic.defvjp(_batch_norm_analytic_fwd, _batch_norm_analytic_bwd)
-
-
-def _refuse_forward_mode(*arrays: jax.Array) -> None:
-  """Forward mode (jax.jvp, jax.jacfwd) cannot pass a custom_vjp; JAX's own error says so
-  but not what to do, so a call traced for it fails here, naming the fix.
-
-  Only a top-level JVP tracer is refused: under reverse mode (grad, vjp, and the outer jvp
-  of a Hessian, which JAX runs on the linearized program) the inputs are linearize tracers.
-  With the legacy `jax_use_direct_linearize=False`, reverse mode itself runs on JVP tracers,
-  so nothing is refused there and JAX reports forward mode in its own words.
-  """
-  if _JVPTracer is None or not jax.config.jax_use_direct_linearize:
-    return
-  if any(isinstance(a, _JVPTracer) for a in arrays):
-    raise TypeError(
-        "jaxbn.batch_norm(gradient='analytic') is a jax.custom_vjp, which JAX cannot "
-        "differentiate in forward mode (jax.jvp, jax.jacfwd); pass "
-        "gradient='autodiff' (the same forward, differentiated by JAX) for forward mode.")
-
-
-def _device_varying(value: jax.Array, axis_name: Hashable | None) -> jax.Array:
-  """Marks a replicated input as varying over `axis_name`'s manual (shard_map) axes.
-
-  The analytic backward returns this device's ∂L/∂γ; under shard_map a replicated γ needs a
-  replicated cotangent. Casting γ to varying first makes JAX sum the per-device cotangents
-  when it transposes the cast — exactly what its autodiff does for the uncast forward.
-  """
-  if axis_name is None:
-    return value
-  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-  manual = set(jax.sharding.get_abstract_mesh().manual_axes)
-  varying = jax.typeof(value).manual_axis_type.varying
-  missing = tuple(n for n in names if n in manual and n not in varying)
-  return lax.pcast(value, missing, to="varying") if missing else value

@@ -38,8 +38,8 @@ unset JAXBN_CPU_KERNEL
 echo "sanitize_kernels: compiling with $JAXBN_CXXFLAGS_EXTRA"
 # Compile without the preload (the compiler need not run instrumented); loading waits for pytest.
 library=$("$python" -c 'import os, shlex
-from jaxbn import _native_build
-print(_native_build._build(shlex.split(os.environ["CXX"])))')
+from jaxbn._cpu import build
+print(build.verified_library(shlex.split(os.environ["CXX"]))[0])')
 # grep -q exits at the first match; with pipefail a piped nm killed by SIGPIPE would fail the test.
 grep -q __asan_init <(nm -D "$library") || { echo "sanitize_kernels: $library is not instrumented" >&2; exit 2; }
 

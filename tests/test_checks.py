@@ -85,7 +85,7 @@ def test_renorm_precision_check_passes_and_fails_on_lost_digits(monkeypatch):
   assert all(r.passed and r.tolerance == 4 * np.finfo(np.float32).eps for r in results), results
   right = _per_feature.renorm_correction
   monkeypatch.setattr(_per_feature, "renorm_correction",
-                      lambda shift, delta, *rest: right(shift + delta, 0 * delta, *rest))
+                      lambda hi, lo, *rest: right(hi + lo, 0 * lo, *rest))
   verdict = {r.pair: r for r in checks.run_checks([case])}
   assert not any(r.passed for r in verdict.values()), verdict
   assert verdict["renorm r, d vs float64 (pure JAX)"].max_abs > 0.05

@@ -38,12 +38,13 @@ def test_check_exits_nonzero_on_a_failure(monkeypatch, capsys):
 
 
 def test_kernels_command_reports_the_library_or_why_not(monkeypatch, capsys):
-  from jaxbn import _native_build, kernels
+  from jaxbn import kernels
+  from jaxbn._cpu import library
 
   assert cli.main(["kernels"]) == 0
   assert str(kernels.status().library) in capsys.readouterr().out
   monkeypatch.setattr(kernels, "status",
-                      lambda: _native_build.Status(False, "disabled by JAXBN_CPU_KERNEL=0"))
+                      lambda: library.Status(False, "disabled by JAXBN_CPU_KERNEL=0"))
   assert cli.main(["kernels"]) == 1
   assert "unavailable: disabled by JAXBN_CPU_KERNEL=0" in capsys.readouterr().out
 
@@ -54,14 +55,15 @@ def test_kernels_command_reports_the_library_or_why_not(monkeypatch, capsys):
 # command line.
 CHECK_SCRIPT = """
 import sys
-from jaxbn import _native_build, checks, cli, kernels
+from jaxbn import checks, cli, kernels
+from jaxbn._cpu import library
 
 passed, rows = sys.argv[1] == "pass", int(sys.argv[2])
 row = checks.Comparison("dense/σ-offset/x̂", "analytic − autodiff [check]", 1e-13, 2e-13,
                         1e-10, passed)
 checks.run_checks = lambda cases: [row] * rows
 checks.symbolic_checks = lambda: [checks.SymbolicResult("m", "Σ g_i x̂_i == ∂L/∂γ", True)]
-kernels.status = lambda: _native_build.Status(False, "disabled [by] the test")
+kernels.status = lambda: library.Status(False, "disabled [by] the test")
 sys.exit(cli.main(sys.argv[3:]))
 """.encode("ascii", "backslashreplace").decode()  # a C locale decodes argv as ASCII
 
@@ -173,7 +175,8 @@ def test_help_prints_on_any_stdout():
 
 
 def test_brackets_in_messages_print_literally(monkeypatch, capsys):
-  from jaxbn import _native_build, kernels
+  from jaxbn import kernels
+  from jaxbn._cpu import library
 
   row = checks.Comparison("dense/[red]x[/]", "a [bold]b[/bold] [check]", 1e-13, 2e-13, 1e-10,
                           True)
@@ -181,7 +184,7 @@ def test_brackets_in_messages_print_literally(monkeypatch, capsys):
   monkeypatch.setattr(checks, "symbolic_checks",
                       lambda: [checks.SymbolicResult("m", "x[i] == [y] :smile:", True)])
   monkeypatch.setattr(kernels, "status",
-                      lambda: _native_build.Status(False, "no [cxx] at /opt/[x]/c++"))
+                      lambda: library.Status(False, "no [cxx] at /opt/[x]/c++"))
   assert cli.main(["check"]) == 0
   out = capsys.readouterr().out
   assert "not in use (no [cxx] at /opt/[x]/c++)" in out

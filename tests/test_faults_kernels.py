@@ -1,4 +1,5 @@
-"""Faults around the C++ CPU kernels (`jaxbn._native_build`, and when `jaxbn.ops` calls them).
+"""Faults around the C++ CPU kernels' build, cache and load (`jaxbn._cpu.library`, `build`,
+`cache`), and when `jaxbn.ops` calls them.
 
 A truncated, empty or foreign library in the cache, a cache other users can write, a relative
 or empty cache directory, a library swapped after its check, a compiler that fails in Latin-1,
@@ -7,7 +8,7 @@ empty feature axis, a host whose default backend is not CPU: each ends in the ke
 pure-JAX path, with at most one warning, never a crash or a long hang; what loads is always the
 file that was verified.
 
-`_native_build.status()` decides once per process, so most tests call `_load()` directly with
+`library.status()` decides once per process, so most tests call `_load()` directly with
 a fake $CXX: a shell script that answers `--version`, then does one thing wrong (or copies a
 real library, built once per session, to its `-o` path: a fast "compiler").
 """
@@ -27,7 +28,11 @@ import numpy as np
 import pytest
 
 import jaxbn
-from jaxbn import _native_build, kernels
+from jaxbn import kernels
+from jaxbn._cpu import build as kernel_build
+from jaxbn._cpu import cache as kernel_cache
+from jaxbn._cpu import calls
+from jaxbn._cpu import library as kernel_library
 
 C_COMPILER = shutil.which("cc") or shutil.which("gcc")
 
@@ -86,7 +91,7 @@ def _warnings(caplog) -> list[str]:
 
 
 def _library_path(script: Path) -> Path:
-  return _native_build._cache_path([str(script)], 60.0)[1]
+  return kernel_build._cache_path([str(script)], 60.0)[1]
 
 
 def _alive(pid: int) -> bool:
@@ -114,7 +119,7 @@ import jax.numpy as jnp
 from jaxbn import kernels
 status = kernels.status()
 print(status.available, status.reason)
-print(kernels.moments(kernels.Layout(3, 1), jnp.arange(12.0).reshape(4, 3))[0])
+print(kernels.moments(kernels.FeatureView(3, 1), jnp.arange(12.0).reshape(4, 3))[0])
 """
 
 
@@ -125,8 +130,8 @@ def test_a_truncated_library_is_rebuilt_not_loaded(cache, fake_cxx, good_library
   data = good_library.read_bytes()
   library.write_bytes(data[:len(data) // 2])  # what a full disk or a killed copy leaves
   library.chmod(0o755)
-  _native_build._write_atomically(_native_build._digest_path(library),
-                                  _native_build._digest(library, data))
+  kernel_cache.write_atomically(kernel_cache.digest_path(library),
+                                  kernel_cache.digest(library, data))
   # In a subprocess: dlopen of a truncated library dies of SIGBUS, which would end pytest.
   result = subprocess.run([sys.executable, "-c", _TRUNCATED], capture_output=True, text=True,
                           timeout=300, check=False, env=os.environ)
@@ -141,7 +146,7 @@ def test_a_truncated_library_is_rebuilt_not_loaded(cache, fake_cxx, good_library
 def test_an_empty_library_is_refused_and_not_cached(cache, fake_cxx, caplog):
   fake_cxx(":")  # exits 0 and writes nothing
   for _ in range(2):  # not cached: the next process tries again (and fails again)
-    status = _native_build._load()
+    status = kernel_library._load()
     assert not status.available
     assert "exited with 0 but wrote nothing" in status.reason
   assert sorted(p.name for p in cache.iterdir()) == [".build.lock"]
@@ -156,16 +161,16 @@ def test_a_foreign_library_at_the_cache_path_is_replaced_without_running_it(
   marker = tmp_path / "constructor-ran"
   library = _library_path(fake_cxx(f'cp "{good_library}" "$out"'))
   _plant(tmp_path, library, marker)
-  status = _native_build._load()
+  status = kernel_library._load()
   assert status.available, status.reason
   assert not marker.exists(), "the foreign library was loaded"
   assert library.read_bytes() == good_library.read_bytes()
-  assert sorted(registered) == sorted(_native_build.TARGETS)
+  assert sorted(registered) == sorted(kernel_library.TARGETS)
   assert _warnings(caplog) == [
       f"jaxbn: compiling the CPU kernels once per machine (about 10 s) into {library}; the "
       "cached copy has no digest, so it is not a complete jaxbn build"]
   caplog.clear()
-  assert _native_build._load().available and not _warnings(caplog)  # verified: no rebuild
+  assert kernel_library._load().available and not _warnings(caplog)  # verified: no rebuild
 
 
 def test_a_cache_directory_other_users_can_write_is_not_used(tmp_path, cache, fake_cxx,
@@ -173,7 +178,7 @@ def test_a_cache_directory_other_users_can_write_is_not_used(tmp_path, cache, fa
   marker = tmp_path / "compiled"
   fake_cxx(f'touch "{marker}"; exit 1')
   cache.chmod(0o777)
-  status = _native_build._load()
+  status = kernel_library._load()
   assert not status.available
   assert "is writable by other users" in status.reason
   assert not marker.exists(), "it compiled into a directory others can write"
@@ -185,7 +190,7 @@ def test_a_cache_directory_other_users_can_write_is_not_used(tmp_path, cache, fa
 def test_a_library_another_user_could_have_written_is_rebuilt(cache, fake_cxx, good_library,
                                                                registered, caplog, tamper):
   library = _library_path(fake_cxx(f'cp "{good_library}" "$out"'))
-  assert _native_build._load().available  # a verified build
+  assert kernel_library._load().available  # a verified build
   if tamper == "writable by others":
     library.chmod(0o777)
   else:
@@ -193,7 +198,7 @@ def test_a_library_another_user_could_have_written_is_rebuilt(cache, fake_cxx, g
       pytest.skip("only root can give a file to another user")
     os.chown(library, 65534, 65534)
   caplog.clear()
-  assert _native_build._load().available
+  assert kernel_library._load().available
   info = library.stat()
   assert info.st_uid == os.geteuid() and info.st_mode & 0o022 == 0
   [warning] = _warnings(caplog)
@@ -209,7 +214,7 @@ import jax.numpy as jnp
 from jaxbn import kernels
 status = kernels.status()
 print(status.available, status.reason, status.library)
-print(kernels.moments(kernels.Layout(3, 1), jnp.arange(12.0).reshape(4, 3))[0])
+print(kernels.moments(kernels.FeatureView(3, 1), jnp.arange(12.0).reshape(4, 3))[0])
 """
 
 
@@ -240,16 +245,16 @@ def test_an_empty_cache_dir_is_the_default_and_a_relative_one_is_under_the_cwd(
   monkeypatch.chdir(tmp_path)
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
   monkeypatch.setenv("JAXBN_CACHE_DIR", "")
-  assert _native_build.cache_dir() == tmp_path / "xdg" / "jaxbn"
+  assert kernel_build.cache_dir() == tmp_path / "xdg" / "jaxbn"
   monkeypatch.setenv("JAXBN_CACHE_DIR", "kernels/cache")
-  assert _native_build.cache_dir() == tmp_path / "kernels" / "cache"
+  assert kernel_build.cache_dir() == tmp_path / "kernels" / "cache"
   monkeypatch.setenv("JAXBN_CACHE_DIR", ".")
-  assert _native_build.cache_dir() == tmp_path
+  assert kernel_build.cache_dir() == tmp_path
   # The XDG rule: a relative XDG_CACHE_HOME is invalid and ignored.
   monkeypatch.delenv("JAXBN_CACHE_DIR")
   monkeypatch.setenv("XDG_CACHE_HOME", "xdg")
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
-  assert _native_build.cache_dir() == tmp_path / "home" / ".cache" / "jaxbn"
+  assert kernel_build.cache_dir() == tmp_path / "home" / ".cache" / "jaxbn"
 
 
 def test_directories_it_creates_are_not_writable_by_others_under_any_umask(
@@ -259,7 +264,7 @@ def test_directories_it_creates_are_not_writable_by_others_under_any_umask(
   monkeypatch.setenv("JAXBN_CACHE_DIR", str(leaf))
   previous = os.umask(0)
   try:
-    status = _native_build._load()
+    status = kernel_library._load()
   finally:
     os.umask(previous)
   assert "exited with 1" in status.reason  # got as far as compiling in the directory
@@ -276,11 +281,11 @@ def test_a_library_swapped_after_its_digest_is_checked_is_not_what_loads(
   # second load of the same name with the library it already has).
   data = good_library.read_bytes()
   shutil.copy(good_library, library)
-  _native_build._write_atomically(_native_build._digest_path(library),
-                                  _native_build._digest(library, data))
+  kernel_cache.write_atomically(kernel_cache.digest_path(library),
+                                  kernel_cache.digest(library, data))
   marker, planted = tmp_path / "constructor-ran", tmp_path / "planted.so"
   _plant(tmp_path, planted, marker)
-  load = _native_build.ctypes.CDLL
+  load = kernel_library.ctypes.CDLL
   loaded = []
 
   def swap_then_load(name, *args, **kwargs):
@@ -288,11 +293,11 @@ def test_a_library_swapped_after_its_digest_is_checked_is_not_what_loads(
     loaded.append(load(name, *args, **kwargs))
     return loaded[-1]
 
-  monkeypatch.setattr(_native_build.ctypes, "CDLL", swap_then_load)
-  status = _native_build._load()
+  monkeypatch.setattr(kernel_library.ctypes, "CDLL", swap_then_load)
+  status = kernel_library._load()
   assert not marker.exists(), "the library swapped in after the check was loaded"
   assert status.available, status.reason
-  assert all(hasattr(loaded[0], symbol) for symbol in _native_build.TARGETS.values())
+  assert all(hasattr(loaded[0], symbol) for symbol in kernel_library.TARGETS.values())
 
 
 @pytest.mark.skipif(C_COMPILER is None, reason="no C compiler to build a planted library")
@@ -313,9 +318,9 @@ def test_a_later_load_in_the_process_maps_the_file_it_verified(
     library = _library_path(Path(os.environ["CXX"]))
     shutil.copy(source, library)
     library.chmod(0o755)
-    _native_build._write_atomically(_native_build._digest_path(library),
-                                    _native_build._digest(library, library.read_bytes()))
-    statuses.append(_native_build._load())
+    kernel_cache.write_atomically(kernel_cache.digest_path(library),
+                                    kernel_cache.digest(library, library.read_bytes()))
+    statuses.append(kernel_library._load())
   assert statuses[0].available, statuses[0].reason
   assert marker.exists(), "the loader answered with the earlier library"
   assert not statuses[1].available and "undefined symbol: Jaxbn" in statuses[1].reason
@@ -327,7 +332,7 @@ def test_a_later_load_in_the_process_maps_the_file_it_verified(
 
 def test_non_utf8_diagnostics_fall_back_with_one_warning(cache, fake_cxx, caplog):
   fake_cxx(r"printf 'erreur: \351chec \340 la compilation\n' >&2; exit 1")  # Latin-1 bytes
-  status = _native_build._load()
+  status = kernel_library._load()
   assert not status.available
   assert "exited with 1: erreur: \ufffdchec \ufffd la compilation" in status.reason
   assert len([w for w in _warnings(caplog) if "unavailable" in w]) == 1
@@ -340,12 +345,12 @@ def test_status_never_raises_and_decides_once_per_process(monkeypatch, caplog):
     calls.append(compiler)
     raise ValueError("something nobody foresaw")
 
-  monkeypatch.setattr(_native_build, "_build", broken)
-  monkeypatch.setattr(_native_build, "_status", None)
+  monkeypatch.setattr(kernel_build, "verified_library", broken)
+  monkeypatch.setattr(kernel_library, "_status", None)
   monkeypatch.delenv("JAXBN_CPU_KERNEL", raising=False)
   monkeypatch.setenv("CXX", "c++")
   for _ in range(3):
-    status = _native_build.status()
+    status = kernel_library.status()
     assert not status.available and "something nobody foresaw" in status.reason
   assert len(calls) == 1
   assert len(_warnings(caplog)) == 1
@@ -362,7 +367,7 @@ def test_without_a_compiler_one_warning_names_the_fix(tmp_path, cache, monkeypat
     monkeypatch.setenv("PATH", str(tmp_path))  # no c++, g++ or clang++ on it
   else:
     monkeypatch.setenv("CXX", cxx)
-  status = _native_build._load()
+  status = kernel_library._load()
   assert not status.available and reason in status.reason
   [warning] = _warnings(caplog)
   assert "pure-JAX path" in warning and reason in warning and fix in warning
@@ -376,7 +381,7 @@ def test_a_hanging_compiler_is_killed_with_its_children(tmp_path, cache, fake_cx
   fake_cxx(f'sleep 60 & echo $! > "{pid_file}"; wait')
   monkeypatch.setenv("JAXBN_COMPILE_TIMEOUT", "2")
   start = time.monotonic()
-  status = _native_build._load()
+  status = kernel_library._load()
   assert time.monotonic() - start < 40  # bounded by the timeout, not by the compiler
   assert not status.available
   assert "ran for more than 2 s and was killed" in status.reason
@@ -396,7 +401,7 @@ def test_the_next_build_removes_partials_that_dead_builds_left(cache, fake_cxx, 
   fresh.write_bytes(b"being written")
   hour_ago = time.time() - 3600
   os.utime(stale, (hour_ago, hour_ago))
-  assert not _native_build._load().available
+  assert not kernel_library._load().available
   assert not stale.exists()
   assert fresh.exists()  # younger than the timeout: a build may still be writing it
 
@@ -406,10 +411,10 @@ def test_waiting_for_another_process_build_is_bounded(tmp_path, cache, fake_cxx,
   marker = tmp_path / "compiled"
   fake_cxx(f'touch "{marker}"; exit 1')
   monkeypatch.setenv("JAXBN_COMPILE_TIMEOUT", "1")
-  with open(cache / _native_build.LOCK_FILE, "w") as held:
+  with open(cache / kernel_build.LOCK_FILE, "w") as held:
     fcntl.flock(held, fcntl.LOCK_EX)  # another process building
     start = time.monotonic()
-    status = _native_build._load()
+    status = kernel_library._load()
     assert time.monotonic() - start < 40
   assert not status.available and "build lock" in status.reason
   assert not marker.exists(), "two processes compiled at once"
@@ -417,7 +422,7 @@ def test_waiting_for_another_process_build_is_bounded(tmp_path, cache, fake_cxx,
 
 def test_a_bad_compile_timeout_is_warned_about_and_the_default_used(monkeypatch, caplog):
   monkeypatch.setenv("JAXBN_COMPILE_TIMEOUT", "soon")
-  assert _native_build._compile_timeout() == _native_build.DEFAULT_COMPILE_TIMEOUT_S
+  assert kernel_build._compile_timeout() == kernel_build.DEFAULT_COMPILE_TIMEOUT_S
   [warning] = _warnings(caplog)
   assert "JAXBN_COMPILE_TIMEOUT='soon'" in warning
 
@@ -432,7 +437,7 @@ def test_every_spelling_of_off_disables_the_kernels_silently(tmp_path, cache, fa
   marker = tmp_path / "compiled"
   fake_cxx(f'touch "{marker}"; exit 1')
   monkeypatch.setenv("JAXBN_CPU_KERNEL", value)
-  status = _native_build._load()
+  status = kernel_library._load()
   assert not status.available and status.reason == f"disabled by JAXBN_CPU_KERNEL={value}"
   assert not marker.exists() and not _warnings(caplog)
 
@@ -440,13 +445,13 @@ def test_every_spelling_of_off_disables_the_kernels_silently(tmp_path, cache, fa
 @pytest.mark.parametrize("value", ["", "1", "true", "Yes", "ON"])
 def test_every_spelling_of_on_leaves_the_kernels_on(monkeypatch, caplog, value):
   monkeypatch.setenv("JAXBN_CPU_KERNEL", value)
-  assert _native_build._disabled() is None
+  assert kernel_library._disabled() is None
   assert not _warnings(caplog)
 
 
 def test_an_unknown_value_is_taken_as_off_with_a_warning(monkeypatch, caplog):
   monkeypatch.setenv("JAXBN_CPU_KERNEL", "disable")
-  assert "taken as off" in _native_build._disabled()
+  assert "taken as off" in kernel_library._disabled()
   [warning] = _warnings(caplog)
   assert "JAXBN_CPU_KERNEL='disable'" in warning
 
@@ -474,8 +479,8 @@ def test_no_build_unless_the_default_backend_is_cpu(monkeypatch):
   def build():
     raise AssertionError("built the CPU kernels for a GPU host")
 
-  monkeypatch.setattr(kernels, "available", build)
-  monkeypatch.setattr(kernels, "status", build)
+  monkeypatch.setattr(calls, "available", build)
+  monkeypatch.setattr(calls, "status", build)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 3)), jnp.float32)
   grad = jax.jit(jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x)[0] ** 3)))

@@ -13,12 +13,13 @@ import pytest
 
 import jaxbn
 from jaxbn import kernels
+from jaxbn._cpu import library
 
 pytestmark = pytest.mark.skipif(
     shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None,
     reason="no C++ compiler on this machine, so the kernels cannot be built")
 
-# (shape, feature axes, Layout). The sizes reach every code path of the kernels: feature
+# (shape, feature axes). The sizes reach every code path of the kernels: feature
 # counts that are not a multiple of the SIMD width (tails), more rows than one chunk, enough
 # elements for two threads, channels-first runs longer than one chunk, a batch of one, one row.
 CASES = {
@@ -38,7 +39,7 @@ CASES = {
 
 def _layout(shape, axis):
   axes = sorted(a % len(shape) for a in np.atleast_1d(axis))
-  return kernels.Layout(int(np.prod([shape[a] for a in axes])),
+  return kernels.FeatureView(int(np.prod([shape[a] for a in axes])),
                         int(np.prod(shape[axes[-1] + 1:])))
 
 
@@ -68,7 +69,7 @@ def test_kernels_build_here():
 @pytest.mark.slow
 def test_kernels_run_in_a_fresh_process_without_batch_norm_first():
   code = ("import jax.numpy as jnp; from jaxbn import kernels; "
-          "print(kernels.moments(kernels.Layout(3, 1), jnp.arange(12.0).reshape(4, 3))[0])")
+          "print(kernels.moments(kernels.FeatureView(3, 1), jnp.arange(12.0).reshape(4, 3))[0])")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300, check=False)
   assert result.returncode == 0, result.stderr
@@ -78,14 +79,14 @@ def test_kernels_run_in_a_fresh_process_without_batch_norm_first():
 def test_kernels_check_their_operands_at_trace_time():
   # Operands built in numpy: jnp.ones, jnp.asarray, astype would each compile one.
   x = jax.device_put(np.ones((4, 3), np.float32))
-  layout = kernels.Layout(3, 1)
+  layout = kernels.FeatureView(3, 1)
   v = jax.device_put(np.ones(3, np.float32))
   with pytest.raises(ValueError, match="hi must be float32"):
     kernels.grad_sums(layout, x, x, jax.device_put(np.ones(3, np.float64)), v)
   with pytest.raises(ValueError, match="b must be float32"):
     kernels.normalize(layout, x, v, v, v, jax.device_put(np.ones(4, np.float32)))
   with pytest.raises(ValueError, match="does not split"):
-    kernels.moments(kernels.Layout(5, 1), x)
+    kernels.moments(kernels.FeatureView(5, 1), x)
   with pytest.raises(TypeError, match="float16"):
     kernels.moments(layout, jax.device_put(np.ones((4, 3), np.float16)))
   with pytest.raises(ValueError, match="scale must be float32"):
@@ -130,8 +131,8 @@ def test_channels_last_moments_sweep_again_where_their_shift_is_far_from_the_mea
   x = rng.standard_normal((rows, features))
   x[::200, 3:] += 1e4
   x = jax.device_put(x.astype(dtype))
-  hi, lo, m2 = kernels.moments(kernels.Layout(features, 1), x)
-  mean, m2_true = _truth_moments(x, kernels.Layout(features, 1))
+  hi, lo, m2 = kernels.moments(kernels.FeatureView(features, 1), x)
+  mean, m2_true = _truth_moments(x, kernels.FeatureView(features, 1))
   eps = np.finfo(dtype).eps
   sigma = np.sqrt(m2_true / rows)
   mean_k = np.asarray(hi, np.longdouble) + np.asarray(lo, np.longdouble)
@@ -153,7 +154,7 @@ def test_channels_first_moments_sweep_a_piece_again_where_the_shift_is_far_from_
   x = rng.standard_normal((32, 2, 1000))
   x[0, 0] += 1e5
   x = jax.device_put(x.astype(dtype))
-  layout = kernels.Layout(2, 1000)
+  layout = kernels.FeatureView(2, 1000)
   hi, lo, m2 = kernels.moments(layout, x)
   mean, m2_true = _truth_moments(x, layout)
   eps = np.finfo(dtype).eps
@@ -446,7 +447,7 @@ def test_vmap_runs_each_instance_on_its_own():
 
 
 def _kernels_in(hlo: str) -> list[str]:
-  return sorted(t for t in kernels._native_build.TARGETS if f"{t}\"" in hlo)
+  return sorted(t for t in library.TARGETS if f"{t}\"" in hlo)
 
 
 def test_a_training_step_is_two_kernel_calls_and_gpu_lowering_has_none():
@@ -543,8 +544,8 @@ def test_the_kernels_are_built_only_for_a_cpu_lowering_that_runs_them(monkeypatc
   def build():
     raise AssertionError("built the CPU kernels")
 
-  monkeypatch.setattr(kernels._native_build, "status", build)
-  monkeypatch.setattr(kernels._native_build, "decided", lambda: None)  # as in a fresh process
+  monkeypatch.setattr(library, "status", build)
+  monkeypatch.setattr(library, "decided", lambda: None)  # as in a fresh process
   x = jax.device_put(np.ones((5, 7, 3), np.float32))  # a shape no other test lowers (uncached)
   step = jax.jit(jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x)[0] ** 3)))
   traced = step.trace(x)  # tracing decides only what it can see: no build

@@ -166,7 +166,7 @@ def _offset_grid(seed=10, m=64):
 
 @pytest.mark.parametrize("use_cpu_kernel", [None, False], ids=["kernels", "pure-jax"])
 def test_r_and_d_keep_the_digits_at_large_offsets(use_cpu_kernel):
-  """d = (μ_B − μ)/σ is formed as ((shift − μ) + δ)/σ: μ_B rounded to one float32 first
+  """d = (μ_B − μ)/σ is formed as ((hi − μ) + lo)/σ: μ_B rounded to one float32 first
   would lose |μ_B|/σ's worth of d's digits (d = 0 where the truth is 0.07 at 1e5, σ = 0.01).
   r and d are held to float32 rounding of the float64 truth, feature by feature."""
   x, mean, var, g, b, truth = _offset_grid()

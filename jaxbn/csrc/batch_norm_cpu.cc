@@ -17,7 +17,7 @@
 //
 // Forward and Backward serve a batch on one device, with jaxbn/_per_feature.py's formulas
 // between the passes; under axis_name JAX calls the four passes separately and pools across
-// devices between them. Operands are bound in the order jaxbn/kernels.py passes them; every
+// devices between them. Operands are bound in the order jaxbn/_cpu/calls.py passes them; every
 // handler starts with XLA's thread pool and x's (features, inner) view as attributes.
 
 #include <algorithm>
@@ -304,7 +304,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, int64_t features, int64_t inner, f
 }  // namespace
 }  // namespace jaxbn
 
-// The bindings, one operand a line in jaxbn/kernels.py's order. An empty mask means no mask.
+// The bindings, one operand a line in jaxbn/_cpu/calls.py's order. An empty mask means no mask.
 // (The FFI binds every buffer as AnyBuffer: bfloat16 has no typed Buffer, and each handler
 // checks dtypes itself in DispatchType.)
 

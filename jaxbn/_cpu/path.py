@@ -1,13 +1,12 @@
 """The CPU path of `jaxbn.ops.batch_norm`: when its passes run as the C++ kernels, and the calls.
 
-`layout` decides, at trace time, whether a call can use the kernels; `forward` and `backward`
-run it. A batch on one device takes one fused call each way (`kernels.forward`,
-`kernels.backward`); statistics pooled across devices (`axis_name`) take one call per pass,
-with the pooling in JAX between them (`jaxbn._passes`). Whether each call then compiles to
-the C++ or to its pure-JAX twin is decided when it is lowered (`jaxbn.kernels`).
-
-`static` is `jaxbn.ops`' description of the call (axes, ε, `axis_name`, the kernel layout);
-`residuals` are its `Residuals`.
+Called by `jaxbn.ops`: `feature_view` decides, at trace time, whether a call can use the
+kernels; `forward` and `backward` run it, with the same arguments as `jaxbn._xla_path`'s. A
+batch on one device takes one fused call each way (`calls.forward`, `calls.backward`);
+statistics pooled across devices (`axis_name`), or needed before (γ, β) are (renorm), take one
+call per pass, with the pooling in JAX between them (`jaxbn._passes`). Whether each call then
+compiles to the C++ or to its pure-JAX twin is decided when it is lowered
+(`jaxbn._cpu.primitive`).
 """
 
 from __future__ import annotations
@@ -17,15 +16,17 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxbn import _args, _passes, kernels
+from jaxbn import _args, _passes
+from jaxbn._cpu import calls
+from jaxbn._records import Affine, FeatureView, Residuals, Static, Statistics
 
 
-def layout(x, features, mask, static, gradient: str,
-           use_cpu_kernel: bool | None) -> kernels.Layout | None:
-  """The kernels' (features, inner) view of x if this call can use them, else None.
+def feature_view(x, features, mask, static: Static, gradient: str,
+                 use_cpu_kernel: bool | None) -> FeatureView | None:
+  """The kernels' (outer, C, inner) view of x if this call can use them, else None.
 
   Only what tracing can see is decided here; whether a kernel call runs the C++ or its
-  pure-JAX twin is decided when it is lowered (`jaxbn.kernels`).
+  pure-JAX twin is decided when it is lowered (`jaxbn._cpu.primitive`).
   """
   if use_cpu_kernel is not None and not isinstance(use_cpu_kernel, bool):
     raise TypeError(f"use_cpu_kernel must be None, True or False, got {use_cpu_kernel!r}.")
@@ -37,11 +38,11 @@ def layout(x, features, mask, static, gradient: str,
       raise ValueError(f"use_cpu_kernel=True, but {refusal}.")
     return None
   first, last = features[0], features[-1]
-  return kernels.Layout(features=math.prod(x.shape[first:last + 1]),
-                        inner=math.prod(x.shape[last + 1:]))
+  return FeatureView(features=math.prod(x.shape[first:last + 1]),
+                     inner=math.prod(x.shape[last + 1:]))
 
 
-def _refusal(x, features, mask, static, gradient: str, *, build: bool) -> str | None:
+def _refusal(x, features, mask, static: Static, gradient: str, *, build: bool) -> str | None:
   """Why this call cannot use the kernels, or None if it can (as far as tracing knows).
 
   `build`: find out now whether the kernels can be built (building them); otherwise only a
@@ -60,36 +61,35 @@ def _refusal(x, features, mask, static, gradient: str, *, build: bool) -> str | 
     # XLA cannot partition a custom call: it would gather x onto every device.
     return (f"x is sharded across devices ({spec}); use shard_map with axis_name for "
             "data-parallel kernels")
-  if not kernels.supports(x.dtype, static.out_dtype):
+  if not calls.supports(x.dtype, static.out_dtype):
     return f"dtypes {x.dtype} -> {static.out_dtype} are not float32/bfloat16/float64"
   if x.size == 0:
     return f"x of shape {x.shape} is empty: there is nothing to compute"
-  # Before `kernels.available()`, which builds them: a GPU/TPU host would compile a CPU library
+  # Before `calls.status()`, which builds them: a GPU/TPU host would compile a CPU library
   # it never calls. Computations sent to CPU there (jax.default_device) take the pure path.
   if jax.default_backend() != "cpu":
     return f"JAX's default backend is {jax.default_backend()}, and the kernels run on CPU only"
-  status = kernels.status() if build else kernels.known_status()
+  status = calls.status() if build else calls.known_status()
   if status is not None and not status.available:
     # Known unavailable: the pure-JAX path itself, not kernel calls that lower to their twins.
     return f"the kernels are unavailable: {status.reason}"
   return None
 
 
-def forward(x, mask, static, affine, *, fused: bool = True
-            ) -> tuple[jax.Array, _passes.Statistics]:
+def forward(x, mask, static: Static, affine: Affine) -> tuple[jax.Array, Statistics]:
   """Eqs. (1)-(4) through the kernels: (y, the statistics, broadcastable against x).
 
-  `affine(stats)` gives eq. (4)'s (γ, β) in the compute dtype, broadcastable against x, from
-  the statistics; `fused=False` when it needs them (batch renormalization's γr, γd + β): the
-  statistics then come first (one kernel call), and eqs. (3)-(4) run as a second.
+  Where `affine` needs the statistics (batch renormalization's γr, γd + β), they come first
+  (one kernel call), and eqs. (3)-(4) run as a second.
   """
   cdt = _args.compute_dtype(x)
-  if static.axis_name is None and fused:
+  if static.axis_name is None and not affine.needs_statistics:
     return _forward_fused(x, affine, mask, static, cdt)
   return _forward_pooled(x, affine, mask, static, cdt)
 
 
-def backward(static, residuals, dy) -> tuple[jax.Array, jax.Array, jax.Array]:
+def backward(static: Static, residuals: Residuals,
+             dy) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Eqs. (5)-(7) through the kernels: (∂L/∂x, ∂L/∂γ, ∂L/∂β), the last two flat."""
   if static.axis_name is None:
     return _backward_fused(static, residuals, dy)
@@ -108,38 +108,38 @@ def _mask(mask, x, static):
 def _forward_fused(x, affine, mask, static, cdt):
   """The whole forward in one kernel call: XLA runs nothing between the passes over x."""
   scale, bias = affine(None)  # (γ, β): they do not depend on the statistics here
-  y, *vectors, count = kernels.forward(
-      static.kernel_layout, x, scale.ravel(), bias.ravel(),
+  y, *vectors, count = calls.forward(
+      static.kernel_view, x, scale.ravel(), bias.ravel(),
       _mask(mask, x, static), epsilon=static.epsilon, out_dtype=static.out_dtype,
       force=static.force_kernel)
-  shift, delta, var, inv_std = (v.reshape(static.broadcast_shape) for v in vectors)
+  hi, lo, var, inv_std = (v.reshape(static.broadcast_shape) for v in vectors)
   # Without a mask m is known at trace time (and the kernel returns no count).
   count = (_passes.local_count(x.shape, None, static.reduction_axes, cdt) if mask is None
            else count.reshape(static.broadcast_shape))
-  return y, _passes.Statistics(count, shift, delta, var, inv_std)
+  return y, Statistics(count, hi, lo, var, inv_std)
 
 
 def _forward_pooled(x, affine, mask, static, cdt):
   """Statistics pooled over `axis_name` (if any): this device's moments, pooled in JAX, then
   y; also the route of a forward whose (γ, β) depend on the statistics."""
-  layout, kernel_mask = static.kernel_layout, _mask(mask, x, static)
+  view, kernel_mask = static.kernel_view, _mask(mask, x, static)
   hi, lo, m2 = (v.reshape(static.broadcast_shape)  # eqs. (1)-(2), one read of x
-                for v in kernels.moments(layout, x, kernel_mask, force=static.force_kernel))
+                for v in calls.moments(view, x, kernel_mask, force=static.force_kernel))
   stats = _passes.pooled_statistics(
       _passes.local_count(x.shape, mask, static.reduction_axes, cdt), hi, lo, m2,
       epsilon=static.epsilon, pool=static.pool)
   gamma, beta = affine(stats)
-  y = kernels.normalize(layout, x, stats.shift.ravel(), stats.delta.ravel(),
-                        (gamma * stats.inv_std).ravel(), beta.ravel(), kernel_mask, out_dtype=static.out_dtype,
-                        force=static.force_kernel)  # eqs. (3)-(4)
+  y = calls.normalize(view, x, stats.hi.ravel(), stats.lo.ravel(),
+                      (gamma * stats.inv_std).ravel(), beta.ravel(), kernel_mask,
+                      out_dtype=static.out_dtype, force=static.force_kernel)  # eqs. (3)-(4)
   return y, stats
 
 
 def _backward_fused(static, residuals, dy):
   """The whole backward in one kernel call; eq. (7)'s sums are this batch's own."""
   r = residuals
-  return kernels.backward(
-      static.kernel_layout, r.x, dy, r.shift.ravel(), r.delta.ravel(), r.inv_std.ravel(),
+  return calls.backward(
+      static.kernel_view, r.x, dy, r.hi.ravel(), r.lo.ravel(), r.inv_std.ravel(),
       r.scale.astype(r.inv_std.dtype).ravel(), _mask(r.mask, r.x, static),
       force=static.force_kernel)
 
@@ -147,15 +147,14 @@ def _backward_fused(static, residuals, dy):
 def _backward_pooled(static, residuals, dy):
   """Eq. (7) with sums pooled over `axis_name`: this device's sums, pooled in JAX, then dx."""
   r = residuals
-  layout, kernel_mask = static.kernel_layout, _mask(r.mask, r.x, static)
-  shift, delta = r.shift.ravel(), r.delta.ravel()
+  view, kernel_mask = static.kernel_view, _mask(r.mask, r.x, static)
+  hi, lo = r.hi.ravel(), r.lo.ravel()
   sum_g, sum_g_centred = (
       v.reshape(static.broadcast_shape)
-      for v in kernels.grad_sums(layout, r.x, dy, shift, delta, kernel_mask,
-                                 force=static.force_kernel))
+      for v in calls.grad_sums(view, r.x, dy, hi, lo, kernel_mask, force=static.force_kernel))
   gamma = r.scale.astype(r.inv_std.dtype).reshape(static.broadcast_shape)
   d_scale, d_bias, a, b, k = _passes.gradient_coefficients(
       gamma, r.inv_std, r.count, sum_g, sum_g_centred, static.pool)
-  dx = kernels.grad_input(layout, r.x, dy, shift, delta, a.ravel(), b.ravel(), k.ravel(),
-                          kernel_mask, force=static.force_kernel)
+  dx = calls.grad_input(view, r.x, dy, hi, lo, a.ravel(), b.ravel(), k.ravel(),
+                        kernel_mask, force=static.force_kernel)
   return dx, d_scale, d_bias
