@@ -1,4 +1,5 @@
-"""Argument validation shared by `ops` and `reference`.
+"""Argument validation, and the shapes and dtypes derived from the arguments: called by `ops`,
+`reference` and the Flax modules, and by both paths for the compute dtype.
 
 Every check here runs on static information (shapes, dtypes, Python numbers), so a bad call
 fails while JAX traces it, before any computation, with the offending value in the message.

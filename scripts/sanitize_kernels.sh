@@ -4,7 +4,7 @@
 # Takes minutes (16 measured on 2 cores shared with other jobs: 7 for the instrumented
 # compile, 8 for the tests). CI does not run it: run it whenever jaxbn/csrc changes.
 #
-#   scripts/sanitize_kernels.sh                 # tests/test_kernels.py, test_kernels_streaming.py
+#   scripts/sanitize_kernels.sh                 # tests/cpu/test_kernels.py, test_kernels_streaming.py
 #   scripts/sanitize_kernels.sh -k masked       # extra arguments go to pytest
 #
 # Environment: PYTHON (default .venv/bin/python), CXX (default g++; must be GCC or Clang).
@@ -48,7 +48,7 @@ grep -q __asan_init <(nm -D "$library") || { echo "sanitize_kernels: $library is
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$work/report"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$work/report"
 status=0
-LD_PRELOAD="${runtimes[*]}" "$python" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_streaming.py "$@" \
+LD_PRELOAD="${runtimes[*]}" "$python" -m pytest -q -p no:cacheprovider tests/cpu/test_kernels.py tests/cpu/test_kernels_streaming.py "$@" \
   || status=$?
 
 if compgen -G "$work/report.*" > /dev/null; then

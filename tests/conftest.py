@@ -1,8 +1,11 @@
-"""Test-wide JAX settings, applied before anything imports jax.
+"""Test-wide JAX settings, applied before anything imports jax, and the fixtures that several
+test files share.
 
 8 host CPU devices for the shard_map/pmap tests; float64 for the exactness tests (every test
 states its dtypes explicitly); rank promotion and implicit dtype promotion raise, so a silent
-broadcast or upcast in jaxbn fails loudly (equinox's habit).
+broadcast or upcast in jaxbn fails loudly (equinox's habit). The library's tests sit in
+folders that mirror the package: core/ (jaxbn.ops, reference, checks, the CLI), cpu/ (the C++
+kernels), modules/ (Flax modules, interop), variants/ (renorm, ghost batches).
 """
 
 import os
@@ -30,3 +33,18 @@ def mesh():
   if jax.device_count() < DEVICES:
     pytest.skip(f"needs {DEVICES} devices; XLA_FLAGS was set after jax started")
   return Mesh(np.array(jax.devices()[:DEVICES]), ("data",))
+
+
+@pytest.fixture
+def standard_promotion():
+  """JAX's default (standard) dtype and rank promotion for one test, as users run: Flax's
+  layers and optax rely on it."""
+  with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+    yield
+
+
+@pytest.fixture(scope="session")
+def host():
+  """A function that turns every array of a pytree into NumPy: outside jit, indexing a jax
+  array or jnp arithmetic on it compiles a program per operation."""
+  return lambda tree: jax.tree.map(np.asarray, tree)

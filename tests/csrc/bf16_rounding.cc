@@ -16,7 +16,7 @@
 //   g++ -O2 -march=native -std=c++17 -Ijaxbn/csrc tests/csrc/bf16_rounding.cc -o /tmp/bf16
 //   /tmp/bf16 [all]    # prints "ok" and exits 0, or the first mismatches and exits 1
 //
-// tests/test_simd.py builds it with -march=native and, on x86, for a target without
+// tests/cpu/test_simd.py builds it with -march=native and, on x86, for a target without
 // AVX2 (the generic path).
 
 #include <cmath>

@@ -7,7 +7,7 @@
 //
 //   g++ -O2 -std=c++17 -Ijaxbn/csrc tests/csrc/streamed_lines.cc -o /tmp/lines && /tmp/lines
 //
-// tests/test_simd.py builds and runs it.
+// tests/cpu/test_simd.py builds and runs it.
 
 #include <cstdint>
 #include <cstdio>

@@ -1,4 +1,4 @@
-// Stress test of jaxbn's scheduler (jaxbn/csrc/team.h), built and run by tests/test_team.py:
+// Stress test of jaxbn's scheduler (jaxbn/csrc/team.h), built and run by tests/cpu/test_team.py:
 // more pool threads than cores, many kernel calls of several loops each, and checks that every
 // index of every loop runs exactly once, that a task's exception reaches Run's caller and
 // leaves the Team usable, that a pool whose Schedule runs inline works, and that the 16-bit

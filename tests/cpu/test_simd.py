@@ -19,7 +19,7 @@ import pytest
 
 from test_team import _compiler  # the same compiler lookup (CXX, else c++, g++, clang++)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROGRAMS = ROOT / "tests" / "csrc"
 CSRC = ROOT / "jaxbn" / "csrc"
 

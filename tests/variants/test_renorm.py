@@ -32,11 +32,6 @@ def _inputs(seed=0, shape=SHAPE):
           rng.standard_normal(shape))
 
 
-def _host(tree):
-  """Every array of a pytree as NumPy: jnp arithmetic outside jit compiles."""
-  return jax.tree.map(np.asarray, tree)
-
-
 # Running statistics chosen against the batch's (σ_B ≈ 1, 2, 0.5; μ_B ≈ 0.3, −1, 2):
 # "inside" leaves every r, d unclipped; "clipped" pushes r above rmax, below rmin and d past
 # ±dmax in different features.
@@ -71,7 +66,7 @@ def _reference_grads(where, masked):
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "nan-padded"])
 @pytest.mark.parametrize("where", ["inside", "clipped"])
 @pytest.mark.parametrize("use_cpu_kernel", [None, False], ids=["kernels", "pure-jax"])
-def test_analytic_matches_autodiff_of_the_reference(where, masked, use_cpu_kernel):
+def test_analytic_matches_autodiff_of_the_reference(where, masked, use_cpu_kernel, host):
   x, g, b, dy = _inputs()
   renorm = RUNNING[where]
   mask = None
@@ -86,7 +81,7 @@ def test_analytic_matches_autodiff_of_the_reference(where, masked, use_cpu_kerne
     y, vjp, stats = jax.vjp(analytic, x, g, b, has_aux=True)
     return y, vjp(dy), stats
 
-  y, grads, stats = _host(run(x, g, b, dy))
+  y, grads, stats = host(run(x, g, b, dy))
   y_ref, grads_ref = _reference_grads(where, masked)(x, g, b, dy)
   np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
   for got, want in zip(grads, grads_ref, strict=True):
@@ -100,12 +95,12 @@ def test_analytic_matches_autodiff_of_the_reference(where, masked, use_cpu_kerne
     assert np.any(stats.d == renorm.dmax) and np.any(stats.d == -renorm.dmax)
 
 
-def test_renorm_is_bn_with_scale_gamma_r_and_bias_gamma_d_plus_beta():
+def test_renorm_is_bn_with_scale_gamma_r_and_bias_gamma_d_plus_beta(host):
   """The backward's premise: with r, d constant, renorm is BN with γr, γd + β; ∂L/∂γ then
   follows by the chain rule, r·Σdy·x̂ + d·Σdy."""
   x, g, b, dy = _inputs(1)
   r, d = np.array([0.5, 1.0, 2.0]), np.array([-0.3, 0.0, 0.7])
-  (y, (dx, dg, db)), (y_bn, (dx_bn, dg_bn, db_bn)) = _host(jax.jit(
+  (y, (dx, dg, db)), (y_bn, (dx_bn, dg_bn, db_bn)) = host(jax.jit(
       lambda x, g, b, dy, g2, b2: (  # one compilation for both
           _vjp(lambda *a: jaxbn.batch_norm(*a, renorm=jaxbn.RenormCorrection(r, d))[0],
                x, g, b, dy),
@@ -165,12 +160,12 @@ def _offset_grid(seed=10, m=64):
 
 
 @pytest.mark.parametrize("use_cpu_kernel", [None, False], ids=["kernels", "pure-jax"])
-def test_r_and_d_keep_the_digits_at_large_offsets(use_cpu_kernel):
+def test_r_and_d_keep_the_digits_at_large_offsets(use_cpu_kernel, host):
   """d = (μ_B − μ)/σ is formed as ((hi − μ) + lo)/σ: μ_B rounded to one float32 first
   would lose |μ_B|/σ's worth of d's digits (d = 0 where the truth is 0.07 at 1e5, σ = 0.01).
   r and d are held to float32 rounding of the float64 truth, feature by feature."""
   x, mean, var, g, b, truth = _offset_grid()
-  stats = _host(jax.jit(lambda x: jaxbn.batch_norm(
+  stats = host(jax.jit(lambda x: jaxbn.batch_norm(
       x, g, b, renorm=jaxbn.Renorm(mean, var), use_cpu_kernel=use_cpu_kernel)[1])(x))
   assert np.all(np.abs(truth["d"]) > 0.05)  # the grid's d are far from 0 and unclipped
   np.testing.assert_array_less(np.abs(stats.r - truth["r"]), 4 * F32_EPS * truth["r"])
@@ -179,11 +174,11 @@ def test_r_and_d_keep_the_digits_at_large_offsets(use_cpu_kernel):
 
 
 @pytest.mark.parametrize("use_cpu_kernel", [None, False], ids=["kernels", "pure-jax"])
-def test_unclipped_renorm_equals_inference_at_large_offsets(use_cpu_kernel):
+def test_unclipped_renorm_equals_inference_at_large_offsets(use_cpu_kernel, host):
   """x̂ r + d = (x − μ)/σ holds in float32 too: renorm's output is batch_norm_inference's to
   float32 rounding of the float64 truth, at every offset and σ of the grid."""
   x, mean, var, g, b, truth = _offset_grid(11)
-  y, inferred = _host(jax.jit(lambda x: (
+  y, inferred = host(jax.jit(lambda x: (
       jaxbn.batch_norm(x, g, b, renorm=jaxbn.Renorm(mean, var),
                        use_cpu_kernel=use_cpu_kernel)[0],
       jaxbn.batch_norm_inference(x, mean, var, g, b)))(x))
@@ -245,7 +240,7 @@ def test_pooled_across_devices_equals_one_batch(mesh):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_bfloat16_within_bfloat16_rounding_of_float64():
+def test_bfloat16_within_bfloat16_rounding_of_float64(host):
   x, g, b, dy = _inputs(6)
   renorm = RUNNING["inside"]
   x16 = x.astype(jnp.bfloat16)
@@ -257,7 +252,7 @@ def test_bfloat16_within_bfloat16_rounding_of_float64():
           (x16.astype(np.float64), g32.astype(np.float64), b32.astype(np.float64),
            dy.astype(jnp.bfloat16).astype(np.float64)))
   assert y.dtype == jnp.bfloat16
-  y, dx, y64, dx64 = _host((y, dx, y64, dx64))
+  y, dx, y64, dx64 = host((y, dx, y64, dx64))
   bf16_eps = 2.0**-8
   assert np.max(np.abs(y.astype(np.float64) - y64)) <= 2 * bf16_eps * np.max(np.abs(y64))
   assert np.max(np.abs(dx.astype(np.float64) - dx64)) <= 4 * bf16_eps * np.max(np.abs(dx64))
@@ -293,7 +288,7 @@ def test_bad_renorm_arguments_name_themselves():
 CLIP = {"rmax": 3.0, "rmin": 1 / 3, "dmax": 5.0}
 
 
-def test_linen_renorm_state_train_and_eval():
+def test_linen_renorm_state_train_and_eval(host):
   x = _inputs(7, (8, 3))[0].astype(np.float32)
   bn = jlinen.BatchNorm(momentum=0.9, renorm=True, renorm_clipping=CLIP, renorm_momentum=0.5)
 
@@ -308,7 +303,7 @@ def test_linen_renorm_state_train_and_eval():
     return (variables, y, updates, jaxbn.batch_norm(x)[1], want, y_eval,
             jaxbn.batch_norm_inference(x, new["mean"], new["var"]))
 
-  variables, y, updates, batch, want, y_eval, inferred = _host(run(x))
+  variables, y, updates, batch, want, y_eval, inferred = host(run(x))
   stats = variables["batch_stats"]
   assert set(stats) == {"mean", "var", "renorm_mean", "renorm_var"}
   # The two running averages: `momentum` for inference, `renorm_momentum` for r and d.
@@ -321,7 +316,7 @@ def test_linen_renorm_state_train_and_eval():
   np.testing.assert_allclose(y_eval, inferred, rtol=1e-6, atol=1e-6)
 
 
-def test_warmup_relaxes_the_clipping_linearly():
+def test_warmup_relaxes_the_clipping_linearly(host):
   """Step 0: rmax = rmin = 1, dmax = 0 (plain BN); step T/2: halfway; step ≥ T: as given."""
   steps = 4
   x = jax.device_put(_inputs(8, (8, 3))[0].astype(np.float32) * 3 + 2)  # far from (0, 1)
@@ -341,7 +336,7 @@ def test_warmup_relaxes_the_clipping_linearly():
     want = batch_norm(x, bn.scale[...], bn.bias[...], bn.renorm_mean[...], bn.renorm_var[...],
                       clipping)
     np.testing.assert_allclose(call(bn, x), want[0], rtol=1e-6, atol=1e-6)
-    seen.append(_host(want[1]))
+    seen.append(host(want[1]))
   assert int(bn.renorm_steps[...]) == steps + 1
   np.testing.assert_allclose(seen[0].r, 1.0)
   np.testing.assert_allclose(seen[0].d, 0.0)
@@ -417,7 +412,7 @@ def test_string_clips_are_refused_by_the_function():
       jax.jit(lambda x: jaxbn.batch_norm(x, g, b, renorm=renorm)[0]).lower(x)
 
 
-def test_numpy_scalars_from_a_config_are_accepted():
+def test_numpy_scalars_from_a_config_are_accepted(host):
   """NumPy bools, integers and floats (what a config file loaded with NumPy holds) mean what
   the Python ones do."""
   x = jax.device_put(_inputs(12, (8, 3))[0].astype(np.float32))
@@ -438,7 +433,7 @@ def test_numpy_scalars_from_a_config_are_accepted():
                               mutable=["batch_stats"]))
     return outputs
 
-  (y, updates), (y_numpy, updates_numpy) = _host(linen(x))
+  (y, updates), (y_numpy, updates_numpy) = host(linen(x))
   np.testing.assert_array_equal(y_numpy, y)
   for name, value in updates["batch_stats"].items():
     np.testing.assert_array_equal(updates_numpy["batch_stats"][name], value)
@@ -454,16 +449,16 @@ def test_numpy_scalars_from_a_config_are_accepted():
     (3.0, 0.5, -1.0, "d"),  # dmax < 0: jnp.clip would give d = -dmax
     (3.0, 1 / 3, 5.0, None),
 ])
-def test_traced_clips_outside_their_ranges_give_nan(rmax, rmin, dmax, nan):
+def test_traced_clips_outside_their_ranges_give_nan(rmax, rmin, dmax, nan, host):
   """Traced clips cannot be checked when the call is traced: a range that excludes r = 1 or
   d = 0 gives NaN r (or d), and so NaN outputs, instead of a silently clipped correction."""
   x, g, b, _ = _inputs(13)
   running = RUNNING["clipped"]
   run = jax.jit(lambda x, rmax, rmin, dmax: jaxbn.batch_norm(
       x, g, b, renorm=running._replace(rmax=rmax, rmin=rmin, dmax=dmax)))
-  y, stats = _host(run(x, rmax, rmin, dmax))
+  y, stats = host(run(x, rmax, rmin, dmax))
   if nan is None:  # valid traced clips clip as static ones do
-    want_y, want = _host(jax.jit(lambda x: jaxbn.batch_norm(
+    want_y, want = host(jax.jit(lambda x: jaxbn.batch_norm(
         x, g, b, renorm=running._replace(rmax=rmax, rmin=rmin, dmax=dmax)))(x))
     np.testing.assert_array_equal(y, want_y)
     np.testing.assert_array_equal(stats.r, want.r)

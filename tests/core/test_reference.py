@@ -17,11 +17,6 @@ def nchw():
                                     rng.standard_normal(x.shape))))
 
 
-def _host(tree):
-  """Every array of a pytree as NumPy: jnp arithmetic outside jit compiles each op."""
-  return jax.tree.map(np.asarray, tree)
-
-
 @pytest.fixture(scope="module")
 def staged(nchw):
   """The staged backward on nchw, run once (eagerly, as written) for the tests that read it."""
@@ -50,9 +45,9 @@ def test_staged_backward_equals_autodiff_of_forward(nchw, staged):
   np.testing.assert_allclose(staged.dL_dbeta, dbias, rtol=1e-12)
 
 
-def test_staged_terms_are_the_seeds_formulas(nchw, staged):
-  _, scale, _, dy = _host(nchw)
-  s = _host(staged)  # the checks below in NumPy float64
+def test_staged_terms_are_the_seeds_formulas(nchw, staged, host):
+  _, scale, _, dy = host(nchw)
+  s = host(staged)  # the checks below in NumPy float64
   m = 3 * 2 * 2
   sigma = 1 / s.dxhat_dx
   np.testing.assert_allclose(s.dmu_dx, 1 / m)
@@ -66,13 +61,13 @@ def test_staged_terms_are_the_seeds_formulas(nchw, staged):
   np.testing.assert_array_equal(paths, s.dL_dx)
 
 
-def test_staged_backward_masks_padding():
+def test_staged_backward_masks_padding(host):
   rng = np.random.default_rng(1)
   x = rng.standard_normal((6, 2))
   dy = rng.standard_normal((6, 2))
   mask = np.arange(6)[:, None] < 4
   padded = np.where(mask, x, np.nan)
-  s, full = _host(jax.jit(lambda padded, x, dy: (  # one compilation for both
+  s, full = host(jax.jit(lambda padded, x, dy: (  # one compilation for both
       reference.staged_backward(padded, jnp.ones(2), dy, mask=mask),
       reference.staged_backward(x[:4], jnp.ones(2), dy[:4])))(padded, x, dy))
   np.testing.assert_allclose(s.dL_dx[:4], full.dL_dx, rtol=1e-12)

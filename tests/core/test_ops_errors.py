@@ -1,6 +1,6 @@
-"""Faults in calls to the functional core, each found by a hostile pass (issue 10), each
-kept fixed here: loose argument checks, an overflowing variance, forward mode on the
-analytic backward. The kernels' build and cache faults are in test_faults_kernels.py."""
+"""Calls to the functional core that must be refused or stay well defined: arguments of the
+wrong kind (ε, axis), a variance that overflows the compute dtype, forward mode on the
+analytic backward. The kernels' build and cache faults are tests/cpu/test_build_and_cache.py's."""
 
 import shutil
 

@@ -1,5 +1,5 @@
-"""Faults around the C++ CPU kernels' build, cache and load (`jaxbn._cpu.library`, `build`,
-`cache`), and when `jaxbn.ops` calls them.
+"""The C++ CPU kernels' build, cache and load (`jaxbn._cpu.library`, `build`, `cache`), and
+their faults, also where `batch_norm` asks for them.
 
 A truncated, empty or foreign library in the cache, a cache other users can write, a relative
 or empty cache directory, a library swapped after its check, a compiler that fails in Latin-1,
@@ -31,7 +31,7 @@ import jaxbn
 from jaxbn import kernels
 from jaxbn._cpu import build as kernel_build
 from jaxbn._cpu import cache as kernel_cache
-from jaxbn._cpu import calls
+from jaxbn._cpu import calls as kernel_calls
 from jaxbn._cpu import library as kernel_library
 
 C_COMPILER = shutil.which("cc") or shutil.which("gcc")
@@ -479,8 +479,8 @@ def test_no_build_unless_the_default_backend_is_cpu(monkeypatch):
   def build():
     raise AssertionError("built the CPU kernels for a GPU host")
 
-  monkeypatch.setattr(calls, "available", build)
-  monkeypatch.setattr(calls, "status", build)
+  monkeypatch.setattr(kernel_calls, "available", build)
+  monkeypatch.setattr(kernel_calls, "status", build)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 3)), jnp.float32)
   grad = jax.jit(jax.grad(lambda x: jnp.sum(jaxbn.batch_norm(x)[0] ** 3)))

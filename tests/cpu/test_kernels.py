@@ -371,7 +371,7 @@ def test_masked_batch_norm_with_kernels_equals_pure_jax(shape, axis, mask_shape,
   bias = jax.device_put(np.linspace(-1, 1, c).astype(dtype))
   # The default path (use_cpu_kernel=None) and pure JAX from one compilation, whose HLO shows
   # that the default took the kernels (pure JAX adds none); use_cpu_kernel=True with masks is
-  # tests/test_kernels_layout.py's.
+  # tests/cpu/test_kernels_layout.py's.
   compiled = jax.jit(lambda *a: tuple(_bn_outputs(*a, axis, use, mask=mask)
                                       for use in (None, False))).lower(x, scale, bias, dy).compile()
   assert _kernels_in(compiled.as_text()) == ["jaxbn_backward", "jaxbn_forward"]
