@@ -10,6 +10,7 @@ metrics equal one process's on those batches, to float32 rounding. Process 0's o
 comes through; another process's only if it fails. When one process fails or is killed, the
 others are stopped (they would wait for it forever in a collective), and the launcher exits
 with the first failure's status; re-running the same command resumes from the checkpoints.
+A `--port` already in use on this machine is refused before any process starts.
 
 On many hosts, run `experiments.main` once per host instead, with `--coordinator_address`
 (process 0's host:port), `--num_processes` and that host's `--process_id`, and a workdir on
@@ -51,7 +52,16 @@ def commands(num_processes: int, cpu_devices: int, port: int, args: list[str]) -
 
 
 def run(num_processes: int, cpu_devices: int, port: int, args: list[str]) -> int:
-  """Runs the processes to the end; returns 0, or the first failure's exit status."""
+  """Runs the processes to the end; returns 0, or the first failure's exit status (1 when
+  none starts: the port given is in use)."""
+  if port:
+    # Imported only here: it brings JAX, which the launcher needs for nothing else.
+    from experiments import distributed  # pylint: disable=import-outside-toplevel
+    if distributed.port_in_use(port):
+      sys.stderr.write(f"experiments.launch: --port={port} is in use on this machine, so "
+                       "process 0 cannot serve jax.distributed's coordinator there; choose "
+                       "another port, or leave --port out for a free one. Nothing started.\n")
+      return 1
   port = port or _free_port()
   logs = [None] + [tempfile.TemporaryFile("w+") for _ in range(1, num_processes)]
   children = [subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT if log else None)

@@ -8,13 +8,16 @@ On several processes (one per host, or `python -m experiments.launch` on one mac
 each the same arguments plus `--coordinator_address`, `--num_processes` and its own
 `--process_id`: they train data-parallel on the global batches, and process 0 writes the files.
 
-Re-running the same command resumes (a finished run writes nothing). jaxbn writes only into a
-new or empty directory or a workdir it wrote before; one holding another config is replaced
-only with --overwrite, which deletes only what jaxbn wrote and refuses, deleting nothing, a
-directory holding anything else, the current directory, home, / and a repository's root.
+Re-running the same command resumes (a finished run writes nothing), from each run's newest
+checkpoint that restores. A workdir another run is using is refused at once, naming that
+process. jaxbn writes only into a new or empty directory or a workdir it wrote before; one
+holding another config is replaced only with --overwrite, which deletes only what jaxbn wrote
+and refuses, deleting nothing, a directory holding anything else, the current directory,
+home, / and a repository's root.
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -46,18 +49,25 @@ def main(argv):
   # paid twice, and a refused command line took 11 s instead of 6.
   from experiments import config as config_lib
   from experiments import distributed, train
+  from experiments import workdir as workdir_lib
 
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+  # What stops a run for a reason other than its command line (a port or workdir in use, no
+  # checkpoint that restores) is one short message: the flags' help would bury it.
   try:
     distributed.initialize(coordinator_address=_COORDINATOR.value,
                            num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
                            cpu_devices=_CPU_DEVICES.value)
+  except distributed.PortInUse as error:
+    sys.exit(f"experiments.main: {error}")
   except ValueError as error:
     raise app.UsageError(str(error)) from None
   # `--workdir=~/x` reaches us unexpanded (the shell expands ~ only at a word's start).
   workdir = os.path.expanduser(_WORKDIR.value)
   try:
     train.train_and_evaluate(_CONFIG.value, workdir, overwrite=_OVERWRITE.value)
+  except workdir_lib.WorkdirError as error:
+    sys.exit(f"experiments.main: {error}")
   except config_lib.ConfigError as error:
     raise app.UsageError(str(error)) from None
   if distributed.is_primary():

@@ -1,8 +1,10 @@
 """Training: the train step, jitted lax.scan chunks with donated state, the run loop, checkpoints.
 
-`train_and_evaluate(config, workdir)` validates the config, claims the workdir, then runs the
-config's study (`studies.py`; what a run measures is `evaluation.py`). Every run resumes from
-its latest orbax checkpoint; runs already finished are read back from their `result.json`.
+`train_and_evaluate(config, workdir)` validates the config, locks and claims the workdir,
+then runs the config's study (`studies.py`; what a run measures is `evaluation.py`). Every run
+resumes from its newest orbax checkpoint that restores (the two newest are kept; a damaged one
+is set aside in `checkpoints_damaged/`); runs already finished are read back from their
+`result.json`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -190,13 +193,13 @@ def run_loop(name: str, ctx: Context, state, chunk, evaluate, summarize) -> dict
   result_path = run_dir / "result.json"
   if result_path.exists():
     return json.loads(result_path.read_text())
+  checkpoints = (run_dir / "checkpoints").resolve()
+  # Two kept: a damaged newest one leaves one to resume from.
   manager = ocp.CheckpointManager(
-      (run_dir / "checkpoints").resolve(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+      checkpoints, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
   records: list[dict] = []
-  latest = manager.latest_step()
+  state, latest = _restore_newest(name, ctx, manager, checkpoints, state)
   if latest is not None:
-    state = manager.restore(latest, args=ocp.args.StandardRestore(state))
     records = [r for r in workdir_lib.read_metrics(run_dir) if r["step"] <= latest]
   compiled, compile_seconds = chunk
   diverged_at = None
@@ -227,7 +230,9 @@ def run_loop(name: str, ctx: Context, state, chunk, evaluate, summarize) -> dict
       break
     if int(state.step) % config.checkpoint_every == 0 or int(state.step) == config.num_steps:
       manager.save(int(state.step), args=ocp.args.StandardSave(state))
-      manager.wait_until_finished()
+      manager.wait_until_finished()  # every process's part written and committed
+      if distributed.is_primary():
+        workdir_lib.write_digest(checkpoints / str(int(state.step)))
   manager.close()
   last_eval = next((r for r in reversed(records) if "test_accuracy" in r), {})
   result = {
@@ -246,6 +251,87 @@ def run_loop(name: str, ctx: Context, state, chunk, evaluate, summarize) -> dict
   if distributed.is_primary():
     workdir_lib.atomic_write(result_path, json.dumps(result, indent=2))
   return result
+
+
+def _restore_newest(name: str, ctx: Context, manager, checkpoints: pathlib.Path, state):
+  """(state, step) from the newest checkpoint that restores; (state, None) when none is saved.
+
+  A checkpoint that fails its digest (`workdir.checkpoint_damage`) or orbax's restore is
+  skipped; once an older one has restored, process 0 moves each skipped one to
+  `checkpoints_damaged/<step>-<reason>` and says so in one line. When none restores, nothing
+  is moved and WorkdirError names the folder and the choices.
+
+  Every process tries the same steps newest first, and takes a step only when it restored in
+  every process (an all-gather of each try's outcome), so all resume from the same step.
+  """
+  skipped: list[tuple[int, str, str]] = []
+  found = None
+  for step in sorted(manager.all_steps(), reverse=True):
+    damage = workdir_lib.checkpoint_damage(checkpoints / str(step))
+    restored = None
+    if damage is None:
+      restored, damage = _try_restore(checkpoints / str(step), state)
+    if distributed.all_agree(damage is None):
+      state, found = restored, step
+      break
+    skipped.append((step, *(damage or ("other-process", "it did not restore in another "
+                                                          "process"))))
+  if skipped and found is None:
+    run_dir = checkpoints.parent
+    raise workdir_lib.WorkdirError(
+        f"No checkpoint of run {name} restores ("
+        + "; ".join(f"step {step}: {detail}" for step, _, detail in skipped)
+        + f"), so it cannot resume. Nothing was moved: {checkpoints} is as found. Either move "
+        f"that folder aside (e.g. to {run_dir / 'checkpoints_damaged' / 'all'}) and rerun, "
+        f"which trains {name} again from step 0; or put back a copy of it that restores; or "
+        "choose another --workdir.")
+  if skipped:
+    if distributed.is_primary():
+      for step, reason, detail in skipped:
+        moved = workdir_lib.set_aside(checkpoints / str(step), reason)
+        ctx.reporter.log(f"{name}: skipped checkpoint step {step}: {detail}; moved it to "
+                         f"{moved}, resuming from step {found}.")
+    distributed.barrier(f"{name}: damaged checkpoints set aside")
+    manager.reload()  # it listed the steps moved aside
+  return state, found
+
+
+def _try_restore(step_dir: pathlib.Path, state) -> tuple[Any, tuple[str, str] | None]:
+  """(restored state, None), or (None, (reason, detail)) when orbax cannot restore the
+  checkpoint in `step_dir` (this process's part of it).
+
+  orbax's handler, not the CheckpointManager: the manager's restore ends in a barrier of all
+  processes, which a process whose restore failed never reaches; the others would wait
+  there while it waits for them in `distributed.all_agree`.
+
+  A damaged checkpoint with a digest never gets here (see `workdir.checkpoint_damage`); when
+  orbax fails on one without, its reads still in flight may print asyncio's tracebacks
+  ("Event loop is closed") after the one line that reports the failure.
+  """
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    _maybe_fail_restore(int(step_dir.name))
+    # "default": where the manager puts its one unnamed item.
+    return handler.restore(epath.Path(step_dir / "default"),
+                           args=ocp.args.StandardRestore(state)), None
+  except Exception as error:  # pylint: disable=broad-except
+    return None, ("unreadable", f"orbax cannot restore it: {_first_line(error)}")
+  finally:
+    handler.close()
+
+
+def _first_line(error: Exception) -> str:
+  """The first line of an error, cut to a line's length: orbax's run to pages."""
+  line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+  return line if len(line) <= 160 else line[:159] + "…"
+
+
+def _maybe_fail_restore(step: int) -> None:
+  """Fault injection for the test that processes resume alike:
+  JAXBN_FAULT_RESTORE_FAILS=P:N makes process P's restore of step N fail."""
+  spec = os.environ.get("JAXBN_FAULT_RESTORE_FAILS")
+  if spec is not None and spec == f"{jax.process_index()}:{step}":
+    raise OSError(f"JAXBN_FAULT_RESTORE_FAILS={spec}")
 
 
 def _maybe_inject_fault(step: int) -> None:
@@ -267,7 +353,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   arguments; process 0 writes the files and reports progress, and its summary is returned
   (None elsewhere).
 
-  Returns the study's results (per run: final test accuracy, divergence, speed).
+  Returns the study's results (per run: final test accuracy, divergence, speed). Raises
+  ConfigError before the first write when the run cannot start, and its WorkdirError when
+  another process is using `workdir` or a run has checkpoints of which none restores.
   """
   # Everything that can refuse the run does so before the first write, in every process.
   config_lib.validate(config, default_config.get_config())
@@ -277,17 +365,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   except data_lib.DataError as error:
     raise config_lib.ConfigError(str(error)) from None
   primary = distributed.is_primary()
-  # All processes have read the workdir before process 0 changes it, and see it changed.
-  distributed.barrier("workdir checked")
+  # One lock for all the processes of a run, which share the workdir by design: process 0
+  # takes it and tells the others, so a refused launch stops in every process at once
+  # instead of leaving them waiting for process 0 in a collective.
+  held, refusal = workdir_lib.Lock(None), None
   if primary:
-    workdir = workdir_lib.prepare(workdir, config, overwrite=overwrite)
-  distributed.barrier("workdir prepared")
-  workdir = pathlib.Path(workdir)
-  reporter = (reporter or progress.make_reporter()) if primary else progress.QuietReporter()
-  ctx = Context(config, workdir, dataset, reporter)
-  # Imported here, not at the top: the studies are built from this module's loop.
-  from experiments import studies  # pylint: disable=import-outside-toplevel
-  with reporter:
-    outcome = studies.STUDIES[config.study](ctx)
-  summary = plots.write_study_outputs(config, workdir, outcome) if primary else None
+    try:
+      held = workdir_lib.lock(workdir)
+    except workdir_lib.WorkdirError as error:
+      refusal = error
+  if not distributed.primary_says(refusal is None):
+    raise refusal or workdir_lib.WorkdirError(
+        f"{workdir} is in use by another run; process 0 of this one names it.")
+  with held:
+    # All processes have read the workdir before process 0 changes it, and see it changed.
+    distributed.barrier("workdir checked")
+    if primary:
+      workdir = workdir_lib.prepare(workdir, config, overwrite=overwrite)
+    distributed.barrier("workdir prepared")
+    workdir = pathlib.Path(workdir)
+    reporter = (reporter or progress.make_reporter()) if primary else progress.QuietReporter()
+    ctx = Context(config, workdir, dataset, reporter)
+    # Imported here, not at the top: the studies are built from this module's loop.
+    from experiments import studies  # pylint: disable=import-outside-toplevel
+    with reporter:
+      outcome = studies.STUDIES[config.study](ctx)
+    summary = plots.write_study_outputs(config, workdir, outcome) if primary else None
   return {"results": outcome["results"], "summary": summary}

@@ -1,4 +1,5 @@
-"""The workdir: claimed with a marker, atomic files, metrics as JSONL and CSV, the config.
+"""The workdir: claimed with a marker, locked while a run uses it, atomic files, metrics as
+JSONL and CSV, the config, checkpoint digests.
 
 Every file is written to a temporary name in the same directory and renamed into place, so
 a run killed at any moment leaves each file either as it was or complete. A file whose
@@ -13,8 +14,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
+import fcntl
+import hashlib
 import io
 import json
+import logging
 import os
 import pathlib
 import re
@@ -25,19 +30,32 @@ from collections.abc import Sequence
 from experiments import config as config_lib
 
 MARKER = ".jaxbn-workdir"
+# Locked (flock) by the process that runs in the workdir; empty, and never deleted: a new file
+# in its place would let a second process lock it while the first still holds the old one.
+LOCK = ".jaxbn-lock"
 MARKER_TEXT = f"""\
 A jaxbn experiment workdir (python -m experiments.main).
 --overwrite deletes only what jaxbn writes here: config.json, runs/, plots/, summary.json,
 summary.md and {MARKER}; it refuses, deleting nothing, while anything else is present.
 """
 # What jaxbn writes, by place; atomic_write's temporary files of these may be left by a kill.
-TOP_FILES = ("config.json", "summary.json", "summary.md", MARKER)
+TOP_FILES = ("config.json", "summary.json", "summary.md", MARKER, LOCK)
 TOP_DIRS = ("runs", "plots")
 RUN_FILES = ("metrics.jsonl", "metrics.csv", "result.json")
-RUN_DIRS = ("checkpoints",)  # orbax's; its insides are orbax's to name
+# orbax's checkpoints (their insides are orbax's to name), and those set aside as damaged.
+RUN_DIRS = ("checkpoints", "checkpoints_damaged")
+# In each checkpoint's step folder: the SHA-256 of every file orbax wrote there, in
+# `sha256sum -c` format. orbax checks its own metadata but not the arrays' bytes: a garbled
+# byte in the data restores silently as a wrong number.
+DIGEST = "jaxbn.sha256"
 # The keys any config.json jaxbn ever wrote holds: a workdir from before the marker existed
 # is recognized by them.
 CONFIG_KEYS = {"study", "seed", "data", "model", "optimizer"}
+
+
+class WorkdirError(config_lib.ConfigError):
+  """The workdir cannot be used as it stands (held by another process, no checkpoint that
+  restores): a short message for the user, not a command-line mistake."""
 
 
 def atomic_write(path: pathlib.Path, data: str | bytes) -> None:
@@ -193,7 +211,8 @@ def check(workdir: str | os.PathLike, config, *, overwrite: bool) -> Plan:
     return Plan(workdir, "claim")
   if not workdir.is_dir():
     raise config_lib.ConfigError(f"--workdir {_show(workdir)} is not a directory.")
-  entries = sorted(workdir.iterdir())
+  # The lock file alone is what a claim killed before the marker leaves (see `lock`).
+  entries = sorted(e for e in workdir.iterdir() if e.name != LOCK)
   if not entries:
     return Plan(workdir, "claim")
   saved = _saved_config(workdir)
@@ -251,3 +270,162 @@ def prepare(workdir: str | os.PathLike, config, *, overwrite: bool) -> pathlib.P
   atomic_write(plan.workdir / MARKER, MARKER_TEXT)
   atomic_write(plan.workdir / "config.json", config_lib.to_json(config))
   return plan.workdir
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+class Lock:
+  """An exclusive flock on the workdir's `LOCK` file, held until `release` or the process
+  ends (the kernel drops it however the process dies: no stale lock to clear by hand)."""
+
+  def __init__(self, fd: int | None):
+    self._fd = fd
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
+    return False
+
+
+def lock(workdir: str | os.PathLike) -> Lock:
+  """Locks `workdir` for this process, creating it and `LOCK` if need be; raises
+  WorkdirError at once, naming the holder, while another process holds it.
+
+  Call it after `check` accepted the workdir (it writes `LOCK` there). A workdir this process
+  cannot write is locked only if `LOCK` is already there (a finished run re-run read-only),
+  and otherwise not at all: this process cannot change it either.
+  """
+  workdir = pathlib.Path(workdir)
+  path = workdir / LOCK
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as error:
+    if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+      raise
+    try:
+      fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+      return Lock(None)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = _lock_holder(fd)
+    os.close(fd)
+    who = (f"pid {holder[0]} ({holder[1]})" if holder else
+           "another process (its pid is not known on this machine)")
+    kill = f"stop it (kill {holder[0]})" if holder else "stop it"
+    raise WorkdirError(
+        f"{_show(workdir)} is in use by {who}; two runs in one workdir would overwrite each "
+        f"other's checkpoints and metrics. Wait for it to end, {kill}, or choose another "
+        "--workdir.") from None
+  except OSError as error:
+    # A filesystem without locks (NFS without a lock daemon: ENOLCK) runs unlocked:
+    # refusing would stop every run there, even the ones nothing else disturbs.
+    os.close(fd)
+    logging.getLogger(__name__).warning("%s: not locked (%s); nothing stops a second run "
+                                        "from using it at the same time.", path, error)
+    return Lock(None)
+  return Lock(fd)
+
+
+def _lock_holder(fd: int) -> tuple[int, str] | None:
+  """(pid, command line) of the process holding a flock on `fd`'s file, from /proc/locks
+  (Linux); None where that is not known. The holder records nothing in the file, so that a
+  finished run re-run writes nothing."""
+  st = os.fstat(fd)
+  # /proc/locks names a file "MAJOR:MINOR:INODE", the device numbers in hex.
+  exact = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+  try:
+    lines = pathlib.Path("/proc/locks").read_text().splitlines()
+  except OSError:
+    return None
+  # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"; "1: -> FLOCK ..." is a waiter.
+  held = [f for f in (line.split() for line in lines) if len(f) >= 6 and f[1] == "FLOCK"]
+  matches = [f for f in held if f[5] == exact]
+  if not matches:
+    # Where stat's device is not the one locks see (overlay filesystems), the inode alone,
+    # if no other file held has it.
+    matches = [f for f in held if f[5].rsplit(":", 1)[-1] == str(st.st_ino)]
+    if len({f[5] for f in matches}) != 1:
+      return None
+  pid = int(matches[0][4])
+  try:
+    # One line however the arguments were spaced: the refusal is one line.
+    command = " ".join(pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
+                       .decode(errors="replace").replace("\0", " ").split())
+  except OSError:
+    command = "command not readable"
+  return pid, command[:300] + ("…" if len(command) > 300 else "")
+
+
+# ------------------------------------------------------------------ checkpoint digests
+
+
+def write_digest(step_dir: pathlib.Path) -> None:
+  """Records the SHA-256 of every file in a finished checkpoint's step folder (`DIGEST`)."""
+  lines = [f"{_sha256(path)}  {rel}" for rel, path in _files(step_dir)]
+  atomic_write(step_dir / DIGEST, "".join(line + "\n" for line in lines))
+
+
+def checkpoint_damage(step_dir: pathlib.Path) -> tuple[str, str] | None:
+  """Why a checkpoint's step folder cannot be trusted, as (short reason for a folder name,
+  one-line detail), or None when it is whole as far as `DIGEST` tells (a folder without one,
+  written before digests or killed just before its digest, is left to orbax's checks)."""
+  if not any(step_dir.iterdir()):
+    return "empty", "its folder is empty"
+  try:
+    text = (step_dir / DIGEST).read_bytes().decode()
+  except FileNotFoundError:
+    return None
+  except UnicodeDecodeError:
+    text = "?"
+  listed = [re.fullmatch(r"([0-9a-f]{64})  (.+)", line) for line in text.splitlines()]
+  if not listed or not all(listed):
+    return "changed-bytes", f"its {DIGEST} is garbled"
+  missing, changed = [], []
+  for digest, rel in (m.groups() for m in listed):
+    path = step_dir / rel
+    if not path.is_file():
+      missing.append(rel)
+    elif _sha256(path) != digest:
+      changed.append(rel)
+  if missing:
+    return "missing-files", f"{_listing(missing)} {'is' if len(missing) == 1 else 'are'} missing"
+  if changed:
+    return "changed-bytes", f"{_listing(changed)} changed since written"
+  return None
+
+
+def set_aside(step_dir: pathlib.Path, reason: str) -> pathlib.Path:
+  """Moves a damaged checkpoint's step folder to ../checkpoints_damaged/<step>-<reason>
+  (never deleted: what is in it is the user's to inspect); returns where it went."""
+  aside = step_dir.parent.parent / "checkpoints_damaged"
+  aside.mkdir(exist_ok=True)
+  target, n = aside / f"{step_dir.name}-{reason}", 1
+  while target.exists():
+    n += 1
+    target = aside / f"{step_dir.name}-{reason}-{n}"
+  os.replace(step_dir, target)
+  return target
+
+
+def _files(directory: pathlib.Path) -> list[tuple[str, pathlib.Path]]:
+  return sorted((str(p.relative_to(directory)), p) for p in directory.rglob("*")
+                if p.is_file() and p.name != DIGEST and _temporary_target(p.name) != DIGEST)
+
+
+def _sha256(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()

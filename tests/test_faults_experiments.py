@@ -1,11 +1,13 @@
 """experiments under faults: workdirs that are not jaxbn's, runs that diverge at once, configs
-and data files that used to crash after the workdir was written, read-only reruns.
+and data files that used to crash after the workdir was written, read-only reruns, damaged
+checkpoints, a second process on a workdir in use.
 
-Each test failed before its fix (issue 10). Most need no training: they call the workdir
-functions and `config.validate` directly; two tiny runs are shared by the rest.
+Each test failed before its fix. Most need no training: they call the workdir functions and
+`config.validate` directly; two tiny runs are shared by the rest.
 """
 
 import gzip
+import io
 import json
 import os
 import pathlib
@@ -35,22 +37,23 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(name="finished_run")]
 ConfigError = config_lib.ConfigError
 
 
+TINY = {"data.name": "synthetic", "data.num_samples": 64, "batch_size": 8, "num_steps": 10,
+        "eval_every": 10, "checkpoint_every": 10, "diagnostics.num_examples": 16,
+        "model.hidden": (8, 8)}
+
+
 def _tiny(**overrides):
   """The default config shrunk to one 10-step chunk on synthetic data."""
-  config = default_config.get_config()
-  settings = {"data.name": "synthetic", "data.num_samples": 64, "batch_size": 8,
-              "num_steps": 10, "eval_every": 10, "checkpoint_every": 10,
-              "diagnostics.num_examples": 16, "model.hidden": (8, 8), **overrides}
-  return experiment_configs.override(config, settings)
+  return experiment_configs.override(default_config.get_config(), {**TINY, **overrides})
 
 
 _quiet = experiment_configs.quiet_reporter
 
 
-def _train(config, workdir, **kwargs):
+def _train(config, workdir, reporter=None, **kwargs):
   # Flax's layers and optax rely on JAX's default promotion (conftest makes it strict).
   with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
-    return train.train_and_evaluate(config, workdir, reporter=_quiet(), **kwargs)
+    return train.train_and_evaluate(config, workdir, reporter=reporter or _quiet(), **kwargs)
 
 
 def _snapshot(directory: pathlib.Path) -> dict:
@@ -60,10 +63,14 @@ def _snapshot(directory: pathlib.Path) -> dict:
           for p in sorted(directory.rglob("*"))}
 
 
+# The finished run below: one net, two 10-step chunks, a checkpoint after each.
+FINISHED = {"variants": ("bn",), "num_steps": 20}
+
+
 @pytest.fixture(scope="session")
 def finished(tmp_path_factory):
-  """A real, finished jaxbn workdir (one net, 10 steps) and its config; copy before changing."""
-  config = _tiny(variants=("bn",))
+  """A real, finished jaxbn workdir and its config and outcome; copy before changing."""
+  config = _tiny(**FINISHED)
   workdir = tmp_path_factory.mktemp("finished") / "run"
   outcome = _train(config, workdir)
   return config, workdir, outcome
@@ -138,7 +145,7 @@ def test_overwrite_refuses_directories_no_run_is_worth(case, tmp_path, monkeypat
 
 def test_overwrite_replaces_a_real_jaxbn_workdir_and_only_that(finished, tmp_path):
   assert workdir_lib.foreign_entries(finished[1]) == []  # everything a run writes is known
-  other = _tiny(variants=("bn",), seed=1)
+  other = _tiny(**FINISHED, seed=1)
   # Marked (current) and unmarked (written before the marker existed) workdirs.
   for marked in (True, False):
     workdir = _copy(finished, tmp_path)
@@ -147,7 +154,9 @@ def test_overwrite_replaces_a_real_jaxbn_workdir_and_only_that(finished, tmp_pat
     with pytest.raises(ConfigError, match=r"different config \(seed: 0 -> 1\); pass --overwrite"):
       workdir_lib.prepare(workdir, other, overwrite=False)
     workdir_lib.prepare(workdir, other, overwrite=True)
-    assert sorted(p.name for p in workdir.iterdir()) == [workdir_lib.MARKER, "config.json"]
+    # The lock file stays: deleting it would let a second process lock a new one.
+    assert sorted(p.name for p in workdir.iterdir()) == [workdir_lib.LOCK, workdir_lib.MARKER,
+                                                         "config.json"]
     assert json.loads((workdir / "config.json").read_text())["seed"] == 1
     shutil.rmtree(workdir)
   # A file of the user's anywhere in it: nothing is deleted.
@@ -296,4 +305,176 @@ def test_a_finished_rerun_rewrites_nothing_not_even_an_identical_config(finished
   finally:
     subprocess.run(["chmod", "-R", "u+w", str(workdir)], check=True)
   assert again["results"] == outcome["results"] and again["summary"] == outcome["summary"]
+  assert _snapshot(workdir) == before
+
+
+# ------------------------------------------------------------------- damaged checkpoints
+
+
+def _garble(step_dir: pathlib.Path) -> None:
+  """Flips one byte in the middle of every data file of the checkpoint (OCDBT's d/ folders)."""
+  data = [p for p in step_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert data
+  for path in data:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x55
+    path.write_bytes(bytes(raw))
+
+
+def _empty(step_dir: pathlib.Path) -> None:
+  shutil.rmtree(step_dir)
+  step_dir.mkdir()
+
+
+# Damage, the reason in the set-aside folder's name, the skip line's reason.
+DAMAGE = {
+    "garbled data": (_garble, "changed-bytes", r"default/.* changed since written"),
+    "no OCDBT manifest": (lambda d: (d / "default" / "manifest.ocdbt").unlink(), "missing-files",
+                          r"default/manifest\.ocdbt is missing"),
+    "empty step folder": (_empty, "empty", r"its folder is empty"),
+}
+
+
+def _killed_after_last_checkpoint(finished, tmp_path) -> pathlib.Path:
+  """A copy of the finished workdir as a kill after the run's last checkpoint leaves it: no
+  result.json, so a rerun restores and trains instead of reading the result back."""
+  workdir = _copy(finished, tmp_path)
+  (workdir / "runs" / "bn" / "result.json").unlink()
+  return workdir
+
+
+def _files(directory: pathlib.Path) -> dict:
+  return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
+          if p.is_file()}
+
+
+def _run_finished_config(workdir: pathlib.Path) -> subprocess.CompletedProcess:
+  """`experiments.main` with the finished run's config, on `workdir`."""
+  settings = {**TINY, **FINISHED}
+  return subprocess.run(
+      [sys.executable, "-m", "experiments.main", "--config=configs/default.py",
+       f"--workdir={workdir}", *(f"--config.{k}={v!r}" if isinstance(v, tuple) else
+                                 f"--config.{k}={v}" for k, v in settings.items())],
+      cwd=ROOT, capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""})
+
+
+def _without_timing(workdir: pathlib.Path, results: dict) -> tuple:
+  """A run's results and metrics without the wall-clock fields, which no two runs share."""
+  timing = ("steps_per_second", "compile_seconds")
+  records = [{k: v for k, v in r.items() if k not in timing}
+             for r in workdir_lib.read_metrics(workdir / "runs" / "bn")]
+  return ({name: {k: v for k, v in r.items() if k not in timing} for name, r in results.items()},
+          records)
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_resumes(damage, finished,
+                                                                              tmp_path):
+  config, original, outcome = finished
+  workdir = _killed_after_last_checkpoint(finished, tmp_path)
+  checkpoints = workdir / "runs" / "bn" / "checkpoints"
+  assert sorted(p.name for p in checkpoints.iterdir()) == ["10", "20"]  # two are kept
+  spoil, reason, why = DAMAGE[damage]
+  spoil(checkpoints / "20")
+  damaged = _files(checkpoints / "20")
+  log = io.StringIO()
+  again = _train(config, workdir, reporter=train.progress.LogReporter(stream=log))
+  lines = log.getvalue().splitlines()
+  aside = workdir / "runs" / "bn" / "checkpoints_damaged" / f"20-{reason}"
+  skips = [line for line in lines if "checkpoint" in line]
+  assert len(skips) == 1, lines
+  assert re.fullmatch(rf"bn: skipped checkpoint step 20: {why}; moved it to "
+                      rf"{re.escape(str(aside.resolve()))}, resuming from step 10\.", skips[0])
+  assert "bn: resuming at step 10 (20 steps)" in lines
+  # Moved, not deleted: every byte of the damaged checkpoint is where the line says.
+  assert _files(aside) == damaged
+  # Trained again from step 10: the uninterrupted run's result, exactly.
+  assert _without_timing(workdir, again["results"]) == _without_timing(original,
+                                                                      outcome["results"])
+  assert sorted(p.name for p in checkpoints.iterdir()) == ["10", "20"]
+  assert workdir_lib.checkpoint_damage(checkpoints / "20") is None
+  assert workdir_lib.foreign_entries(workdir) == []  # --overwrite may still replace it
+
+
+def test_a_checkpoint_without_a_digest_that_orbax_cannot_restore_is_skipped(finished,
+                                                                            tmp_path):
+  # As one written before digests: orbax's own checks decide. In a process of its own, as
+  # orbax's failed reads may print tracebacks after the failure (see train._try_restore).
+  original = finished[1]
+  workdir = _killed_after_last_checkpoint(finished, tmp_path)
+  step = workdir / "runs" / "bn" / "checkpoints" / "20"
+  (step / workdir_lib.DIGEST).unlink()
+  (step / "default" / "manifest.ocdbt").unlink()
+  result = _run_finished_config(workdir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  aside = workdir / "runs" / "bn" / "checkpoints_damaged" / "20-unreadable"
+  assert re.search(r"^bn: skipped checkpoint step 20: orbax cannot restore it: NOT_FOUND: .*; "
+                   rf"moved it to {re.escape(str(aside.resolve()))}, resuming from step 10\.$",
+                   result.stdout, re.MULTILINE), result.stdout
+  assert "bn: resuming at step 10 (20 steps)" in result.stdout.splitlines()
+  assert (aside / "default").is_dir() and not (aside / "default" / "manifest.ocdbt").exists()
+  # Resumed from step 10's checkpoint. (The steps after it differ from the fixture's: its
+  # float64 draws other batch indices than the command line's float32.)
+  result = json.loads((workdir / "runs" / "bn" / "result.json").read_text())
+  assert result["steps"] == 20 and not result["diverged"]
+  first = lambda w: _without_timing(w, {})[1][0]
+  assert first(workdir) == first(original) and first(workdir)["step"] == 10
+
+
+def test_when_no_checkpoint_restores_the_run_is_refused_and_nothing_is_moved(finished,
+                                                                            tmp_path):
+  config = finished[0]
+  workdir = _killed_after_last_checkpoint(finished, tmp_path)
+  checkpoints = workdir / "runs" / "bn" / "checkpoints"
+  (checkpoints / "20" / "default" / "manifest.ocdbt").unlink()
+  _empty(checkpoints / "10")
+  before = _snapshot(workdir)
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match=r"No checkpoint of run bn restores \(step 20: default/manifest\.ocdbt "
+                           r"is missing; step 10: its folder is empty\).*Nothing was moved: "
+                           rf"{re.escape(str(checkpoints.resolve()))} is as found\. Either move "
+                           r"that folder aside .* or put back a copy of it that restores; or "
+                           r"choose another --workdir\."):
+    _train(config, workdir)
+  assert _snapshot(workdir) == before
+  # The command line says the same in a few lines, with no traceback, and fails.
+  result = _run_finished_config(workdir)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr and "No checkpoint of run bn restores" in result.stderr
+  assert len(result.stderr.splitlines()) <= 3, result.stderr
+  assert _snapshot(workdir) == before
+
+
+# ------------------------------------------------------------------------ the workdir lock
+
+
+def test_a_workdir_in_use_is_refused_at_once_naming_the_process_that_holds_it(finished,
+                                                                             tmp_path):
+  config = finished[0]
+  workdir = _killed_after_last_checkpoint(finished, tmp_path)
+  # Another process holding the workdir's lock file as a run does.
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import fcntl, os, sys, time\n"
+       "fcntl.flock(os.open(sys.argv[1], os.O_RDWR | os.O_CREAT), fcntl.LOCK_EX)\n"
+       "print('locked', flush=True)\ntime.sleep(300)", str(workdir / workdir_lib.LOCK)],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == "locked\n"
+    before = _snapshot(workdir)
+    in_use = (rf"{re.escape(str(workdir))} is in use by pid {holder.pid} \(.*python.* -c "
+              rf"import fcntl.*\).* Wait for it to end, stop it \(kill {holder.pid}\), or "
+              r"choose another --workdir\.")
+    with pytest.raises(workdir_lib.WorkdirError, match=in_use):
+      _train(config, workdir)
+    assert _snapshot(workdir) == before  # refused before any work
+    result = _run_finished_config(workdir)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert re.search(in_use, result.stderr), result.stderr
+    assert _snapshot(workdir) == before
+  finally:
+    holder.kill()
+    holder.wait()
+    holder.stdout.close()
+  # The kernel drops the lock with its holder, however it died: no stale lock to clear.
+  workdir_lib.lock(workdir).release()
   assert _snapshot(workdir) == before

@@ -7,7 +7,9 @@ variance, count, output and gradients against the seed's literal equations on th
 concatenated real rows, in float64 in one process.
 
 Training: `python -m experiments.launch` trains a tiny config on 2 processes; its metrics
-equal one process's on the same global batches.
+equal one process's on the same global batches. Both processes resume from the same
+checkpoint when the newest restores in one only; a workdir in use and a coordinator port in
+use are refused in every process, with a message.
 
 A child never sees conftest.py's 8 forced host devices: it gets a clean XLA_FLAGS and sets
 `jax_num_cpu_devices` itself, before JAX makes a backend.
@@ -16,6 +18,7 @@ A child never sees conftest.py's 8 forced host devices: it gets a clean XLA_FLAG
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -225,31 +228,46 @@ def _records(workdir: pathlib.Path) -> list[dict]:
           for line in lines]
 
 
-def test_experiments_train_data_parallel_across_processes(tmp_path):
-  from configs import default
-  from experiments import progress, train
+def _overrides() -> list[str]:
+  return [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
+          for k, v in TINY.items()]
 
-  _require_gloo()
-  two, one = tmp_path / "two", tmp_path / "one"
-  overrides = [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
-               for k, v in TINY.items()]
-  log_path = tmp_path / "launch.log"
+
+def _launch_training(workdir: pathlib.Path, log_path: pathlib.Path, **env) -> int:
+  """`experiments.launch` of the TINY config on 2 processes; its exit status."""
   with open(log_path, "w") as log:
     # Its own session: on timeout the launcher and both processes are killed together.
     launcher = subprocess.Popen(
         [sys.executable, "-m", "experiments.launch", "--num_processes=2", "--",
-         "--config=configs/default.py", f"--workdir={two}", *overrides],
-        cwd=ROOT, env=_child_env(), stdout=log, stderr=subprocess.STDOUT,
+         "--config=configs/default.py", f"--workdir={workdir}", *_overrides()],
+        cwd=ROOT, env={**_child_env(), **env}, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True)
   try:
-    launcher.wait(timeout=LAUNCH_TIMEOUT_S)
+    return launcher.wait(timeout=LAUNCH_TIMEOUT_S)
   except subprocess.TimeoutExpired:
     os.killpg(launcher.pid, signal.SIGKILL)
     launcher.wait()
     raise AssertionError(f"experiments.launch still running after {LAUNCH_TIMEOUT_S} s: "
                          f"killed.\n{log_path.read_text()[-3000:]}") from None
-  assert launcher.returncode == 0, log_path.read_text()[-5000:]
 
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> pathlib.Path:
+  """A workdir the TINY config was trained into by 2 processes; copy before changing."""
+  _require_gloo()
+  two = tmp_path_factory.mktemp("launched") / "two"
+  log_path = two.parent / "launch.log"
+  assert _launch_training(two, log_path) == 0, log_path.read_text()[-5000:]
+  return two
+
+
+# Both use the launched workdir: under `-n`, one worker computes it once.
+@pytest.mark.xdist_group(name="launched")
+def test_experiments_train_data_parallel_across_processes(launched, tmp_path):
+  from configs import default
+  from experiments import progress, train
+
+  two, one = launched, tmp_path / "one"
   config = default.get_config()
   for key, value in TINY.items():
     *groups, field = key.split(".")
@@ -282,6 +300,82 @@ def test_experiments_train_data_parallel_across_processes(tmp_path):
   assert files(two) == files(one)
   assert list(two.glob("runs/bn/checkpoints/20/*/ocdbt.process_1"))
   assert not list(two.rglob("*.tmp"))
+
+
+@pytest.mark.xdist_group(name="launched")
+def test_processes_resume_alike_when_the_newest_checkpoint_restores_in_one_only(launched,
+                                                                               tmp_path):
+  # Step 20 restores in process 0 and fails in process 1: both must skip it, or process 0
+  # would find the run finished while process 1 trains on and waits for it forever.
+  workdir = pathlib.Path(shutil.copytree(launched, tmp_path / "two"))
+  (workdir / "runs" / "bn" / "result.json").unlink()  # as a kill after the last checkpoint
+  log_path = tmp_path / "launch.log"
+  status = _launch_training(workdir, log_path, JAXBN_FAULT_RESTORE_FAILS="1:20")
+  log = log_path.read_text()
+  assert status == 0, log[-5000:]
+  aside = workdir / "runs" / "bn" / "checkpoints_damaged" / "20-other-process"
+  assert (f"bn: skipped checkpoint step 20: it did not restore in another process; moved it "
+          f"to {aside.resolve()}, resuming from step 10.") in log.splitlines()
+  assert "bn: resuming at step 10 (20 steps)" in log.splitlines()
+  assert list(aside.glob("*/ocdbt.process_1"))  # moved whole
+  # Both trained from step 10 again, to what the uninterrupted launch recorded, exactly.
+  assert _records(workdir) == _records(launched)
+  assert list(workdir.glob("runs/bn/checkpoints/20/*/ocdbt.process_1"))
+
+
+def _two_processes(tmp_path: pathlib.Path, port: int, *args: str) -> list[subprocess.Popen]:
+  return [subprocess.Popen(
+      [sys.executable, "-m", "experiments.main", f"--coordinator_address=localhost:{port}",
+       "--num_processes=2", f"--process_id={i}", "--config=configs/default.py", *args],
+      cwd=ROOT, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+
+
+def test_a_workdir_in_use_is_refused_in_every_process_of_a_launch(tmp_path):
+  from experiments import workdir as workdir_lib
+
+  _require_gloo()
+  workdir = tmp_path / "w"
+  with workdir_lib.lock(workdir):  # as a run in this process holds it
+    children = _two_processes(tmp_path, _free_port(), f"--workdir={workdir}", *_overrides())
+    try:
+      outputs = [child.communicate(timeout=TIMEOUT_S) for child in children]
+    except subprocess.TimeoutExpired:
+      for child in children:
+        child.kill()
+        child.communicate()
+      raise AssertionError("a process refused the workdir still ran after "
+                           f"{TIMEOUT_S} s: killed") from None
+  for child, (_, err) in zip(children, outputs, strict=True):
+    assert child.returncode == 1 and "Traceback" not in err, err[-3000:]
+  # Process 0 holds the lock for its launch, so it names the holder; process 1 points to it.
+  assert f"{workdir} is in use by pid {os.getpid()} (" in outputs[0][1]
+  assert f"{workdir} is in use by another run; process 0 of this one names it." in outputs[1][1]
+  assert sorted(p.name for p in workdir.iterdir()) == [workdir_lib.LOCK]
+
+
+def test_a_coordinator_port_in_use_is_refused_before_jax_starts(tmp_path):
+  with socket.socket() as taken:
+    taken.bind(("localhost", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    main = subprocess.run(
+        [sys.executable, "-m", "experiments.main", f"--coordinator_address=localhost:{port}",
+         "--num_processes=2", "--process_id=0", "--config=configs/default.py",
+         f"--workdir={tmp_path / 'w'}"],
+        cwd=ROOT, env=_child_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    launch = subprocess.run(
+        [sys.executable, "-m", "experiments.launch", "--num_processes=2", f"--port={port}",
+         "--", "--config=configs/default.py", f"--workdir={tmp_path / 'w'}"],
+        cwd=ROOT, env=_child_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+  # A message naming the port, not a segmentation fault inside JAX.
+  assert main.returncode == 1, main.stderr[-3000:]
+  assert (f"--coordinator_address=localhost:{port}: port {port} is in use on this machine"
+          in main.stderr) and "Traceback" not in main.stderr
+  assert launch.returncode == 1, launch.stderr[-3000:]
+  assert launch.stderr.startswith(f"experiments.launch: --port={port} is in use on this "
+                                  "machine") and "Nothing started" in launch.stderr
+  assert not (tmp_path / "w").exists()
 
 
 if __name__ == "__main__":
