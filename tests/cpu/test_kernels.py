@@ -37,16 +37,16 @@ CASES = {
 }
 
 
-def _layout(shape, axis):
+def _view(shape, axis):
   axes = sorted(a % len(shape) for a in np.atleast_1d(axis))
   return kernels.FeatureView(int(np.prod([shape[a] for a in axes])),
                         int(np.prod(shape[axes[-1] + 1:])))
 
 
-def _truth_moments(x, layout):
+def _truth_moments(x, view):
   # In long double (80-bit on x86): float64 kernels need a truth finer than float64.
-  x3 = np.asarray(x, np.float64).astype(np.longdouble).reshape(-1, layout.features,
-                                                                layout.inner)
+  x3 = np.asarray(x, np.float64).astype(np.longdouble).reshape(-1, view.features,
+                                                                view.inner)
   mean = x3.mean(axis=(0, 2))
   return mean, ((x3 - mean[None, :, None]) ** 2).sum(axis=(0, 2))
 
@@ -79,35 +79,35 @@ def test_kernels_run_in_a_fresh_process_without_batch_norm_first():
 def test_kernels_check_their_operands_at_trace_time():
   # Operands built in numpy: jnp.ones, jnp.asarray, astype would each compile one.
   x = jax.device_put(np.ones((4, 3), np.float32))
-  layout = kernels.FeatureView(3, 1)
+  view = kernels.FeatureView(3, 1)
   v = jax.device_put(np.ones(3, np.float32))
   with pytest.raises(ValueError, match="hi must be float32"):
-    kernels.grad_sums(layout, x, x, jax.device_put(np.ones(3, np.float64)), v)
+    kernels.grad_sums(view, x, x, jax.device_put(np.ones(3, np.float64)), v)
   with pytest.raises(ValueError, match="b must be float32"):
-    kernels.normalize(layout, x, v, v, v, jax.device_put(np.ones(4, np.float32)))
+    kernels.normalize(view, x, v, v, v, jax.device_put(np.ones(4, np.float32)))
   with pytest.raises(ValueError, match="does not split"):
     kernels.moments(kernels.FeatureView(5, 1), x)
   with pytest.raises(TypeError, match="float16"):
-    kernels.moments(layout, jax.device_put(np.ones((4, 3), np.float16)))
+    kernels.moments(view, jax.device_put(np.ones((4, 3), np.float16)))
   with pytest.raises(ValueError, match="scale must be float32"):
-    kernels.forward(layout, x, jax.device_put(np.ones(4, np.float32)), v, epsilon=1e-5)
+    kernels.forward(view, x, jax.device_put(np.ones(4, np.float32)), v, epsilon=1e-5)
   with pytest.raises(TypeError, match="write float32, bfloat16 or float64"):
-    kernels.forward(layout, x, v, v, epsilon=1e-5, out_dtype=jnp.int32)
+    kernels.forward(view, x, v, v, epsilon=1e-5, out_dtype=jnp.int32)
   with pytest.raises(ValueError, match="inv_std must be float32"):
-    kernels.backward(layout, x, x, v, v, jax.device_put(np.ones(3, jnp.bfloat16)), v)
+    kernels.backward(view, x, x, v, v, jax.device_put(np.ones(3, jnp.bfloat16)), v)
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64])
 def test_moments_match_float64_truth(case, dtype):
   shape, axis = CASES[case]
-  layout = _layout(shape, axis)
+  view = _view(shape, axis)
   x, _ = _data(shape, dtype, offset=100.0)
-  hi, lo, m2 = kernels.moments(layout, x)
-  mean, m2_true = _truth_moments(x, layout)  # of the values x holds, after its rounding
+  hi, lo, m2 = kernels.moments(view, x)
+  mean, m2_true = _truth_moments(x, view)  # of the values x holds, after its rounding
   mean_k = np.asarray(hi, np.longdouble) + np.asarray(lo, np.longdouble)
   eps = np.finfo(hi.dtype).eps
-  sigma = np.sqrt(m2_true / (x.size / layout.features))
+  sigma = np.sqrt(m2_true / (x.size / view.features))
   # μ to a few ulps of σ (not of |μ|, which is 100σ/3 here): float32 statistics carry μ as
   # hi + lo; a float64 μ is one float64 (lo = 0), so there its own rounding, ε·|μ|, counts.
   bar = 8 * eps * (sigma + (np.abs(mean) if dtype == jnp.float64 else 0))
@@ -154,9 +154,9 @@ def test_channels_first_moments_sweep_a_piece_again_where_the_shift_is_far_from_
   x = rng.standard_normal((32, 2, 1000))
   x[0, 0] += 1e5
   x = jax.device_put(x.astype(dtype))
-  layout = kernels.FeatureView(2, 1000)
-  hi, lo, m2 = kernels.moments(layout, x)
-  mean, m2_true = _truth_moments(x, layout)
+  view = kernels.FeatureView(2, 1000)
+  hi, lo, m2 = kernels.moments(view, x)
+  mean, m2_true = _truth_moments(x, view)
   eps = np.finfo(dtype).eps
   sigma = np.sqrt(m2_true / (x.size / 2))
   mean_k = np.asarray(hi, np.longdouble) + np.asarray(lo, np.longdouble)
@@ -169,28 +169,28 @@ def test_channels_first_moments_sweep_a_piece_again_where_the_shift_is_far_from_
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_kernels_match_their_twins(case, dtype):
   shape, axis = CASES[case]
-  layout = _layout(shape, axis)
+  view = _view(shape, axis)
   x, dy = _data(shape, dtype, offset=2.0)
   rng = np.random.default_rng(1)
-  a, b, k = (jax.device_put(rng.uniform(0.5, 2, layout.features).astype(np.float32))
+  a, b, k = (jax.device_put(rng.uniform(0.5, 2, view.features).astype(np.float32))
              for _ in range(3))
 
   @jax.jit  # one compilation per case for every call below
   def run(x, dy, a, b, k):
-    hi, lo, _ = kernels.moments(layout, x)
+    hi, lo, _ = kernels.moments(view, x)
     pairs = {
-        "normalize": (kernels.normalize(layout, x, hi, lo, a, b),
-                      kernels.normalize_xla(layout, x, hi, lo, a, b)),
+        "normalize": (kernels.normalize(view, x, hi, lo, a, b),
+                      kernels.normalize_xla(view, x, hi, lo, a, b)),
         "normalize to float32": (
-            kernels.normalize(layout, x, hi, lo, a, b, out_dtype=jnp.float32),
-            kernels.normalize_xla(layout, x, hi, lo, a, b, out_dtype=jnp.float32)),
-        "grad_input": (kernels.grad_input(layout, x, dy, hi, lo, a, b, k),
-                       kernels.grad_input_xla(layout, x, dy, hi, lo, a, b, k)),
+            kernels.normalize(view, x, hi, lo, a, b, out_dtype=jnp.float32),
+            kernels.normalize_xla(view, x, hi, lo, a, b, out_dtype=jnp.float32)),
+        "grad_input": (kernels.grad_input(view, x, dy, hi, lo, a, b, k),
+                       kernels.grad_input_xla(view, x, dy, hi, lo, a, b, k)),
         "grad_input, float32 dy": (
-            kernels.grad_input(layout, x, dy.astype(jnp.float32), hi, lo, a, b, k),
-            kernels.grad_input_xla(layout, x, dy.astype(jnp.float32), hi, lo, a, b, k)),
+            kernels.grad_input(view, x, dy.astype(jnp.float32), hi, lo, a, b, k),
+            kernels.grad_input_xla(view, x, dy.astype(jnp.float32), hi, lo, a, b, k)),
     }
-    return hi, lo, pairs, kernels.grad_sums(layout, x, dy, hi, lo)
+    return hi, lo, pairs, kernels.grad_sums(view, x, dy, hi, lo)
 
   hi, lo, pairs, (sum_g, sum_gc) = run(x, dy, a, b, k)
   assert hi.dtype == jnp.float32  # the statistics of float32 and bfloat16 x
@@ -200,7 +200,7 @@ def test_kernels_match_their_twins(case, dtype):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                rtol=float(jnp.finfo(got.dtype).eps), atol=1e-6, err_msg=name)
   # Sums: float32 partial sums over chunks, float64 between them, against float64 truth.
-  x3, g3 = (np.asarray(v, np.float64).reshape(-1, layout.features, layout.inner)
+  x3, g3 = (np.asarray(v, np.float64).reshape(-1, view.features, view.inner)
             for v in (x, dy))
   centred = x3 - (np.asarray(hi, np.float64) + np.asarray(lo, np.float64))[None, :, None]
   scale = np.abs(g3).sum(axis=(0, 2))
@@ -213,20 +213,20 @@ def test_kernels_match_their_twins(case, dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64])
 def test_fused_forward_and_backward_match_their_twins(case, dtype):
   shape, axis = CASES[case]
-  layout = _layout(shape, axis)
+  view = _view(shape, axis)
   x, dy = _data(shape, dtype, offset=100.0)
   cdt = jnp.float64 if dtype == jnp.float64 else jnp.float32
   rng = np.random.default_rng(5)
-  scale, bias = (jax.device_put(rng.uniform(0.5, 2, layout.features).astype(cdt))
+  scale, bias = (jax.device_put(rng.uniform(0.5, 2, view.features).astype(cdt))
                  for _ in range(2))
 
   @jax.jit  # one compilation per case for both paths
   def run(x, dy, scale, bias):
-    got = kernels.forward(layout, x, scale, bias, epsilon=1e-3)
-    want = kernels.forward_xla(layout, x, scale, bias, epsilon=1e-3)
+    got = kernels.forward(view, x, scale, bias, epsilon=1e-3)
+    want = kernels.forward_xla(view, x, scale, bias, epsilon=1e-3)
     hi, lo, inv_std = got[1], got[2], got[4]
-    got += kernels.backward(layout, x, dy, hi, lo, inv_std, scale)
-    want += kernels.backward_xla(layout, x, dy, hi, lo, inv_std, scale)
+    got += kernels.backward(view, x, dy, hi, lo, inv_std, scale)
+    want += kernels.backward_xla(view, x, dy, hi, lo, inv_std, scale)
     return got, want
 
   got, want = run(x, dy, scale, bias)
@@ -234,8 +234,8 @@ def test_fused_forward_and_backward_match_their_twins(case, dtype):
   eps = float(jnp.finfo(cdt).eps)
   # μ = hi + lo as a whole, against long-double truth to a few ulps of σ (not of |μ|): lo
   # carries what hi cannot, so an all-zero lo would fail this in float32.
-  mean, m2_true = _truth_moments(x, layout)
-  sigma = np.sqrt(m2_true / (x.size / layout.features))
+  mean, m2_true = _truth_moments(x, view)
+  sigma = np.sqrt(m2_true / (x.size / view.features))
   mean_k = np.asarray(hi, np.longdouble) + np.asarray(lo, np.longdouble)
   np.testing.assert_array_less(
       np.abs(mean_k - mean), 8 * eps * (sigma + (np.abs(mean) if cdt == jnp.float64 else 0)))
@@ -260,14 +260,14 @@ def test_fused_forward_and_backward_match_their_twins(case, dtype):
                                err_msg=name)
 
 
-def _padding_mask(x, layout, seed=7):
+def _padding_mask(x, view, seed=7):
   """A random mask shared by all features, (outer, 1, inner), with one whole outer slice
   masked; x gets NaN where masked (the kernels must not let it through)."""
   rng = np.random.default_rng(seed)
-  outer = x.size // (layout.features * layout.inner)
-  keep = rng.random((outer, 1, layout.inner)) > 0.3
+  outer = x.size // (view.features * view.inner)
+  keep = rng.random((outer, 1, view.inner)) > 0.3
   keep[outer // 2] = False
-  x3 = np.asarray(x, np.float64).reshape(outer, layout.features, layout.inner)
+  x3 = np.asarray(x, np.float64).reshape(outer, view.features, view.inner)
   x3 = np.where(keep, x3, np.nan)
   return jax.device_put(x3.reshape(x.shape).astype(x.dtype)), jax.device_put(keep)
 
@@ -275,33 +275,33 @@ def _padding_mask(x, layout, seed=7):
 @pytest.mark.parametrize("case", CASES)
 def test_masked_kernels_match_their_twins_and_zero_the_padding(case):
   shape, axis = CASES[case]
-  layout = _layout(shape, axis)
+  view = _view(shape, axis)
   x, dy = _data(shape, jnp.float32, offset=3.0)
-  x, keep = _padding_mask(x, layout)
+  x, keep = _padding_mask(x, view)
   rng = np.random.default_rng(8)
-  scale, bias, a, b, k = (jax.device_put(rng.uniform(0.5, 2, layout.features).astype(np.float32))
+  scale, bias, a, b, k = (jax.device_put(rng.uniform(0.5, 2, view.features).astype(np.float32))
                           for _ in range(5))
 
   @jax.jit  # one compilation per case for every pair
   def run(x, dy, keep, scale, bias, a, b, k):
-    fwd = kernels.forward(layout, x, scale, bias, keep, epsilon=1e-3)
+    fwd = kernels.forward(view, x, scale, bias, keep, epsilon=1e-3)
     hi, lo = fwd[1], fwd[2]
     return fwd, {
-        "forward": (fwd, kernels.forward_xla(layout, x, scale, bias, keep, epsilon=1e-3)),
-        "backward": (kernels.backward(layout, x, dy, hi, lo, fwd[4], scale, keep),
-                     kernels.backward_xla(layout, x, dy, hi, lo, fwd[4], scale, keep)),
-        "moments": (kernels.moments(layout, x, keep), kernels.moments_xla(layout, x, keep)),
-        "normalize": ((kernels.normalize(layout, x, hi, lo, a, b, keep),),
-                      (kernels.normalize_xla(layout, x, hi, lo, a, b, keep),)),
-        "grad_sums": (kernels.grad_sums(layout, x, dy, hi, lo, keep),
-                      kernels.grad_sums_xla(layout, x, dy, hi, lo, keep)),
-        "grad_input": ((kernels.grad_input(layout, x, dy, hi, lo, a, b, k, keep),),
-                       (kernels.grad_input_xla(layout, x, dy, hi, lo, a, b, k, keep),)),
+        "forward": (fwd, kernels.forward_xla(view, x, scale, bias, keep, epsilon=1e-3)),
+        "backward": (kernels.backward(view, x, dy, hi, lo, fwd[4], scale, keep),
+                     kernels.backward_xla(view, x, dy, hi, lo, fwd[4], scale, keep)),
+        "moments": (kernels.moments(view, x, keep), kernels.moments_xla(view, x, keep)),
+        "normalize": ((kernels.normalize(view, x, hi, lo, a, b, keep),),
+                      (kernels.normalize_xla(view, x, hi, lo, a, b, keep),)),
+        "grad_sums": (kernels.grad_sums(view, x, dy, hi, lo, keep),
+                      kernels.grad_sums_xla(view, x, dy, hi, lo, keep)),
+        "grad_input": ((kernels.grad_input(view, x, dy, hi, lo, a, b, k, keep),),
+                       (kernels.grad_input_xla(view, x, dy, hi, lo, a, b, k, keep),)),
     }
 
   fwd, pairs = run(x, dy, keep, scale, bias, a, b, k)
   hi, lo = fwd[1], fwd[2]
-  padding = ~np.broadcast_to(np.asarray(keep), (keep.shape[0], layout.features, layout.inner))
+  padding = ~np.broadcast_to(np.asarray(keep), (keep.shape[0], view.features, view.inner))
   for name, (got, want) in pairs.items():
     for i, (g, w) in enumerate(zip(got, want)):
       g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
@@ -342,7 +342,7 @@ def _bn_with_and_without_kernels(x, scale, bias, dy, axis, **kwargs):
 def test_batch_norm_with_kernels_equals_pure_jax(case, dtype, rtol):
   shape, axis = CASES[case]
   x, dy = _data(shape, dtype, offset=5.0)
-  n = _layout(shape, axis).features
+  n = _view(shape, axis).features
   rng = np.random.default_rng(2)
   scale = jax.device_put(rng.uniform(0.5, 2, n).astype(dtype).reshape(
       [shape[a % len(shape)] for a in sorted(a % len(shape) for a in np.atleast_1d(axis))]))
