@@ -56,7 +56,7 @@ def run(num_processes: int, cpu_devices: int, port: int, args: list[str]) -> int
   none starts: the port given is in use)."""
   if port:
     # Imported only here: it brings JAX, which the launcher needs for nothing else.
-    from experiments import distributed  # pylint: disable=import-outside-toplevel
+    from experiments.core import distributed  # pylint: disable=import-outside-toplevel
     if distributed.port_in_use(port):
       sys.stderr.write(f"experiments.launch: --port={port} is in use on this machine, so "
                        "process 0 cannot serve jax.distributed's coordinator there; choose "

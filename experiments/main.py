@@ -22,7 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import allocator
+from experiments.core import allocator
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py",
                                           "Experiment config file (get_config()).")
@@ -47,9 +47,10 @@ def main(argv):
   # Imported here, not at the top: they bring JAX, Flax and orbax (about 5 s), and `__main__`
   # first re-executes the process under the fast malloc — imported at the top they were
   # paid twice, and a refused command line took 11 s instead of 6.
-  from experiments import config as config_lib
-  from experiments import distributed, train
-  from experiments import workdir as workdir_lib
+  from experiments import registry
+  from experiments.core import config as config_lib
+  from experiments.core import distributed
+  from experiments.core import workdir as workdir_lib
 
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
   # What stops a run for a reason other than its command line (a port or workdir in use, no
@@ -65,7 +66,7 @@ def main(argv):
   # `--workdir=~/x` reaches us unexpanded (the shell expands ~ only at a word's start).
   workdir = os.path.expanduser(_WORKDIR.value)
   try:
-    train.train_and_evaluate(_CONFIG.value, workdir, overwrite=_OVERWRITE.value)
+    registry.train_and_evaluate(_CONFIG.value, workdir, overwrite=_OVERWRITE.value)
   except workdir_lib.WorkdirError as error:
     sys.exit(f"experiments.main: {error}")
   except config_lib.ConfigError as error:

@@ -1,5 +1,7 @@
 """jaxbn: Batch Normalization derived, implemented and proved in JAX."""
 
+# The kernels' status and calls, as `jaxbn.kernels` after `import jaxbn` (as the docs write it).
+from jaxbn import kernels as kernels
 from jaxbn.ops import BatchStats as BatchStats
 from jaxbn.ops import Renorm as Renorm
 from jaxbn.ops import RenormCorrection as RenormCorrection

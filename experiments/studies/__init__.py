@@ -1,0 +1,1 @@
+"""The studies, one package per family; `experiments/registry.py` lists them."""
