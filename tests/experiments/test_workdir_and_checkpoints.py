@@ -1,9 +1,9 @@
-"""experiments under faults: workdirs that are not jaxbn's, runs that diverge at once, configs
-and data files that used to crash after the workdir was written, read-only reruns, damaged
-checkpoints, a second process on a workdir in use.
+"""The experiments' workdir, data and checkpoints under faults: workdirs that are not jaxbn's,
+runs that diverge at once, configs and data files refused before the workdir is written,
+read-only reruns, damaged checkpoints, a second process on a workdir in use.
 
-Each test failed before its fix. Most need no training: they call the workdir functions and
-`config.validate` directly; two tiny runs are shared by the rest.
+Most need no training: they call the workdir functions and `registry.validate` directly; two
+tiny runs are shared by the rest.
 """
 
 import gzip
