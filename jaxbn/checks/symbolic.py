@@ -32,6 +32,22 @@ class SymbolicResult:
   passed: bool
 
 
+def _identities(result, seed, graph, vanishing, eq7, closed, grad_x, sum_g_xhat, dL_dgamma,
+                sum_g, dL_dbeta) -> list[SymbolicResult]:
+  """The identities both proofs hold, each checked by `result(identity, formula, truth)`: the
+  seed's six partial derivatives against the graph's, the vanishing term, eq. (7) and the
+  closed form against ∂L/∂x, and eqs. (5), (6) against ∂L/∂γ, ∂L/∂β."""
+  results = [result(f"seed {name} == graph derivative", seed[name], graph[name])
+             for name in seed]
+  return results + [
+      result("seed dL/dmu vanishing term == 0", vanishing, 0),
+      result("eq. (7) == dL/dx_i", eq7, grad_x),
+      result("closed form == dL/dx_i", closed, grad_x),
+      result("eq. (5) sum g_i xhat_i == dL/dgamma", sum_g_xhat, dL_dgamma),
+      result("eq. (6) sum g_i == dL/dbeta", sum_g, dL_dbeta),
+  ]
+
+
 def symbolic_checks(batch_sizes: Sequence[int | str] = (ANY_M,)) -> list[SymbolicResult]:
   """Proves the seed's backward (and renorm's) with sympy (see module docstring).
 
@@ -119,15 +135,8 @@ def _symbolic_checks(m: int) -> list[SymbolicResult]:
     return SymbolicResult(m, identity, ok)
 
   grad_x = [sp.diff(loss, xi) for xi in x]
-  results = [result(f"seed {name} == graph derivative", seed[name], graph[name]) for name in seed]
-  results += [
-      result("seed dL/dmu vanishing term == 0", vanishing, 0),
-      result("eq. (7) == dL/dx_i", eq7, grad_x),
-      result("closed form == dL/dx_i", closed, grad_x),
-      result("eq. (5) sum g_i xhat_i == dL/dgamma", sum_g_xhat, sp.diff(loss, gamma)),
-      result("eq. (6) sum g_i == dL/dbeta", sum_g, sp.diff(loss, beta)),
-  ]
-  return results
+  return _identities(result, seed, graph, vanishing, eq7, closed, grad_x,
+                     sum_g_xhat, sp.diff(loss, gamma), sum_g, sp.diff(loss, beta))
 
 
 # Every batch size at once. The batch is an indexed family x_i, g_i (sympy IndexedBase) and
@@ -234,16 +243,8 @@ def _symbolic_checks_any_m() -> list[SymbolicResult]:
   grad_x = sp.diff(loss, x[j])
   result = lambda identity, formula, truth: SymbolicResult(ANY_M, identity,
                                                            is_zero(formula - truth))
-  results = [result(f"seed {name} == graph derivative", seed[name], graph[name])
-             for name in seed]
-  results += [
-      result("seed dL/dmu vanishing term == 0", vanishing, 0),
-      result("eq. (7) == dL/dx_i", eq7, grad_x),
-      result("closed form == dL/dx_i", closed, grad_x),
-      result("eq. (5) sum g_i xhat_i == dL/dgamma", sum_g_xhat, sp.diff(loss, gamma)),
-      result("eq. (6) sum g_i == dL/dbeta", sum_g, sp.diff(loss, beta)),
-  ]
-  return results + _symbolic_renorm_any_m()
+  return _identities(result, seed, graph, vanishing, eq7, closed, grad_x, sum_g_xhat,
+                     sp.diff(loss, gamma), sum_g, sp.diff(loss, beta)) + _symbolic_renorm_any_m()
 
 
 def _symbolic_renorm_any_m() -> list[SymbolicResult]:

@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jaxbn
+from jaxbn.checks import cases
 from jaxbn import linen as jlinen
 from jaxbn import nnx as jnnx
 from jaxbn import reference
@@ -132,31 +133,15 @@ def test_unclipped_renorm_trains_with_the_inference_normalization():
 
 
 # Features spanning |μ| = 1e0 … 1e6 (both signs) × σ = 1e-2 … 1e1, one per (offset, σ).
-OFFSETS = 10.0 ** np.arange(0, 7)
-SIGMAS = 10.0 ** np.arange(-2, 2)
 F32_EPS = float(np.finfo(np.float32).eps)
 
 
-def _offset_grid(seed=10, m=64):
-  """float32 x over the (offset, σ) grid, float32 running statistics with r, d unclipped and of
-  order 1 (alternating r ≈ 1.4 / 0.7, d ≈ 0.6 / −0.9), γ, β, and the float64 truth from the
-  same float32 values: r, d and the inference output (x − μ)/σ·γ + β."""
-  rng = np.random.default_rng(seed)
-  offsets, sigmas = (a.ravel() for a in np.meshgrid(OFFSETS, SIGMAS))
-  signs = np.where(np.arange(offsets.size) % 3 == 0, -1.0, 1.0)
-  x = (signs * offsets + sigmas * rng.standard_normal((m, offsets.size))).astype(np.float32)
-  x64 = x.astype(np.float64)
-  even = np.arange(offsets.size) % 2 == 0
-  var = (x64.var(0) * np.where(even, 0.5, 2.0)).astype(np.float32)
-  running_std = np.sqrt(var.astype(np.float64) + EPS)
-  mean = (x64.mean(0) - np.where(even, 0.6, -0.9) * running_std).astype(np.float32)
-  g = rng.uniform(0.5, 2.0, offsets.size).astype(np.float32)
-  b = rng.standard_normal(offsets.size).astype(np.float32)
-  mean64, g64, b64 = (v.astype(np.float64) for v in (mean, g, b))
-  truth = {"r": np.sqrt(x64.var(0) + EPS) / running_std,
-           "d": (x64.mean(0) - mean64) / running_std,
-           "y": (x64 - mean64) / running_std * g64 + b64}
-  return x, mean, var, g, b, truth
+def _offset_grid(seed=10):
+  """float32 x over offsets 1e0-1e6 and σ 1e-2-1e1 with float32 running statistics that put
+  r and d unclipped and of order 1, γ, β, and the float64 truth (r, d, the inference output)
+  from the same float32 values: the inputs `jaxbn check`'s renorm-precision case uses, with
+  other seeds."""
+  return cases.precision_inputs(seed=seed)
 
 
 @pytest.mark.parametrize("use_cpu_kernel", [None, False], ids=["kernels", "pure-jax"])
