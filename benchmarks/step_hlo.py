@@ -16,10 +16,20 @@ so that no thread pools or allocator state are shared.
     python -m benchmarks.step_hlo --dump     # also writes step_<variant>.hlo.txt here and
                                              # names the writers of activation-sized arrays
 """
-import collections, os, re, statistics, subprocess, sys, time
-import jax, jax.numpy as jnp, numpy as np
+import collections
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
+
 import jaxbn.linen
 
 VARIANTS = ("jaxbn", "jaxbn pure", "flax")
