@@ -82,7 +82,9 @@ def warmed_up(clip: tuple[float, float, float], steps, warmup_steps: int):
 
 
 def tick(steps):
-  """The warm-up clock one training step on, saturating at CLOCK_MAX: an int32 that wrapped to
-  −2**31 would put rmax below 1 and rmin above 1 (the schedule run backwards, far past plain
-  BN), where a clock stopped at CLOCK_MAX ≥ renorm_warmup_steps keeps the full clipping."""
+  """An int32 step counter one step on, saturating at CLOCK_MAX. The modules count two things
+  with it: renorm's warm-up clock (wrapped to −2**31 it would put rmax below 1 and rmin above
+  1, the schedule run backwards; stopped at CLOCK_MAX ≥ renorm_warmup_steps it keeps the full
+  clipping) and momentum=None's batch count (wrapped negative it would weigh the next batch by
+  1/count < 0; stopped, the cumulative average keeps moving by 1/CLOCK_MAX)."""
   return jnp.where(steps < CLOCK_MAX, steps + 1, steps)

@@ -183,7 +183,7 @@ class BatchNorm(nn.Module):
         rn_steps.value = _renorm_schedule.tick(rn_steps.value)
     if not initializing:
       if num_batches is not None:
-        num_batches.value = num_batches.value + 1
+        num_batches.value = _renorm_schedule.tick(num_batches.value)
       ra_mean.value, ra_var.value = ops.update_running_stats(
           ra_mean.value, ra_var.value, stats, momentum=self.momentum,
           num_batches=None if num_batches is None else num_batches.value,

@@ -183,7 +183,7 @@ class BatchNorm(nnx.Module):
         self.renorm_steps[...] = _renorm_schedule.tick(self.renorm_steps[...])
     num_batches = None
     if hasattr(self, "count"):  # PyTorch's num_batches_tracked: momentum=None adds it
-      self.count[...] = self.count[...] + 1
+      self.count[...] = _renorm_schedule.tick(self.count[...])
       num_batches = self.count[...]
     self.mean[...], self.var[...] = ops.update_running_stats(
         self.mean[...], self.var[...], stats, momentum=self.momentum,

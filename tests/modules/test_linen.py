@@ -327,3 +327,22 @@ def test_tabulate_with_every_flag_matches_flax():
   assert rows[0] == rows[1]
   assert sum("BatchNorm" in row[2] for row in rows[1]) == 2  # the reuse is listed
   assert any("mean: float32[3]" in cell for row in rows[1] for cell in row)
+
+
+def test_the_batch_count_saturates_instead_of_wrapping():
+  """momentum=None weighs the batch by 1/count: an int32 count that wrapped to −2**31 would
+  weigh it by a negative number. Stopped at 2**31 − 1, the average keeps moving by 1/count."""
+  top = np.iinfo(np.int32).max
+  x = jax.device_put(np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32))
+  bn = jaxbn.linen.BatchNorm(momentum=None)
+  variables = jax.jit(lambda x: bn.init(jax.random.key(0), x, use_running_average=False))(x)
+  variables["batch_stats"]["count"] = jnp.asarray(top - 1, jnp.int32)
+  apply = jax.jit(functools.partial(bn.apply, use_running_average=False, mutable=["batch_stats"]))
+  for step in range(2):
+    _, updates = apply(variables, x)
+    stats = updates["batch_stats"]
+    assert int(stats["count"]) == top, step
+    old = np.asarray(variables["batch_stats"]["mean"], np.float64)
+    want = old + (np.asarray(x, np.float64).mean(0) - old) / top
+    np.testing.assert_allclose(stats["mean"], want, rtol=1e-6)
+    variables = {"params": variables["params"], **updates}

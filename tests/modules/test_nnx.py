@@ -185,3 +185,18 @@ def test_tabulate_and_eval_shape_match_flax():
   shapes = [_state_signature(nnx.eval_shape(lambda: Net(cls, nnx.Rngs(0))))
             for cls in (nnx.BatchNorm, jaxbn.nnx.BatchNorm)]
   assert shapes[0] == shapes[1]
+
+
+def test_the_batch_count_saturates_instead_of_wrapping():
+  """As linen's: the momentum=None count stops at 2**31 − 1 instead of wrapping negative."""
+  top = np.iinfo(np.int32).max
+  x = jax.device_put(np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32))
+  bn = jaxbn.nnx.BatchNorm(3, momentum=None, rngs=nnx.Rngs(0))
+  bn.count[...] = jnp.asarray(top - 1, jnp.int32)
+  call = nnx.jit(lambda bn, x: bn(x))
+  for step in range(2):
+    old = np.asarray(bn.mean[...], np.float64)
+    call(bn, x)
+    assert int(bn.count[...]) == top, step
+    np.testing.assert_allclose(bn.mean[...], old + (np.asarray(x).mean(0) - old) / top,
+                               rtol=1e-6)
