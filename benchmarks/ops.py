@@ -236,10 +236,15 @@ def _runner(name: str, case: dict) -> tuple[Callable, float] | None:
   return (lambda: jax.block_until_ready(compiled(*args))), compile_s
 
 
-def serve(make_runner: Callable[[dict], tuple[Callable, float] | None]) -> None:
+def serve(make_runner: Callable[[dict], tuple | None]) -> None:
   """A worker's loop: reads commands from stdin, answers one JSON line each on stdout.
 
-    {"op": "prepare", "case": {...}, "sample_s": s}  → {"compile_s": s} or {"skip": true}
+  `make_runner(case)` gives (run, compile seconds) or (run, compile seconds, info), info a
+  JSON-able dict of what the worker measured besides time (compiled memory), or None where
+  the implementation does not run the case.
+
+    {"op": "prepare", "case": {...}, "sample_s": s}  → {"compile_s": s, "info": {...}}
+                                                       or {"skip": true}
     {"op": "sample", "settle_s": s}                  → {"seconds": time per call}
     {"op": "quit"}
 
@@ -260,13 +265,13 @@ def serve(make_runner: Callable[[dict], tuple[Callable, float] | None]) -> None:
         if made is None:
           answer = {"skip": True}
         else:
-          run, compile_s = made
+          run, compile_s, *info = made
           run()  # warm-up
           start = time.perf_counter()
           run()
           once = time.perf_counter() - start
           calls = max(1, math.ceil(message["sample_s"] / max(once, 1e-7)))
-          answer = {"compile_s": compile_s}
+          answer = {"compile_s": compile_s, "info": info[0] if info else {}}
       else:  # sample
         settled = time.perf_counter() + message["settle_s"]
         run()
@@ -328,7 +333,7 @@ def alternate(module: str, names, cases: list[dict], repeats: int, settle_s: flo
   """Times every implementation in `names` at every case, each in its own process (a
   `Worker` of `module`), the processes taking turns over `repeats` rounds in an order
   rotated every round. Returns one dict per (case, implementation that runs it):
-  case, implementation, median_s, samples, compile_s."""
+  case, implementation, median_s, samples, compile_s, info (the runner's, or {})."""
   env = worker_environment() if env is None else env
   workers = [Worker(module, name, env) for name in names]
   results = []
@@ -347,7 +352,8 @@ def alternate(module: str, names, cases: list[dict], repeats: int, settle_s: flo
       for worker, answer in ready:
         results.append({"case": case, "implementation": worker.name,
                         "median_s": statistics.median(samples[worker.name]),
-                        "samples": samples[worker.name], "compile_s": answer["compile_s"]})
+                        "samples": samples[worker.name], "compile_s": answer["compile_s"],
+                        "info": answer["info"]})
   finally:
     for worker in workers:
       worker.close()

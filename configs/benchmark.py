@@ -1,4 +1,6 @@
-"""The benchmark (benchmarks/main.py): the BN layer alone at five shapes and two dtypes,\ntrain-step throughput and compiled memory of the paper MLP and the CNN."""
+"""The benchmark (benchmarks/main.py): the BN layer alone at five shapes and two dtypes; whole
+training steps (time, BN's share, compiled memory) of the paper MLP and CNN, a ResNet stage
+and a wide MLP, in float32 and bfloat16."""
 
 import ml_collections
 
@@ -7,7 +9,7 @@ from configs import default
 
 def get_config():
   config = ml_collections.ConfigDict()
-  config.sections = ("ops", "throughput", "memory")
+  config.sections = ("ops", "steps")
   config.op_shapes = ((256, 1024), (4096, 1024), (128, 32, 32, 64), (64, 56, 56, 128),
                       (32, 112, 112, 64))
   # Features on axis 1 (PyTorch's layout), against PyTorch's kernel on contiguous NCHW.
@@ -16,10 +18,12 @@ def get_config():
   config.op_masked_shapes = ((64, 56, 56, 128),)
   config.op_dtypes = ("float32", "bfloat16")
   config.residual_shape = (64, 56, 56, 128)
-  config.nets = ("mlp", "cnn")
-  config.model = default.get_config().model
-  config.batch_size = {"mlp": 60, "cnn": 128}
-  config.steps_per_call = {"mlp": 200, "cnn": 5}
+  config.nets = ("mlp", "cnn", "resnet_stage", "wide_mlp")  # benchmarks/nets.py
+  config.step_dtypes = ("float32", "bfloat16")
+  config.model = default.get_config().model  # the paper MLP's and the CNN's
+  config.batch_size = {"mlp": 60, "cnn": 128, "resnet_stage": 32, "wide_mlp": 512}
+  # Steps per timed call (one jitted chunk): enough that a call is not dominated by dispatch.
+  config.steps_per_call = {"mlp": 200, "cnn": 5, "resnet_stage": 2, "wide_mlp": 4}
   config.dataset_size = 2048
   config.repeats = 7  # rounds; each implementation in its own process, taking turns
   # Each round, each implementation first runs untimed for op_settle_s (what the process

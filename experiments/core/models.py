@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -15,15 +16,16 @@ import jaxbn.linen
 ACTIVATIONS = {"sigmoid": nn.sigmoid, "relu": nn.relu, "linear": lambda x: x}  # linear: a deep linear net
 
 
-def _batch_norm(impl: str, train: bool, momentum: float, gradient: str):
+def batch_norm_layer(impl: str, train: bool, momentum: float, gradient: str, dtype=None):
   """jaxbn's module ("jaxbn"; "jaxbn-xla" without the C++ CPU kernels; "jaxbn-fast" with the
   one-pass variance, which is pure JAX too) or Flax's ("flax", whose default is the one-pass
-  variance)."""
+  variance); `dtype`: the output dtype (None: Flax's inference from x and the parameters)."""
   if impl == "flax":
-    return nn.BatchNorm(use_running_average=not train, momentum=momentum)
+    return nn.BatchNorm(use_running_average=not train, momentum=momentum, dtype=dtype)
   return jaxbn.linen.BatchNorm(use_running_average=not train, momentum=momentum,
                                gradient=gradient, use_fast_variance=impl == "jaxbn-fast",
-                               use_cpu_kernel=False if impl == "jaxbn-xla" else None)
+                               use_cpu_kernel=False if impl == "jaxbn-xla" else None,
+                               dtype=dtype)
 
 
 def _kernel_init(init_std: float | None):
@@ -48,18 +50,20 @@ class PaperMLP(nn.Module):
   bn_impl: str = "jaxbn"
   gradient: str = "analytic"
   residual: bool = False  # h ← h + act(layer(h)) after the first layer (MNIST-1D's MLP)
+  dtype: Any = None  # the layers' computation dtype (the benchmark's bfloat16 steps)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     h = x.reshape(x.shape[0], -1)
     for i, width in enumerate(self.hidden):
-      z = nn.Dense(width, use_bias=not self.batch_norm, kernel_init=_kernel_init(self.init_std))(h)
+      z = nn.Dense(width, use_bias=not self.batch_norm, kernel_init=_kernel_init(self.init_std),
+                   dtype=self.dtype)(h)
       if self.batch_norm:
-        z = _batch_norm(self.bn_impl, train, self.bn_momentum, self.gradient)(z)
+        z = batch_norm_layer(self.bn_impl, train, self.bn_momentum, self.gradient, self.dtype)(z)
       self.sow("intermediates", f"activation_input_{i}", z)
       a = ACTIVATIONS[self.activation](z)
       h = h + a if self.residual and i > 0 and h.shape == a.shape else a
-    return nn.Dense(self.num_classes, kernel_init=_kernel_init(self.init_std))(h)
+    return nn.Dense(self.num_classes, kernel_init=_kernel_init(self.init_std), dtype=self.dtype)(h)
 
 
 class SmallCNN(nn.Module):
@@ -71,19 +75,21 @@ class SmallCNN(nn.Module):
   bn_momentum: float = 0.99
   bn_impl: str = "jaxbn"
   gradient: str = "analytic"
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for i, features in enumerate(self.features):
-      x = nn.Conv(features, (3, 3), use_bias=not self.batch_norm)(x)
+      x = nn.Conv(features, (3, 3), use_bias=not self.batch_norm, dtype=self.dtype)(x)
       if self.batch_norm:
-        x = _batch_norm(self.bn_impl, train, self.bn_momentum, self.gradient)(x)
+        x = batch_norm_layer(self.bn_impl, train, self.bn_momentum, self.gradient, self.dtype)(x)
       self.sow("intermediates", f"activation_input_{i}", x)
       x = nn.max_pool(nn.relu(x), (2, 2), (2, 2))
-    return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x.reshape(x.shape[0], -1))
 
 
-def create(model_config, *, batch_norm: bool, gradient: str | None = None) -> nn.Module:
+def create(model_config, *, batch_norm: bool, gradient: str | None = None,
+           dtype=None) -> nn.Module:
   """The model a config describes, with BN on or off (a study's variant).
 
   A batch sharded by jit needs nothing here: jaxbn compiles its kernels' pure-JAX twins
@@ -93,9 +99,9 @@ def create(model_config, *, batch_norm: bool, gradient: str | None = None) -> nn
   if model_config.name == "cnn":
     return SmallCNN(features=tuple(model_config.cnn_features), batch_norm=batch_norm,
                     bn_momentum=model_config.bn_momentum, bn_impl=model_config.bn_impl,
-                    gradient=gradient)
+                    gradient=gradient, dtype=dtype)
   return PaperMLP(hidden=tuple(model_config.hidden), batch_norm=batch_norm,
                   activation=model_config.activation,
                   init_std=model_config.init_std if model_config.init_std > 0 else None,
                   bn_momentum=model_config.bn_momentum, bn_impl=model_config.bn_impl,
-                  gradient=gradient, residual=model_config.residual)
+                  gradient=gradient, residual=model_config.residual, dtype=dtype)

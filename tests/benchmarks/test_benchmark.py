@@ -1,8 +1,11 @@
 """The benchmark in miniature: every implementation, section and column of the op benchmark
-and the training step, the CNN step in JAX and PyTorch, and the rules for its workdir."""
+and the training steps, each net's step (the CNN's in PyTorch too), the config checks and the
+rules for its workdir."""
 
 import json
 
+import jax
+import numpy as np
 import pytest
 
 from experiments.core import config as config_lib
@@ -13,7 +16,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("standard_promotion")]
 
 def test_benchmark_runs_tiny_and_reports_every_column(tmp_path):
   from configs import benchmark as benchmark_config
-  from benchmarks import main as benchmark, ops as bench_ops
+  from benchmarks import main as benchmark, ops as bench_ops, steps
 
   config = benchmark_config.get_config()
   config.op_shapes = ((8, 4), (2, 3, 3, 4))
@@ -23,15 +26,16 @@ def test_benchmark_runs_tiny_and_reports_every_column(tmp_path):
   config.model.hidden = (8, 8)
   config.model.cnn_features = (4,)
   # The MLP only: each runner process compiling the CNN's step as well was a third of this
-  # test's four minutes; the CNN's own code (its data, model and PyTorch twin) is the next
-  # test's, in this process.
+  # test's four minutes; the other nets' own code (data, models, PyTorch twin) is the next
+  # tests', in this process.
   config.nets = ("mlp",)
-  config.batch_size = {"mlp": 8, "cnn": 8}
-  config.steps_per_call = {"mlp": 2, "cnn": 1}
+  config.batch_size = {"mlp": 8}
+  config.steps_per_call = {"mlp": 2}
   config.dataset_size = 16
   config.repeats = 2
   config.op_settle_s = 1e-3
   config.op_sample_s = 5e-3  # the full benchmark's 120 ms samples would add ~10 s here
+  config.step_sample_s = 5e-3
   text = benchmark.run(config, tmp_path)
   results = json.loads((tmp_path / "benchmark.json").read_text())
   implementations = set(bench_ops.FORWARDS)
@@ -43,30 +47,61 @@ def test_benchmark_runs_tiny_and_reports_every_column(tmp_path):
     masked = {r["implementation"] for r in results["ops"]
               if r["dtype"] == dtype and r["shape"] == "4x3x3x4 masked"}
     assert masked == set(bench_ops.MASKABLE)
-  assert {(r["net"], r["implementation"]) for r in results["throughput"]} >= {
-      ("mlp", impl) for impl in benchmark.IMPLEMENTATIONS}
-  assert all(r["peak_bytes"] > 0 for r in results["memory"])
+  for dtype in config.step_dtypes:
+    found = {r["implementation"] for r in results["steps"]
+             if (r["net"], r["dtype"]) == ("mlp", dtype)}
+    assert set(steps.IMPLEMENTATIONS) | {steps.NO_BN} <= found
+  assert all(r["temp_bytes"] > 0 for r in results["steps"] if "temp_bytes" in r)
+  assert {(t["dtype"], t["target"]) for t in results["step_targets"]} == {
+      (dtype, target) for dtype in config.step_dtypes for target, _, _ in steps.STEP_TARGETS}
   analytic = next(r for r in results["residuals"] if r["implementation"] == "jaxbn analytic")
   assert analytic["activation_sized"] == 1
-  for column in ("GB/s", "% of floor", "examples/s", "vs flax.linen", "compiled peak MB",
-                 "bytes saved for the backward"):
+  for column in ("GB/s", "% of floor", "examples/s", "vs flax.linen", "vs jaxbn pure",
+                 "BN share", "temp MB", "bytes saved for the backward", "| met |"):
     assert column in text
   assert (tmp_path / "op_benchmark.png").exists()
 
 
-def test_benchmark_runs_the_cnn_step_in_jax_and_in_pytorch():
+@pytest.mark.parametrize("net,dtype", [("cnn", "float32"), ("resnet_stage", "bfloat16"),
+                                       ("wide_mlp", "float32")])
+def test_benchmark_runs_each_net_step_and_reports_its_memory(net, dtype):
   from configs import benchmark as benchmark_config
-  from benchmarks import main as benchmark
+  from benchmarks import nets, steps
 
   model = benchmark_config.get_config().model
   model.cnn_features = (4,)
-  case = {"net": "cnn", "batch": 4, "steps": 1, "model": model.to_dict(), "dataset_size": 8}
-  run, compile_s = benchmark._step_runner("jaxbn analytic", case)
-  run()
-  assert compile_s > 0
-  torch_run = benchmark._step_runner(benchmark.TORCH, case)
-  if torch_run is not None:  # None: torch not importable, its rows are left out
+  case = {"net": net, "dtype": dtype, "batch": 4, "steps": 1, "model": model.to_dict(),
+          "dataset_size": 8}
+  for name in (steps.DEFAULT, steps.NO_BN):
+    run, compile_s, info = steps.step_runner(name, case)
+    run()
+    assert compile_s > 0 and info["temp_bytes"] > 0
+  # the bfloat16 net computes in bfloat16 (BN's output included), its parameters float32
+  model_ = steps._model(steps.DEFAULT, case)
+  x = np.zeros((2, *nets.INPUT_SHAPES[net]), np.float32)
+  variables = model_.init(jax.random.key(0), x, train=False)
+  assert all(p.dtype == np.float32 for p in jax.tree.leaves(variables["params"]))
+  logits, _ = model_.apply(variables, x, train=True, mutable=["batch_stats"])
+  assert logits.dtype == np.dtype(dtype)
+  torch_run = steps.step_runner(steps.TORCH, case)
+  if net == "cnn" and torch_run is not None:  # None: torch not importable
     torch_run[0]()
+  elif net != "cnn":
+    assert torch_run is None  # no PyTorch twin of the benchmark's own nets
+
+
+def test_a_bad_benchmark_config_is_refused_before_any_work(tmp_path):
+  from configs import benchmark as benchmark_config
+  from benchmarks import main as benchmark
+
+  for key, value, named in (("sections", ("ops", "memory"), "memory"),
+                            ("nets", ("mlp", "resnet50"), "resnet50"),
+                            ("step_dtypes", ("float16",), "float16")):
+    config = benchmark_config.get_config()
+    config[key] = value
+    with pytest.raises(config_lib.ConfigError, match=named):
+      benchmark.run(config, tmp_path / key)
+    assert not (tmp_path / key).exists()
 
 
 def test_the_benchmark_writes_only_where_the_workdir_rules_allow(tmp_path):
