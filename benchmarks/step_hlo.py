@@ -12,9 +12,16 @@ of those are activation-sized (>= one 32x16x16x64 f32 array); `memory_analysis()
 Each step is then timed (median ms of 15 calls after warm-up), each variant in its own process
 so that no thread pools or allocator state are shared.
 
+With `--profile`, each process also traces 20 steps with `jax.profiler` and sums the time of
+every executed HLO instruction by what it is (convolution, dot, reduction, elementwise, a C++
+BN call): per category, thread-ms (summed over threads) and wall-ms (time in which at least one
+thread runs one), and the step's busy and total span. This says where a step's time goes, and
+how much of it runs on both cores, far more steadily than the step time itself.
+
     python -m benchmarks.step_hlo            # table of all three
     python -m benchmarks.step_hlo --dump     # also writes step_<variant>.hlo.txt here and
                                              # names the writers of activation-sized arrays
+    python -m benchmarks.step_hlo --profile  # also the time by category
 """
 import collections
 import os
@@ -140,6 +147,78 @@ def analyse(compiled):
   return r, kinds, targets, text
 
 
+def _categories(text) -> dict[str, str]:
+  """Each instruction's name in the optimized HLO → what it runs: "conv", "dot", "reduce",
+  "elementwise" (fusions by what their computations contain), "C++" (jaxbn's calls)."""
+  bodies = collections.defaultdict(list)
+  for comp, _, op, _, line in _instructions(text):
+    bodies[comp].append((op, line))
+
+  def contains(comp, seen=()):
+    ops = set()
+    for op, line in bodies.get(comp, ()):
+      ops.add(op)
+      for called in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line):
+        if called not in seen:
+          ops |= contains(called, seen + (called,))
+    return ops
+
+  kinds = {}
+  for comp, _, op, _, line in _instructions(text):
+    name = re.match(r"^\s+(?:ROOT\s+)?%?([\w.\-]+) = ", line).group(1)
+    if op == "custom-call":
+      target = re.search(r'custom_call_target="([^"]+)"', line).group(1)
+      kinds[name] = "C++" if target.startswith("jaxbn") else target
+    elif op in ("fusion", "convolution", "dot", "reduce"):
+      called = re.search(r"calls=%?([\w.\-]+)", line)
+      ops = contains(called.group(1)) if called else {op}
+      kinds[name] = next((k for k, o in (("conv", "convolution"), ("dot", "dot"),
+                                         ("reduce", "reduce")) if o in ops), "elementwise")
+    elif op in ("copy", "transpose"):
+      kinds[name] = "elementwise"
+  return kinds
+
+
+def _union_ns(intervals) -> int:
+  total, end = 0, None
+  for start, stop in sorted(intervals):
+    if end is None or start > end:
+      total += stop - start
+      end = stop
+    elif stop > end:
+      total += stop - end
+      end = stop
+  return total
+
+
+def profile_step(compiled, args, steps=20) -> str:
+  """Where `steps` steps' time goes, by category (see the module's docstring)."""
+  import glob
+  import tempfile
+  from jax.profiler import ProfileData
+
+  kinds = _categories(compiled.as_text())
+  jax.block_until_ready(compiled(*args))
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(steps):
+      jax.block_until_ready(compiled(*args))
+    jax.profiler.stop_trace()
+    trace = ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
+  spans = collections.defaultdict(list)
+  for plane in trace.planes:
+    for line in plane.lines:
+      for event in line.events:
+        if event.name in kinds:  # an executed instruction (not the executor's own events)
+          spans[kinds[event.name]].append((event.start_ns, event.start_ns + event.duration_ns))
+  every = [iv for ivs in spans.values() for iv in ivs]
+  ms = lambda ns: ns / 1e6 / steps
+  parts = ", ".join(f"{k} {ms(sum(b - a for a, b in v)):.1f} / {ms(_union_ns(v)):.1f}"
+                    for k, v in sorted(spans.items(), key=lambda kv: -len(kv[1])))
+  return (f"thread-ms / wall-ms per step: {parts}; busy {ms(_union_ns(every)):.1f}, span "
+          f"{ms(max(b for _, b in every) - min(a for a, _ in every)):.1f}")
+
+
 def time_step(compiled, args, calls=15):
   jax.block_until_ready(compiled(*args))
   ts = []
@@ -148,7 +227,7 @@ def time_step(compiled, args, calls=15):
   return 1e3 * statistics.median(ts)
 
 
-def one(variant, dump=False):
+def one(variant, dump=False, profile=False):
   compiled, args = build(variant)
   r, kinds, targets, text = analyse(compiled)
   if dump:
@@ -160,15 +239,18 @@ def one(variant, dump=False):
     print(variant, dict(sorted(r["writers"].items())), file=sys.stderr)
   writers = "%d (C++ %d, kLoop %d, kCustom %d)" % (
       r["activation-sized"], r["act custom-call"], r["act kLoop"], r["act kCustom"])
-  return ("| %s | %d (%s) | %s | %d / %.1f | %d / %.1f | %d | %.1f | %s | %.1f | %.1f |" % (
+  row = ("| %s | %d (%s) | %s | %d / %.1f | %d / %.1f | %d | %.1f | %s | %.1f | %.1f |" % (
       variant, sum(kinds.values()), fus, cc, r["copy"], r["copy MB"], r["transpose"],
       r["transpose MB"], r["convolution"], r["entry MB"], writers, r["temp MB"],
       time_step(compiled, args)))
+  if profile:
+    print(variant, profile_step(compiled, args), file=sys.stderr)
+  return row
 
 
 if __name__ == "__main__":
   if len(sys.argv) > 1 and sys.argv[1] == "--one":
-    print(one(sys.argv[2], "--dump" in sys.argv))
+    print(one(sys.argv[2], "--dump" in sys.argv, "--profile" in sys.argv))
     sys.exit()
   print("| BN | fusions (by kind) | custom-calls | copies / MB | transposes / MB | convolutions "
         "| ENTRY materializes MB | activation-sized arrays (written by) | temp MB | step ms |")
