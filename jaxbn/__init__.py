@@ -3,6 +3,7 @@
 # The kernels' status and calls, as `jaxbn.kernels` after `import jaxbn` (as the docs write it).
 from jaxbn import kernels as kernels
 from jaxbn.ops import BatchStats as BatchStats
+from jaxbn.ops import Blend as Blend
 from jaxbn.ops import Renorm as Renorm
 from jaxbn.ops import RenormCorrection as RenormCorrection
 from jaxbn.ops import batch_norm as batch_norm
@@ -12,6 +13,7 @@ from jaxbn.recompute import recompute_batch_stats as recompute_batch_stats
 
 __all__ = [
     "BatchStats",
+    "Blend",
     "Renorm",
     "RenormCorrection",
     "batch_norm",

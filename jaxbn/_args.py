@@ -187,3 +187,18 @@ def renorm_clipping(*, rmax: Any, rmin: Any, dmax: Any, prefix: str = "") -> tup
     if name == "dmax" and number < 0:
       raise ValueError(f"{prefix}dmax={number} must be >= 0 (d is clipped to [-dmax, dmax]).")
   return rmax, rmin, dmax
+
+
+def blend_weight(weight: Any) -> Any:
+  """A blend's weight w, the running statistics' share, checked where it is static: a real
+  scalar in [0, 1] (a string or a bool is a TypeError). A traced w is taken as it comes."""
+  if isinstance(weight, jax.core.Tracer):
+    return weight
+  is_real_scalar = np.ndim(weight) == 0 and (
+      (isinstance(weight, numbers.Real) and not isinstance(weight, (bool, np.bool_)))
+      or (isinstance(weight, (np.ndarray, jax.Array)) and np.asarray(weight).dtype.kind in "fiu"))
+  if not is_real_scalar:
+    raise TypeError(f"blend.weight must be a real scalar, got {weight!r}.")
+  if not 0 <= float(weight) <= 1:  # NaN fails too
+    raise ValueError(f"blend.weight={float(weight)} must be in [0, 1].")
+  return weight

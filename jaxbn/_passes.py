@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn import _per_feature
-from jaxbn._records import Statistics
+from jaxbn._records import BlendTerms, Statistics
 
 Pool = Callable  # sums per-device values over the devices (a psum), or the identity
 
@@ -123,15 +123,29 @@ def grad_sums(g: jax.Array, x_centred: jax.Array, axes: tuple[int, ...]):
   return sums(axes, g, g * x_centred)
 
 
-def gradient_coefficients(scale, inv_std, count, sum_g, sum_g_centred, pool: Pool = _local):
+def gradient_coefficients(scale, inv_std, count, sum_g, sum_g_centred, pool: Pool = _local,
+                          blend: BlendTerms | None = None):
   """∂L/∂γ, ∂L/∂β and the per-feature a, b, k of ∂L/∂x = a·dy + b + k·(x − μ), from this
   device's Σ dy and Σ dy·(x − μ); `scale` is γ in the compute dtype, shaped as inv_std.
 
   ∂L/∂γ and ∂L/∂β stay this device's sums (what JAX's autodiff of the same forward gives);
-  eq. (7)'s sums and m are global."""
+  eq. (7)'s sums and m are global.
+
+  With a `blend`, x̂ = (x − μ̃)/σ̃ and only the batch's share 1 − w of μ̃ and σ̃² depends on
+  x: eq. (7) with 1/σ̃ for 1/σ and its two sums times 1 − w, with x − μ_B in its last term
+  (the blend's eq. (7), docs/derivation.md). The passes then centre on μ̃ (the residuals'
+  hi + lo is μ̃: Σ dy·(x − μ̃) is summed directly, not from two sums that can cancel), so
+  dx's last term, k·(x − μ_B) = k·(x − μ̃) − k·w(μ_B − μ_R), moves its constant into b.
+  """
+  if blend is not None:
+    inv_std = blend.inv_std
   d_scale, d_bias = _per_feature.parameter_gradients(sum_g, sum_g_centred, inv_std)
   sum_g, sum_g_centred = pool((sum_g, sum_g_centred))
+  if blend is not None:
+    sum_g, sum_g_centred = ((1 - blend.weight) * v for v in (sum_g, sum_g_centred))
   a, b, k = _per_feature.dx_coefficients(scale, inv_std, count, sum_g, sum_g_centred)
+  if blend is not None:
+    b = b - k * (blend.weight * blend.shift)
   return d_scale, d_bias, a, b, k
 
 

@@ -84,3 +84,22 @@ def renorm_correction(hi: jax.Array, lo: jax.Array, inv_std: jax.Array,
   nan = jnp.full((), jnp.nan, r.dtype)
   r_clips_valid = (rmax >= 1) & (rmin >= 0) & (rmin <= 1)
   return jnp.where(r_clips_valid, r, nan), jnp.where(dmax >= 0, d, nan)
+
+
+def blend_terms(hi: jax.Array, lo: jax.Array, var: jax.Array, running_mean: jax.Array,
+                running_var: jax.Array, weight: jax.Array, epsilon: float):
+  """A blended normalization's μ_B − μ_R and 1/σ̃, σ̃² = (1 − w)σ_B² + w·σ_R² + ε (the
+  blend's eqs. (1)-(2); `var` is eq. (2) without ε, so ε enters once, as in eq. (2)).
+
+  μ_B − μ_R is formed as (hi − μ_R) + lo, as renorm's d is (see `renorm_correction`).
+  """
+  shift = (hi - running_mean) + lo
+  return shift, inverse_std((1 - weight) * var + weight * running_var, epsilon)
+
+
+def blend_correction(inv_std: jax.Array, weight: jax.Array, shift: jax.Array,
+                     blend_inv_std: jax.Array):
+  """(r, d) that turn the batch's x̂ = (x − μ_B)/σ_B into the blend's (x − μ̃)/σ̃ = x̂ r + d:
+  r = σ_B/σ̃ and d = (μ_B − μ̃)/σ̃ = w(μ_B − μ_R)/σ̃."""
+  return blend_inv_std / inv_std, weight * shift * blend_inv_std
+

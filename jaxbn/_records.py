@@ -88,13 +88,14 @@ class Affine:
 
   `affine(stats)` gives them in the compute dtype, broadcastable against x; with batch
   renormalization (γr, γd + β), where `correction(stats)` gives (r, d), constant to the
-  gradient. A path that has no statistics yet calls `affine(None)`, which it may only do when
+  gradient; with a blend, the same form with r = σ_B/σ̃ and d = w(μ_B − μ_R)/σ̃, through
+  which the gradient flows. A path that has no statistics yet calls `affine(None)`, which it may only do when
   `needs_statistics` is False.
 
   Attributes:
     gamma: γ in the compute dtype, broadcastable against x.
     beta: β, likewise.
-    correction: renorm's (r, d) from the statistics, or None without renorm.
+    correction: renorm's or a blend's (r, d) from the statistics, or None.
   """
 
   gamma: jax.Array
@@ -103,8 +104,8 @@ class Affine:
 
   @property
   def needs_statistics(self) -> bool:
-    """True with renorm: the path computes the statistics before it normalizes (on CPU, two
-    kernel calls instead of the one fused forward)."""
+    """True with renorm or a blend: the path computes the statistics before it normalizes
+    (on CPU, two kernel calls instead of the one fused forward)."""
     return self.correction is not None
 
   def __call__(self, stats: Statistics | None) -> tuple[jax.Array, jax.Array]:
@@ -114,6 +115,16 @@ class Affine:
     return self.gamma * r, self.gamma * d + self.beta
 
 
+class BlendTerms(NamedTuple):
+  """What the backward of a blended normalization needs besides plain BN's residuals, each
+  broadcastable against x: x̂ = (x − μ̃)/σ̃ with μ̃ = (1 − w)μ_B + w·μ_R and
+  σ̃² = (1 − w)σ_B² + w·σ_R² (`jaxbn.Blend`; derived in docs/derivation.md)."""
+
+  weight: jax.Array  # w, the running statistics' weight
+  shift: jax.Array  # μ_B − μ_R, formed from the split mean as (hi − μ_R) + lo
+  inv_std: jax.Array  # 1/σ̃
+
+
 class Residuals(NamedTuple):
   """What the analytic backward keeps: x and per-feature vectors, nothing activation-sized."""
 
@@ -121,10 +132,11 @@ class Residuals(NamedTuple):
   mask: jax.Array | None
   scale: jax.Array
   bias: jax.Array
-  hi: jax.Array  # μ = hi + lo, as in `Statistics`
+  hi: jax.Array  # μ = hi + lo, as in `Statistics` (with a blend, μ̃: the backward's centre)
   lo: jax.Array
   inv_std: jax.Array
   count: jax.Array  # m, at least 1
   renorm: Any = None  # the renorm inputs (their cotangent is 0), or None
   r: jax.Array | None = None  # renorm's r and d, broadcastable against x, or None
   d: jax.Array | None = None
+  blend: BlendTerms | None = None  # normalizing with statistics blended with running ones

@@ -37,6 +37,6 @@ def backward(static: Static, residuals: Residuals,
   sum_g, sum_g_centred = _passes.grad_sums(g, x_centred, static.reduction_axes)
   gamma = r.scale.astype(r.inv_std.dtype).reshape(static.broadcast_shape)
   d_scale, d_bias, a, b, k = _passes.gradient_coefficients(
-      gamma, r.inv_std, r.count, sum_g, sum_g_centred, static.pool)
+      gamma, r.inv_std, r.count, sum_g, sum_g_centred, static.pool, r.blend)
   dx = _passes.grad_input(g, x_centred, a, b, k, r.mask)
   return dx.astype(r.x.dtype), d_scale, d_bias

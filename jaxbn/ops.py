@@ -34,10 +34,11 @@ from jax import lax
 
 from jaxbn import _args, _custom_vjp, _ghost, _passes, _per_feature, _xla_path
 from jaxbn._cpu import path as _cpu_path
-from jaxbn._records import Affine, Residuals, Static
+from jaxbn._records import Affine, BlendTerms, Residuals, Static
 
 __all__ = [
     "BatchStats",
+    "Blend",
     "Renorm",
     "RenormCorrection",
     "batch_norm",
@@ -114,6 +115,29 @@ class RenormCorrection(NamedTuple):
   d: jax.Array
 
 
+class Blend(NamedTuple):
+  """Normalization with the batch statistics blended with running ones (Equinox's "ema"
+  mode): x̂ = (x − μ̃)/σ̃ with
+
+      μ̃ = (1 − w)·μ_B + w·μ_R,    σ̃² = (1 − w)·σ_B² + w·σ_R² + ε
+
+  (σ_B² the batch's biased variance). The gradient flows through the batch's share only: the
+  running statistics and w are constants to it, so the backward is eq. (7) with 1/σ̃ for 1/σ
+  and its two sums scaled by 1 − w (derived in docs/derivation.md, proved by `jaxbn check`).
+  w = 0 is plain batch norm; w = 1 normalizes with the running statistics alone.
+
+  Attributes:
+    mean: the running μ_R, with the feature shape.
+    var: the running variance σ_R² (biased, without ε), with the feature shape.
+    weight: w, a real scalar in [0, 1] (checked when static; a traced w is taken as it
+      comes).
+  """
+
+  mean: jax.Array
+  var: jax.Array
+  weight: Any
+
+
 def batch_norm(
     x: jax.Array,
     scale: jax.Array | None = None,
@@ -130,6 +154,7 @@ def batch_norm(
     use_cpu_kernel: bool | None = None,
     renorm: Renorm | RenormCorrection | None = None,
     virtual_batch_size: int | None = None,
+    blend: Blend | None = None,
 ) -> tuple[jax.Array, BatchStats]:
   """Training-mode batch normalization, y = γ (x − μ) / σ + β, with batch statistics.
 
@@ -182,6 +207,9 @@ def batch_norm(
       holds examples g, g + N/v, g + 2N/v, …. With `axis_name`, the g-th virtual batches of
       every device pool. `stats.r`, `stats.d` then carry the virtual batches' axis (size N/v)
       where the batch axis sits among the feature axes (first, for axis=-1).
+    blend: a `Blend`: normalize with the batch statistics blended with running ones, weight
+      w on the running ones (Equinox's "ema" mode); not with `renorm` or
+      `virtual_batch_size`. The returned `stats` stay the batch's own.
 
   Returns:
     `(y, stats)`: y with x's shape and `dtype`, and the batch `BatchStats` (gradients do not
@@ -195,6 +223,7 @@ def batch_norm(
   bias = jnp.zeros(shape, cdt) if bias is None else _args.per_feature("bias", bias, shape)
   _args.reduction_size(x, reductions)
   renorm = _renorm_input(renorm, shape, cdt)
+  blend = _blend_input(blend, shape, cdt, renorm=renorm, virtual_batch_size=virtual_batch_size)
   mask = _args.batch_mask(mask, x)
   ghost = _ghost.virtual_batches(x.shape, features, reductions, virtual_batch_size)
   x_shape = x.shape
@@ -220,12 +249,15 @@ def batch_norm(
                                                  use_cpu_kernel),
       force_kernel=use_cpu_kernel is True)
   renorm = _per_feature_fields(renorm, lambda v: v.reshape(static.broadcast_shape))
+  if blend is not None:
+    blend = blend._replace(mean=blend.mean.reshape(static.broadcast_shape),
+                           var=blend.var.reshape(static.broadcast_shape))
   if gradient == "analytic":
     _custom_vjp.refuse_forward_mode(x, scale, bias)
     x, scale, bias = (_custom_vjp.device_varying(v, axis_name) for v in (x, scale, bias))
-    y, stats = _batch_norm_analytic(x, scale, bias, mask, renorm, static)
+    y, stats = _batch_norm_analytic(x, scale, bias, mask, renorm, blend, static)
   else:
-    y, stats, _ = _forward(x, scale, bias, mask, renorm, static)
+    y, stats, _ = _forward(x, scale, bias, mask, renorm, blend, static)
   if ghost is not None:
     y = y.reshape(x_shape)
     stats = ghost.average(stats)
@@ -247,6 +279,24 @@ def _renorm_input(renorm, shape: tuple[int, ...], cdt):
   rmax, rmin, dmax = _args.renorm_clipping(rmax=renorm.rmax, rmin=renorm.rmin,
                                            dmax=renorm.dmax, prefix="renorm.")
   return Renorm(mean, var, *(jnp.asarray(v, cdt) for v in (rmax, rmin, dmax)))
+
+
+def _blend_input(blend, shape: tuple[int, ...], cdt, *, renorm, virtual_batch_size):
+  """The blend argument checked (trace time): compute-dtype running statistics, held
+  constant to the gradient (as state), and its weight."""
+  if blend is None:
+    return None
+  if not isinstance(blend, Blend):
+    raise TypeError(f"blend must be a jaxbn.Blend or None, got {type(blend).__name__}.")
+  if renorm is not None:
+    raise ValueError("blend and renorm are two corrections of the same statistics; pass one.")
+  if virtual_batch_size is not None:
+    raise ValueError("blend does not take virtual_batch_size: the running statistics are "
+                     "per feature, not per virtual batch.")
+  mean = _args.per_feature("blend.mean", blend.mean, shape).astype(cdt)
+  var = _args.per_feature("blend.var", blend.var, shape).astype(cdt)
+  weight = jnp.asarray(_args.blend_weight(blend.weight), cdt)
+  return Blend(*(lax.stop_gradient(v) for v in (mean, var, weight)))
 
 
 def _per_feature_fields(renorm, fn):
@@ -370,10 +420,23 @@ def _path(static: Static):
   return _xla_path if static.kernel_view is None else _cpu_path
 
 
-def _affine(scale, bias, renorm, static: Static, cdt) -> Affine:
-  """Eq. (4)'s (γ, β) in the compute dtype, with renorm's (r, d) from the statistics."""
+def _blend_terms(blend: Blend, stats, static: Static) -> BlendTerms:
+  shift, inv_std = _per_feature.blend_terms(stats.hi, stats.lo, stats.var, blend.mean,
+                                            blend.var, blend.weight, static.epsilon)
+  return BlendTerms(blend.weight, shift, inv_std)
+
+
+def _affine(scale, bias, renorm, blend, static: Static, cdt) -> Affine:
+  """Eq. (4)'s (γ, β) in the compute dtype, with renorm's or the blend's (r, d) from the
+  statistics."""
   gamma = scale.astype(cdt).reshape(static.broadcast_shape)
   beta = bias.astype(cdt).reshape(static.broadcast_shape)
+  if blend is not None:
+    # No stop-gradient: the blend's batch share is differentiated (autodiff follows it).
+    def correction(stats):
+      terms = _blend_terms(blend, stats, static)
+      return _per_feature.blend_correction(stats.inv_std, *terms)
+    return Affine(gamma, beta, correction)
   if renorm is None:
     return Affine(gamma, beta)
   if isinstance(renorm, RenormCorrection):
@@ -387,11 +450,11 @@ def _affine(scale, bias, renorm, static: Static, cdt) -> Affine:
   return Affine(gamma, beta, lambda stats: tuple(map(lax.stop_gradient, correction(stats))))
 
 
-def _forward(x, scale, bias, mask, renorm, static: Static):
+def _forward(x, scale, bias, mask, renorm, blend, static: Static):
   """Eqs. (1)-(4). Returns (y, stats, residuals for the analytic backward)."""
-  affine = _affine(scale, bias, renorm, static, _args.compute_dtype(x))
+  affine = _affine(scale, bias, renorm, blend, static, _args.compute_dtype(x))
   y, stats = _path(static).forward(x, mask, static, affine)
-  r, d = (None, None) if affine.correction is None else affine.correction(stats)
+  r, d = (None, None) if renorm is None else affine.correction(stats)
   feature_shape = tuple(n for a, n in enumerate(static.broadcast_shape)
                         if a not in static.reduction_axes)
   squeeze = functools.partial(jnp.squeeze, axis=static.reduction_axes)
@@ -402,23 +465,28 @@ def _forward(x, scale, bias, mask, renorm, static: Static):
       r=None if r is None else squeeze(r),
       d=None if d is None else squeeze(d),
   )
-  residuals = Residuals(x, mask, scale, bias, stats.hi, stats.lo, stats.inv_std,
-                        _passes.at_least_one(stats.count), renorm, r, d)
+  lo, blend_terms = stats.lo, None
+  if blend is not None:
+    # The blend's backward centres on μ̃ = μ_B − w(μ_B − μ_R) = hi + (lo − w·shift).
+    blend_terms = _blend_terms(blend, stats, static)
+    lo = lo - blend_terms.weight * blend_terms.shift
+  residuals = Residuals(x, mask, scale, bias, stats.hi, lo, stats.inv_std,
+                        _passes.at_least_one(stats.count), renorm, r, d, blend_terms)
   return y, batch_stats, residuals
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _batch_norm_analytic(x, scale, bias, mask, renorm, static: Static):
-  y, stats, _ = _forward(x, scale, bias, mask, renorm, static)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _batch_norm_analytic(x, scale, bias, mask, renorm, blend, static: Static):
+  y, stats, _ = _forward(x, scale, bias, mask, renorm, blend, static)
   return y, stats
 
 
-def _batch_norm_analytic_fwd(x, scale, bias, mask, renorm, static: Static):
-  y, stats, residuals = _forward(x, scale, bias, mask, renorm, static)
-  return (y, stats), residuals
+def _batch_norm_analytic_fwd(x, scale, bias, mask, renorm, blend, static: Static):
+  y, stats, residuals = _forward(x, scale, bias, mask, renorm, blend, static)
+  return (y, stats), (residuals, blend)
 
 
-def _batch_norm_analytic_bwd(static: Static, residuals: Residuals, cotangents):
+def _batch_norm_analytic_bwd(static: Static, saved, cotangents):
   """Eqs. (5), (6) and the closed form of (7), from x and per-feature vectors only.
 
   With pooled batches (axis_name) m, Σ dy and Σ dy·x̂ in eq. (7) are global sums, while ∂L/∂γ
@@ -426,7 +494,9 @@ def _batch_norm_analytic_bwd(static: Static, residuals: Residuals, cotangents):
 
   Batch renormalization is batch norm with scale γr and bias γd + β, r and d constant: the
   same backward with γr in place of γ, then by the chain rule ∂L/∂γ = r Σ dy x̂ + d Σ dy.
+  A blend's coefficients are the paths' own (`jaxbn._passes.gradient_coefficients`).
   """
+  residuals, blend = saved
   dy, _ = cotangents  # stats leave through stop_gradient, so their cotangent is always 0
   scale, bias = residuals.scale, residuals.bias
   core = residuals
@@ -443,6 +513,7 @@ def _batch_norm_analytic_bwd(static: Static, residuals: Residuals, cotangents):
       d_bias.reshape(bias.shape).astype(bias.dtype),
       None,
       jax.tree.map(jnp.zeros_like, residuals.renorm),  # r, d under stop-gradient
+      jax.tree.map(jnp.zeros_like, blend),  # running statistics: constants, as state
   )
 
 

@@ -6,8 +6,9 @@ derives it, one partial derivative per line, including the term of ∂L/∂μ th
 fields are named after the seed's symbols so each maps to an equation.
 
 `batch_norm_reference` also takes batch renormalization (`renorm`, r and d written out from
-Ioffe's Algorithm 1) and ghost batches (`virtual_batch_size`, one reference call per virtual
-batch, picked out by index rather than by `jaxbn.ops`' reshape).
+Ioffe's Algorithm 1), ghost batches (`virtual_batch_size`, one reference call per virtual
+batch, picked out by index rather than by `jaxbn.ops`' reshape) and blended statistics
+(`blend`, μ̃ and σ̃² written out as blends of eqs. (1)-(2) with the running ones).
 
 Both work in x's own dtype (no float32 promotion, no shifted variance): they are the maths,
 not the production kernel. Use float64 when comparing against them.
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _args
-from jaxbn.ops import Renorm, RenormCorrection
+from jaxbn.ops import Blend, RenormCorrection
 
 __all__ = ["StagedBackward", "batch_norm_reference", "staged_backward"]
 
@@ -71,7 +72,7 @@ def _normalize(batch: _Batch, epsilon: float):
 
 
 def batch_norm_reference(x, scale, bias, *, axis=-1, epsilon=1e-5, mask=None, renorm=None,
-                         virtual_batch_size=None) -> jax.Array:
+                         virtual_batch_size=None, blend: Blend | None = None) -> jax.Array:
   """Eqs. (1)-(4) as written, y = γ (x − μ)/σ + β; masked positions give 0.
 
   Args:
@@ -85,6 +86,8 @@ def batch_norm_reference(x, scale, bias, *, axis=-1, epsilon=1e-5, mask=None, re
       under stop-gradient.
     virtual_batch_size: ghost batches: virtual batch g holds the examples g, g + G, … of
       the batch axis (the first non-feature axis), G = N / virtual_batch_size.
+    blend: a `jaxbn.Blend`: x̂ = (x − μ̃)/√(σ̃² + ε) with μ̃ = (1 − w)μ + w·μ_R and
+      σ̃² = (1 − w)(σ² − ε) + w·σ_R², the running statistics and w under stop-gradient.
 
   Returns:
     y, in x's dtype.
@@ -97,6 +100,14 @@ def batch_norm_reference(x, scale, bias, *, axis=-1, epsilon=1e-5, mask=None, re
   beta = _feature_vector("bias", bias, batch.x, axis)
   eps = _args.epsilon_value(epsilon)
   mu, sigma2, x_hat = _normalize(batch, eps)
+  if blend is not None:
+    running_mu, running_var = (lax.stop_gradient(_feature_vector(f"blend.{name}", v, batch.x,
+                                                                 axis))
+                               for name, v in (("mean", blend.mean), ("var", blend.var)))
+    w = lax.stop_gradient(jnp.asarray(blend.weight, batch.x.dtype))
+    mu_blend = (1 - w) * mu + w * running_mu
+    var_blend = (1 - w) * (sigma2 - eps) + w * running_var
+    x_hat = (batch.x - mu_blend) / jnp.sqrt(var_blend + eps)
   if renorm is not None:
     r, d = _renorm_correction(renorm, mu, sigma2, batch.x, axis, eps)
     x_hat = x_hat * r + d

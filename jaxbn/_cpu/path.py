@@ -3,8 +3,9 @@
 Called by `jaxbn.ops`: `feature_view` decides, at trace time, whether a call can use the
 kernels; `forward` and `backward` run it, with the same arguments as `jaxbn._xla_path`'s. A
 batch on one device takes one fused call each way (`calls.forward`, `calls.backward`);
-statistics pooled across devices (`axis_name`), or needed before (γ, β) are (renorm), take one
-call per pass, with the pooling in JAX between them (`jaxbn._passes`). Whether each call then
+statistics pooled across devices (`axis_name`), or needed before (γ, β) are (renorm, a blend), take one
+call per pass, with the pooling in JAX between them (`jaxbn._passes`); so does the backward
+of a blend, whose coefficients differ from eq. (7)'s. Whether each call then
 compiles to the C++ or to its pure-JAX twin is decided when it is lowered
 (`jaxbn._cpu.primitive`).
 """
@@ -91,7 +92,7 @@ def forward(x, mask, static: Static, affine: Affine) -> tuple[jax.Array, Statist
 def backward(static: Static, residuals: Residuals,
              dy) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Eqs. (5)-(7) through the kernels: (∂L/∂x, ∂L/∂γ, ∂L/∂β), the last two flat."""
-  if static.axis_name is None:
+  if static.axis_name is None and residuals.blend is None:
     return _backward_fused(static, residuals, dy)
   return _backward_pooled(static, residuals, dy)
 
@@ -145,7 +146,8 @@ def _backward_fused(static, residuals, dy):
 
 
 def _backward_pooled(static, residuals, dy):
-  """Eq. (7) with sums pooled over `axis_name`: this device's sums, pooled in JAX, then dx."""
+  """Eq. (7) with sums pooled over `axis_name` (if any): this device's sums, pooled in JAX,
+  then dx; also the route of a blend's backward."""
   r = residuals
   view, kernel_mask = static.kernel_view, _mask(r.mask, r.x, static)
   hi, lo = r.hi.ravel(), r.lo.ravel()
@@ -154,7 +156,7 @@ def _backward_pooled(static, residuals, dy):
       for v in calls.grad_sums(view, r.x, dy, hi, lo, kernel_mask, force=static.force_kernel))
   gamma = r.scale.astype(r.inv_std.dtype).reshape(static.broadcast_shape)
   d_scale, d_bias, a, b, k = _passes.gradient_coefficients(
-      gamma, r.inv_std, r.count, sum_g, sum_g_centred, static.pool)
+      gamma, r.inv_std, r.count, sum_g, sum_g_centred, static.pool, r.blend)
   dx = calls.grad_input(view, r.x, dy, hi, lo, a.ravel(), b.ravel(), k.ravel(),
                         kernel_mask, force=static.force_kernel)
   return dx, d_scale, d_bias

@@ -3,8 +3,8 @@
 A case is a layout (dense, NHWC, NCHW, two feature axes), an input distribution (normal, an
 offset of 1e4, a constant feature), masking (none, or NaN padding) and a dtype (float64,
 float32), for plain batch norm and for its variants: batch renormalization with r, d inside
-and at their clips, ghost batches, and ghost batches with clipped renorm; and the
-renorm-precision case (|μ| = 1e0 … 1e6, σ = 1e-2 … 1e1, float32 against float64).
+and at their clips, ghost batches, ghost batches with clipped renorm, and statistics blended
+with running ones (`jaxbn.Blend`); and the renorm-precision case (|μ| = 1e0 … 1e6, σ = 1e-2 … 1e1, float32 against float64).
 
 Called by `jaxbn.checks.numeric`, which compares the gradients on each case, and by
 `jaxbn check` and the tests, which list the cases (`default_cases`) and run them one at a time.
@@ -32,12 +32,14 @@ LAYOUTS = {
 DISTRIBUTIONS = ("normal", "offset-1e4", "constant-feature")
 # Variants of the core beyond plain BN, each on a few layouts with normal inputs:
 # renorm with every r, d strictly inside the clips, renorm with every r, d at a clip (both
-# ends), ghost batches, and ghost batches with clipped renorm.
+# ends), ghost batches, ghost batches with clipped renorm, and a blend with running statistics
+# unlike the batch's (BLEND_WEIGHT on them).
 VARIANTS = {
     "renorm-inside": ("dense", "nhwc"),
     "renorm-clipped": ("dense", "nhwc"),
     "ghost": ("dense", "nhwc", "nchw"),
     "ghost-renorm-clipped": ("dense",),
+    "blend": ("dense", "nhwc", "nchw"),
 }
 # Virtual batch size per layout: dense → 4 virtual batches of 4 examples (the ghost cases use a
 # batch of 16 there: with 8, a NaN-padded virtual batch kept 3 values, one feature of which
@@ -57,6 +59,9 @@ RENORM_TARGETS = {"inside": ((1.5, 0.7), (0.5, -0.5)),
 # `jaxbn.checks.numeric.PRECISION_ULPS`).
 PRECISION_OFFSETS = tuple(10.0**k for k in range(7))
 PRECISION_SIGMAS = tuple(10.0**k for k in range(-2, 2))
+# The blend case's weight on the running statistics, and how they sit against the batch's:
+# μ_R = μ_B + 0.8·σ_B, σ_R² = 2.5·σ_B² (far enough that a wrong share of either shows).
+BLEND_WEIGHT = 0.3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +120,10 @@ def variant_options(case: Case, x, mask) -> dict:
   options = {}
   if case.variant.startswith("ghost"):
     options["virtual_batch_size"] = GHOST_SIZES[case.layout]
+  if case.variant == "blend":
+    stats = ops.batch_norm(x, axis=case.axis, epsilon=EPSILON, mask=mask)[1]
+    options["blend"] = ops.Blend(mean=stats.mean + 0.8 * jnp.sqrt(stats.var),
+                                 var=2.5 * stats.var, weight=BLEND_WEIGHT)
   if "renorm" in case.variant:
     stats = ops.batch_norm(x, axis=case.axis, epsilon=EPSILON, mask=mask, **options)[1]
     r_targets, d_targets = RENORM_TARGETS["clipped" if "clipped" in case.variant else "inside"]

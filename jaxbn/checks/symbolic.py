@@ -1,10 +1,12 @@
-"""The symbolic half of the derivation checks: sympy proves the seed's backward, and renorm's.
+"""The symbolic half of the derivation checks: sympy proves the seed's backward, renorm's and
+a blend's.
 
 For every batch size m at once (m a symbol, the batch an indexed family x_i, g_i under
 Σ_{i=1}^{m}), sympy derives ∂L/∂x_j, ∂L/∂γ and ∂L/∂β from eqs. (1)-(4) and proves each of the
 seed's intermediate formulas, its eq. (7) and the closed form equal to them, and the extra term
 of the seed's ∂L/∂μ identically 0; the same for batch renormalization's closed form (eq. (7)
-with γr), and its forward equal to the inference formula when r, d are unclipped. For given m
+with γr), and its forward equal to the inference formula when r, d are unclipped; and the
+blend's closed form (statistics blended with running ones, `jaxbn.Blend`). For given m
 (e.g. 2, 3, 4) the same identities can also be proved on m explicit symbols, a cross-check of
 the general proof's machinery. Needs sympy (`jaxbn[check]`), imported only when a proof runs.
 
@@ -244,7 +246,8 @@ def _symbolic_checks_any_m() -> list[SymbolicResult]:
   result = lambda identity, formula, truth: SymbolicResult(ANY_M, identity,
                                                            is_zero(formula - truth))
   return _identities(result, seed, graph, vanishing, eq7, closed, grad_x, sum_g_xhat,
-                     sp.diff(loss, gamma), sum_g, sp.diff(loss, beta)) + _symbolic_renorm_any_m()
+                     sp.diff(loss, gamma), sum_g, sp.diff(loss, beta)) + (
+                         _symbolic_renorm_any_m() + _symbolic_blend_any_m())
 
 
 def _symbolic_renorm_any_m() -> list[SymbolicResult]:
@@ -270,4 +273,55 @@ def _symbolic_renorm_any_m() -> list[SymbolicResult]:
       result("renorm sum g_i == dL/dbeta", sum_g, sp.diff(loss, beta)),
       result("renorm unclipped xhat*r + d == (x_i - mu)/sigma (inference)", unclipped,
              (x[j] - mu_run) / sigma_run),
+  ]
+
+
+
+def _blend_any_m():
+  """A blend over a symbolic m: y_i = γ (x_i − μ̃)/σ̃ + β with μ̃ = (1 − w)μ + w μ_R and
+  σ̃² = (1 − w)(σ² − ε) + w σ_R² + ε, the running μ_R, σ_R² and w constants; the loss, its
+  sums, and `is_zero` that also takes σ̃'s square root."""
+  import types
+
+  sp, m, i, j, x, g, eps, total, mu, sigma2, is_zero = _any_m_batch()
+  gamma, beta, mu_run, w = sp.symbols("gamma beta mu_run w", real=True)
+  var_run = sp.Symbol("sigma2_run", positive=True)
+  mu_blend = (1 - w) * mu + w * mu_run
+  sigma_blend = sp.sqrt((1 - w) * (sigma2 - eps) + w * var_run + eps)
+  s_blend = sp.Symbol("sigma_blend", positive=True)
+
+  def blend_is_zero(expr) -> bool:
+    # σ̃ named, the expression put over one denominator, σ̃² written out again: what is left
+    # is rational in σ̃ and decided as before.
+    expr = sp.numer(sp.together(sp.sympify(expr).subs(sigma_blend, s_blend)))
+    return is_zero(sp.expand(expr).subs(s_blend**2, sigma_blend**2))
+
+  return types.SimpleNamespace(
+      sp=sp, m=m, j=j, x=x, g=g, w=w, gamma=gamma, beta=beta, mu=mu, mu_blend=mu_blend,
+      sigma_blend=sigma_blend, loss=total(g[i] * (gamma * (x[i] - mu_blend) / sigma_blend + beta)),
+      sum_g=total(g[i]), sum_g_centred=total(g[i] * (x[i] - mu_blend)), is_zero=blend_is_zero)
+
+
+def _blend_closed_form(b, share, centre):
+  """γ/σ̃ (g_j − share/m Σ g_i − share/m (x_j − centre)/σ̃² Σ g_i (x_i − μ̃)): the blend's
+  closed form with share = 1 − w and centre = μ (the batch's)."""
+  return b.gamma / b.sigma_blend * (
+      b.g[b.j] - share / b.m * b.sum_g
+      - share / b.m * (b.x[b.j] - centre) / b.sigma_blend**2 * b.sum_g_centred)
+
+
+def _symbolic_blend_any_m() -> list[SymbolicResult]:
+  """The blend's closed form jaxbn computes (`jaxbn._passes.gradient_coefficients` with a
+  blend): eq. (7) with 1/σ̃ for 1/σ and its sums times 1 − w, x − μ the batch's; and
+  ∂L/∂γ = Σ g_i (x_i − μ̃)/σ̃, ∂L/∂β = Σ g_i."""
+  b = _blend_any_m()
+  sp = b.sp
+  result = lambda identity, formula, truth: SymbolicResult(ANY_M, identity,
+                                                           b.is_zero(formula - truth))
+  return [
+      result("blend closed form (eq. (7), 1/sigma~, sums times 1 - w) == dL/dx_i",
+             _blend_closed_form(b, 1 - b.w, b.mu), sp.diff(b.loss, b.x[b.j])),
+      result("blend sum g_i (x_i - mu~)/sigma~ == dL/dgamma", b.sum_g_centred / b.sigma_blend,
+             sp.diff(b.loss, b.gamma)),
+      result("blend sum g_i == dL/dbeta", b.sum_g, sp.diff(b.loss, b.beta)),
   ]

@@ -125,6 +125,9 @@ def test_symbolic_identities_are_proved_for_every_batch_size():
       "renorm closed form (eq. (7) with gamma*r) == dL/dx_i",
       "renorm r sum g_i xhat_i + d sum g_i == dL/dgamma", "renorm sum g_i == dL/dbeta",
       "renorm unclipped xhat*r + d == (x_i - mu)/sigma (inference)"}
+  assert {i for i in identities if i.startswith("blend")} == {
+      "blend closed form (eq. (7), 1/sigma~, sums times 1 - w) == dL/dx_i",
+      "blend sum g_i (x_i - mu~)/sigma~ == dL/dgamma", "blend sum g_i == dL/dbeta"}
   assert all(r.passed for r in results), [r for r in results if not r.passed]
 
 
@@ -147,6 +150,16 @@ def test_the_any_m_proof_rejects_wrong_formulas():
   truth = sp.diff(total(g[i] * gamma * (x[i] - mu) / sp.sqrt(s2)), s2).subs(s2, sigma2)
   assert is_zero(right - truth)
   assert not is_zero(wrong - truth)
+
+
+def test_the_blend_proof_rejects_wrong_formulas():
+  """The blend's closed form without its 1 − w, or centred on μ̃ instead of the batch's μ, is
+  not the derivative; with both right it is."""
+  b = symbolic._blend_any_m()
+  grad_x = b.sp.diff(b.loss, b.x[b.j])
+  assert b.is_zero(symbolic._blend_closed_form(b, 1 - b.w, b.mu) - grad_x)
+  assert not b.is_zero(symbolic._blend_closed_form(b, 1, b.mu) - grad_x)
+  assert not b.is_zero(symbolic._blend_closed_form(b, 1 - b.w, b.mu_blend) - grad_x)
 
 
 def test_symbolic_batch_sizes_are_checked():
