@@ -14,8 +14,8 @@ GRAPH = layering.import_graph(JAXBN, "jaxbn")
 BASE = {"jaxbn._records", "jaxbn._args", "jaxbn._per_feature", "jaxbn._passes"}
 CPU = {m for m in GRAPH if m == "jaxbn._cpu" or m.startswith("jaxbn._cpu.")}
 # What uses ops; ops uses none of it.
-ABOVE_OPS = {"jaxbn", "jaxbn.linen", "jaxbn.nnx", "jaxbn.recompute", "jaxbn._recording",
-             "jaxbn._renorm_schedule", "jaxbn.reference", "jaxbn.interop", "jaxbn.kernels",
+ABOVE_OPS = {"jaxbn", "jaxbn.linen", "jaxbn.nnx", "jaxbn.equinox", "jaxbn.recompute",
+             "jaxbn._recording", "jaxbn._renorm_schedule", "jaxbn.reference", "jaxbn.interop", "jaxbn.kernels",
              "jaxbn.cli", *(m for m in GRAPH if m.startswith("jaxbn.checks"))}
 # jaxbn._cpu's modules from the top: each imports only modules after it in this list.
 CPU_ORDER = ["path", "calls", "primitive", "twins", "library", "build", "cache"]
@@ -41,6 +41,14 @@ def test_jaxbn_imports_nothing_from_the_experiments_benchmarks_or_tests():
   found = {module: names & outside
            for module, names in layering.external_imports(JAXBN, "jaxbn").items()}
   assert not {module: names for module, names in found.items() if names}
+
+
+def test_only_the_equinox_module_imports_equinox():
+  """Equinox is an optional extra (jaxbn[equinox]): `import jaxbn` must work without it."""
+  importers = {module for module, names in layering.external_imports(JAXBN, "jaxbn").items()
+               if "equinox" in names}
+  assert importers == {"jaxbn.equinox"}
+  assert not layering.reachable(GRAPH, "jaxbn") & {"jaxbn.equinox"}
 
 
 def test_jaxbn_has_no_import_cycles():

@@ -85,3 +85,14 @@ def test_module_docstring_examples_run():
     for module in (jaxbn.linen, jaxbn.nnx):
       result = doctest.testmod(module, raise_on_error=False)
       assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_equinox_module_docstring_example_runs():
+  import doctest
+
+  pytest.importorskip("equinox", reason="jaxbn.equinox needs equinox (pip install jaxbn[equinox])")
+  import jaxbn.equinox
+
+  with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+    result = doctest.testmod(jaxbn.equinox, raise_on_error=False)
+  assert result.attempted > 0 and result.failed == 0
