@@ -16,9 +16,8 @@ from typing import Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from jaxbn import _args, _passes, ops
+from jaxbn import _args, ops
 
 __all__ = ["BatchNorm"]
 
@@ -73,10 +72,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
   the batch statistics alone on the first step, and stores (μ̃, σ̃²) as the new running
   statistics; inference uses the running statistics. The running statistics start as mean 0
   and variance 1 (Equinox's start as uninitialised memory), so inference before any training
-  step is y = γx/√(1 + ε) + β. The batch statistics come from the core's statistics pass
-  (two-pass, pooled over `axis_name`), the blend from `jaxbn.update_running_stats` and the
-  normalization from `jaxbn.batch_norm_inference`; JAX's autodiff differentiates the blend
-  (there is no closed-form backward for this mode here). Its gradient through the batch
+  step is y = γx/√(1 + ε) + β. It is `jaxbn.batch_norm(blend=jaxbn.Blend(...))`: the
+  analytic backward of the blend (eq. (7) with 1/σ̃ and its sums times 1 − momentum, derived
+  in docs/derivation.md and proved by `jaxbn check`). Its gradient through the batch
   statistics is damped by (1 − momentum), which is why "batch" usually trains better.
 
   Gradients do not flow through the returned state (the core's statistics leave through
@@ -225,27 +223,16 @@ class BatchNorm(eqx.nn.StatefulLayer):
     if inference:
       return self._normalize(x, running_mean, running_var, running_mean), state
     first_time = state.get(self.ema_first_time_index)
-    batch = self._differentiable_batch_stats(x)
-    blended = ops.update_running_stats(running_mean, running_var, batch,
-                                       momentum=self.momentum)
-    first = (batch.mean.astype(running_mean.dtype), batch.var.astype(running_var.dtype))
-    mean, var = (jnp.where(first_time, f, b) for f, b in zip(first, blended, strict=True))
-    out = self._normalize(x, mean, var, running_mean)
+    # The first step normalizes with the batch's statistics alone: a blend of weight 0.
+    weight = jnp.where(first_time, 0.0, self.momentum).astype(_args.compute_dtype(x))
+    out, stats = ops.batch_norm(
+        x, self.weight, self.bias, axis=0, epsilon=self.eps, axis_name=self.axis_name,
+        dtype=self._out_dtype(x, running_mean),
+        blend=ops.Blend(running_mean, running_var, weight))
+    # The blended statistics are the new running ones, as in Equinox.
+    mean, var = ops.update_running_stats(running_mean, running_var, stats, momentum=weight)
     # False with the flag's own type: under pmap a fresh constant's type differs from the
     # flag's, and State.set refuses that (Equinox's own class does, in this mode).
     state = state.set(self.ema_first_time_index, jnp.zeros_like(first_time))
-    state = state.set(self.ema_state_index, (lax.stop_gradient(mean), lax.stop_gradient(var)))
+    state = state.set(self.ema_state_index, (mean, var))
     return out, state
-
-  def _differentiable_batch_stats(self, x) -> ops.BatchStats:
-    """Eqs. (1)-(2) per channel over the spatial axes and the named axis, as JAX can
-    differentiate them: the core's two-pass statistics, without `batch_norm`'s stop-gradient
-    (the blend's gradient flows through them)."""
-    axes = tuple(range(1, x.ndim))
-    x_c = x.astype(_args.compute_dtype(x))
-    stats = _passes.statistics(
-        x_c, None, _passes.local_count(x.shape, None, axes, x_c.dtype), axes,
-        epsilon=self.eps, pool=lambda values: lax.psum(values, self.axis_name))
-    channel = lambda v: jnp.broadcast_to(v, stats.hi.shape).reshape(self.input_size)
-    return ops.BatchStats(mean=channel(stats.hi + stats.lo), var=channel(stats.var),
-                          count=channel(stats.count))

@@ -576,3 +576,60 @@ def test_sharded_jit_keeps_the_pure_jax_path_and_shard_map_uses_the_kernels(mesh
   per_device = jax.jit(jax.shard_map(grad("data"), mesh=explicit, in_specs=P("data"),
                                      out_specs=P("data")))
   assert "jaxbn_" in per_device.lower(x).compile().as_text()
+
+
+def _vmapped_step(use_cpu_kernel, mask=None):
+  """Forward and backward of BN on one example per vmap instance, the batch pooled over the
+  vmapped axis (Equinox's way): x of shape (B, C, *spatial), features first per example."""
+  def per_example(x):
+    return jaxbn.batch_norm(x, axis=0, axis_name="batch", mask=mask,
+                            use_cpu_kernel=use_cpu_kernel)[0]
+
+  def step(x, dy):
+    y, vjp = jax.vjp(jax.vmap(per_example, axis_name="batch"), x)
+    return y, vjp(dy)[0]
+  return jax.jit(step)
+
+
+@pytest.mark.parametrize("shape", [(16, 8, 6, 5), (16, 8, 30)])
+def test_vmapped_examples_with_features_first_fold_into_one_kernel_call(shape, host):
+  """B instances of view (1, C, inner) are one call of B·C features, not B calls: the
+  forward's statistics and normalization and the backward's sums and dx, one call each."""
+  x, dy = _data(shape, jnp.float32, offset=3.0)
+  args = (x, dy)
+  compiled = _vmapped_step(None).lower(*args).compile().as_text()
+  assert _kernels_in(compiled) == [
+      "jaxbn_grad_input", "jaxbn_grad_sums", "jaxbn_moments", "jaxbn_normalize"]
+  assert compiled.count("custom-call(") == 4
+  assert " while(" not in compiled  # no loop over the instances
+  got, want = host(_vmapped_step(None)(*args)), host(_vmapped_step(False)(*args))
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-5)
+  one = host(jax.jit(lambda x: jaxbn.batch_norm(x, axis=1, use_cpu_kernel=False)[0])(x))
+  np.testing.assert_allclose(got[0], one, rtol=0, atol=2e-5)  # the whole batch's BN
+
+
+def test_vmapped_small_instances_that_cannot_fold_run_the_twin_unless_forced(host):
+  """Dense examples (C,) have nothing to fold: a kernel call per example would cost more than
+  its work, so the twin runs, vmapped; use_cpu_kernel=True still gets a call per instance."""
+  x, dy = _data((12, 7), jnp.float32, offset=3.0)
+  assert _kernels_in(_vmapped_step(None).lower(x, dy).compile().as_text()) == []
+  forced = _vmapped_step(True).lower(x, dy).compile().as_text()
+  assert "jaxbn_moments" in _kernels_in(forced)
+  for a, b, c in zip(host(_vmapped_step(None)(x, dy)), host(_vmapped_step(True)(x, dy)),
+                     host(_vmapped_step(False)(x, dy)), strict=True):
+    np.testing.assert_allclose(a, c, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(b, c, rtol=0, atol=2e-5)
+
+
+def test_vmapped_examples_with_a_shared_mask_fold_and_stay_masked(host):
+  x, dy = _data((10, 4, 6), jnp.float32, offset=3.0)
+  mask = np.arange(6) % 3 != 0  # the same positions of every example padded
+  x = jnp.where(mask, x, jnp.nan)
+  compiled = _vmapped_step(None, mask).lower(x, dy).compile().as_text()
+  assert compiled.count("custom-call(") == 4 and " while(" not in compiled
+  (y, dx), (y_pure, dx_pure) = (host(_vmapped_step(None, mask)(x, dy)),
+                                host(_vmapped_step(False, mask)(x, dy)))
+  np.testing.assert_allclose(y, y_pure, rtol=0, atol=2e-5)
+  np.testing.assert_allclose(dx, dx_pure, rtol=0, atol=2e-5)
+  assert np.all(y[..., ~mask] == 0) and np.all(dx[..., ~mask] == 0)
