@@ -121,3 +121,23 @@ def test_the_benchmark_writes_only_where_the_workdir_rules_allow(tmp_path):
   assert (theirs / "benchmark.json").read_text() == "someone else's"
   with pytest.raises(config_lib.ConfigError, match="--workdir is empty"):
     workdir_lib.claim_outputs("", outputs, tool="the benchmark")
+
+
+def test_the_equinox_benchmark_runs_both_classes_and_reports_the_speed_up():
+  pytest.importorskip("equinox", reason="jaxbn[equinox] is not installed")
+  from benchmarks import equinox as bench
+
+  results = []
+  # As the benchmark's processes run: float32 (the tests enable 64-bit mode, in which
+  # Equinox's layers default to float64 parameters).
+  with jax.enable_x64(False):
+    for name in bench.IMPLEMENTATIONS:
+      for case in ({"kind": "layer", "shape": [4, 3, 2, 2]}, {"kind": "layer", "shape": [4, 3]},
+                   {"kind": "step"}):
+        run, compile_s = bench.runner(name, case)
+        run()
+        assert compile_s > 0
+        results.append({"case": case, "implementation": name, "median_s": 1e-3})
+  text = bench.markdown(results, repeats=1)
+  assert "| layer 4×3×2×2 | 1.000 | 1.000 | 1.00x |" in text
+  assert "| CNN step, batch 128 |" in text
