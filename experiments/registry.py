@@ -14,6 +14,7 @@ import ml_collections
 from experiments.core import config as config_lib
 from experiments.core import train
 from experiments.core.config import ConfigError
+from experiments.core import study as study_lib
 from experiments.core.study import Study
 from experiments.studies import ics, paper, renorm
 
@@ -35,7 +36,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Everything `train_and_evaluate` checks of a config before any work: the keys every study
   shares, then the study's own (ConfigError naming the key)."""
   config_lib.validate(config)
-  get(config.study).validate(config)
+  study_lib.check(get(config.study), config)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,

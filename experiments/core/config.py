@@ -3,6 +3,7 @@ before any work or write. A study checks its own section (`Study.validate`)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from typing import Any
 
@@ -16,7 +17,7 @@ CHOICES = {
     "data.name": data.NAMES,
     "model.name": ("mlp", "cnn"),
     "model.activation": ("sigmoid", "relu", "linear"),
-    "model.bn_impl": ("jaxbn", "jaxbn-xla", "jaxbn-fast", "flax"),
+    "model.bn_impl": ("jaxbn", "jaxbn-xla", "jaxbn-fast", "flax", "equinox"),
     "model.gradient": ("analytic", "autodiff"),
     "optimizer.name": ("sgd", "adam"),
     "optimizer.schedule": ("constant", "cosine"),
@@ -43,6 +44,22 @@ def _get(config, dotted: str) -> Any:
   return value
 
 
+def _check_equinox(config: ml_collections.ConfigDict) -> None:
+  """The Equinox net (`experiments.core.equinox_models`) is the paper MLP with jaxbn's
+  analytic backward, on one device."""
+  refused = {"model.name": (config.model.name, "mlp"),
+             "model.gradient": (config.model.gradient, "analytic"),
+             "model.residual": (config.model.residual, False),
+             "data_parallel": (config.data_parallel, False)}
+  for key, (value, wanted) in refused.items():
+    if value != wanted:
+      raise ConfigError(f"config.model.bn_impl 'equinox' trains the paper MLP ({key}={wanted!r}),"
+                        f" got config.{key}={value!r}.")
+  if importlib.util.find_spec("equinox") is None:
+    raise ConfigError("config.model.bn_impl 'equinox' needs Equinox: pip install "
+                      "'jaxbn[equinox]'.")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks keys and types against the schema (`schema.default_config`) and values against
   ranges."""
@@ -67,6 +84,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       or len(set(config.variants)) != len(config.variants)):
     raise ConfigError(f"config.variants must be a non-empty subset of ('bn', 'plain') "
                       f"without repeats, got {config.variants!r}.")
+  if config.model.bn_impl == "equinox":
+    _check_equinox(config)
   if not 0 < config.model.bn_momentum < 1:
     raise ConfigError(f"config.model.bn_momentum must be in (0, 1) (the old value's weight), "
                       f"got {config.model.bn_momentum!r}.")

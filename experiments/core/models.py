@@ -1,6 +1,8 @@
 """The BN paper's MLP and a small CNN, each with BatchNorm switchable off.
 
-`bn_impl="flax"` swaps in `flax.linen.BatchNorm` (same variables) for benchmarks.
+`bn_impl="flax"` swaps in `flax.linen.BatchNorm` (same variables) for benchmarks;
+`bn_impl="equinox"` trains the MLP written in Equinox with `jaxbn.equinox.BatchNorm`
+(`experiments.core.equinox_models`).
 """
 
 from __future__ import annotations
@@ -96,6 +98,14 @@ def create(model_config, *, batch_norm: bool, gradient: str | None = None,
   wherever the C++ would see only part of the batch, so XLA partitions BN like any op.
   """
   gradient = gradient or model_config.gradient
+  if model_config.bn_impl == "equinox":
+    # The paper MLP written in Equinox; config.validate refuses what it does not take.
+    from experiments.core import equinox_models
+    return equinox_models.EquinoxPaperMLP(
+        hidden=tuple(model_config.hidden), batch_norm=batch_norm,
+        activation=model_config.activation,
+        init_std=model_config.init_std if model_config.init_std > 0 else None,
+        bn_momentum=model_config.bn_momentum)
   if model_config.name == "cnn":
     return SmallCNN(features=tuple(model_config.cnn_features), batch_norm=batch_norm,
                     bn_momentum=model_config.bn_momentum, bn_impl=model_config.bn_impl,

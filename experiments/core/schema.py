@@ -32,7 +32,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.model.init_std = 0.0  # > 0: N(0, init_std²) weights; 0: LeCun normal
   config.model.cnn_features = (16, 32)
   config.model.bn_momentum = 0.99
-  config.model.bn_impl = "jaxbn"  # jaxbn | jaxbn-xla (no C++ kernels) | jaxbn-fast (one-pass variance) | flax
+  # jaxbn | jaxbn-xla (no C++ kernels) | jaxbn-fast (one-pass variance) | flax | equinox (the
+  # MLP written in Equinox with jaxbn.equinox.BatchNorm; needs jaxbn[equinox])
+  config.model.bn_impl = "jaxbn"
   config.model.gradient = "analytic"  # analytic | autodiff
 
   config.optimizer = ml_collections.ConfigDict()

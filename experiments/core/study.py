@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import ml_collections
 
+from experiments.core.config import ConfigError
+
 
 def _accept(config: ml_collections.ConfigDict) -> None:
   del config
@@ -30,9 +32,20 @@ class Study:
       and summary.md, written by process 0 only.
     validate: `validate(config)` raises `config.ConfigError` naming the key when the study
       cannot run this config; called before anything is written.
+    trains_equinox: whether its nets are `models.create`'s for every `model.bn_impl`, the
+      Equinox net included (studies with nets of their own are not).
   """
 
   name: str
   run: Callable[..., dict]
   write_outputs: Callable[[ml_collections.ConfigDict, pathlib.Path, dict], dict]
   validate: Callable[[ml_collections.ConfigDict], None] = _accept
+  trains_equinox: bool = False
+
+
+def check(study: Study, config: ml_collections.ConfigDict) -> None:
+  """The study's own checks of `config`, and whether it trains the config's kind of net."""
+  if config.model.bn_impl == "equinox" and not study.trains_equinox:
+    raise ConfigError(f"config.model.bn_impl 'equinox' is not for study {study.name!r}: it "
+                      "trains nets of its own, not the config's model.")
+  study.validate(config)

@@ -32,6 +32,7 @@ from experiments.core import checkpoints as checkpoints_lib
 from experiments.core import config as config_lib
 from experiments.core import data as data_lib
 from experiments.core import distributed, progress, workdir as workdir_lib
+from experiments.core import study as study_lib
 from experiments.core.study import Study
 
 
@@ -286,7 +287,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """
   # Everything that can refuse the run does so before the first write, in every process.
   config_lib.validate(config)
-  study.validate(config)
+  study_lib.check(study, config)
   workdir_lib.check(workdir, config, overwrite=overwrite)
   try:
     dataset = data_lib.load(config.data, config.seed)

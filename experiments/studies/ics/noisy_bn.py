@@ -72,7 +72,7 @@ class NoisyBNMLP(nn.Module):
     h = x.reshape(x.shape[0], -1)
     for i, width in enumerate(self.hidden):
       z = nn.Dense(width, use_bias=False, kernel_init=models._kernel_init(self.init_std))(h)
-      z = models._batch_norm(self.bn_impl, train, self.bn_momentum, self.gradient)(z)
+      z = models.batch_norm_layer(self.bn_impl, train, self.bn_momentum, self.gradient)(z)
       z = BatchNoise(self.noise_mean_range, tuple(self.noise_std_range),
                      name=f"BatchNoise_{i}")(z, train)
       self.sow("intermediates", f"activation_input_{i}", z)

@@ -17,9 +17,10 @@ def _validate_agreement(config) -> None:
 
 
 STUDIES = (
-    Study("compare", run=runs.study_compare, write_outputs=plots.write_compare),
+    Study("compare", run=runs.study_compare, write_outputs=plots.write_compare,
+          trains_equinox=True),
     Study("lr_sweep", run=runs.study_lr_sweep, write_outputs=plots.write_lr_sweep,
-          validate=_validate_lr_sweep),
+          validate=_validate_lr_sweep, trains_equinox=True),
     Study("gradient_agreement", run=runs.study_gradient_agreement,
           write_outputs=plots.write_agreement, validate=_validate_agreement),
 )
