@@ -33,6 +33,12 @@ def feature_view(x, features, mask, static: Static, gradient: str,
     raise TypeError(f"use_cpu_kernel must be None, True or False, got {use_cpu_kernel!r}.")
   if use_cpu_kernel is False:
     return None
+  if use_cpu_kernel is None and static.axis_name is not None and not static.reduction_axes:
+    # One value per feature in this call: the statistics come from pooling over axis_name
+    # alone (one dense example per vmap instance, as Equinox's layer sees it). XLA fuses the
+    # pure path's sums with that psum; kernel calls, or their vmapped twins, only add passes
+    # (an Equinox-style 4096x1024 layer: 4.1 ms pure, 7.9 ms as twins).
+    return None
   refusal = _refusal(x, features, mask, static, gradient, build=use_cpu_kernel is True)
   if refusal is not None:
     if use_cpu_kernel:

@@ -609,9 +609,10 @@ def test_vmapped_examples_with_features_first_fold_into_one_kernel_call(shape, h
   np.testing.assert_allclose(got[0], one, rtol=0, atol=2e-5)  # the whole batch's BN
 
 
-def test_vmapped_small_instances_that_cannot_fold_run_the_twin_unless_forced(host):
-  """Dense examples (C,) have nothing to fold: a kernel call per example would cost more than
-  its work, so the twin runs, vmapped; use_cpu_kernel=True still gets a call per instance."""
+def test_vmapped_dense_examples_run_pure_jax_unless_forced(host):
+  """Dense examples (C,) have nothing to reduce in a call (the statistics are the pooling's
+  alone) and nothing to fold: the pure path, no kernel call; use_cpu_kernel=True still gets
+  a call per instance."""
   x, dy = _data((12, 7), jnp.float32, offset=3.0)
   assert _kernels_in(_vmapped_step(None).lower(x, dy).compile().as_text()) == []
   forced = _vmapped_step(True).lower(x, dy).compile().as_text()
@@ -620,6 +621,18 @@ def test_vmapped_small_instances_that_cannot_fold_run_the_twin_unless_forced(hos
                      host(_vmapped_step(False)(x, dy)), strict=True):
     np.testing.assert_allclose(a, c, rtol=0, atol=2e-5)
     np.testing.assert_allclose(b, c, rtol=0, atol=2e-5)
+
+
+def test_vmapped_small_batches_that_cannot_fold_run_the_twin(host):
+  """An ensemble's small batches (each instance a whole batch of rows, outer > 1) cannot
+  fold: below MAX_TWIN_INSTANCE_SIZE values they run the twin, vmapped, not a call each."""
+  x, dy = _data((3, 20, 5), jnp.float32, offset=1.0)
+  step = jax.jit(lambda x, dy: jax.vmap(lambda x, dy: jax.vjp(
+      lambda x: jaxbn.batch_norm(x)[0], x)[1](dy))(x, dy))
+  assert _kernels_in(step.lower(x, dy).compile().as_text()) == []
+  want = jax.jit(lambda x, dy: jax.vmap(lambda x, dy: jax.vjp(
+      lambda x: jaxbn.batch_norm(x, use_cpu_kernel=False)[0], x)[1](dy))(x, dy))
+  np.testing.assert_allclose(host(step(x, dy)[0]), host(want(x, dy)[0]), rtol=0, atol=2e-5)
 
 
 def test_vmapped_examples_with_a_shared_mask_fold_and_stay_masked(host):
