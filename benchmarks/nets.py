@@ -17,25 +17,31 @@ import jax.numpy as jnp
 from experiments.core import models
 
 
-class ResNetStage(nn.Module):
-  """A stem conv-BN-ReLU, then `blocks` basic blocks (conv-BN-ReLU-conv-BN, + the block's
-  input, ReLU), global average pool, Dense. NHWC; without BN the convolutions keep a bias."""
+class _StepNet(nn.Module):
+  """What both nets share: the classes, BN on or off and which BN, the activations' dtype."""
 
-  width: int = 64
-  blocks: int = 2
   num_classes: int = 10
   batch_norm: bool = True
   bn_impl: str = "jaxbn"
   gradient: str = "analytic"
   dtype: Any = None
 
+  def norm(self, train: bool):
+    return models.batch_norm_layer(self.bn_impl, train, 0.9, self.gradient, self.dtype)
+
+
+class ResNetStage(_StepNet):
+  """A stem conv-BN-ReLU, then `blocks` basic blocks (conv-BN-ReLU-conv-BN, + the block's
+  input, ReLU), global average pool, Dense. NHWC; without BN the convolutions keep a bias."""
+
+  width: int = 64
+  blocks: int = 2
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     def conv_bn(h):
       h = nn.Conv(self.width, (3, 3), use_bias=not self.batch_norm, dtype=self.dtype)(h)
-      if self.batch_norm:
-        h = models.batch_norm_layer(self.bn_impl, train, 0.9, self.gradient, self.dtype)(h)
-      return h
+      return self.norm(train)(h) if self.batch_norm else h
 
     x = nn.relu(conv_bn(x))
     for _ in range(self.blocks):
@@ -43,25 +49,18 @@ class ResNetStage(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype)(jnp.mean(x, axis=(1, 2)))
 
 
-class WideMLP(nn.Module):
+class WideMLP(_StepNet):
   """`depth` layers of Dense (no bias with BN) → BN → ReLU, then Dense."""
 
   width: int = 1024
   depth: int = 3
-  num_classes: int = 10
-  batch_norm: bool = True
-  bn_impl: str = "jaxbn"
-  gradient: str = "analytic"
-  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     h = x.reshape(x.shape[0], -1)
     for _ in range(self.depth):
       h = nn.Dense(self.width, use_bias=not self.batch_norm, dtype=self.dtype)(h)
-      if self.batch_norm:
-        h = models.batch_norm_layer(self.bn_impl, train, 0.9, self.gradient, self.dtype)(h)
-      h = nn.relu(h)
+      h = nn.relu(self.norm(train)(h) if self.batch_norm else h)
     return nn.Dense(self.num_classes, dtype=self.dtype)(h)
 
 
