@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive
-from jax.interpreters import batching, mlir
+from jax.interpreters import ad, batching, mlir
 
 from jaxbn._cpu import library
 from jaxbn._records import FeatureView
@@ -90,6 +90,28 @@ def _impl(*operands, **params):
 
 
 _kernel_p.def_impl(_impl)
+
+
+def _jvp(primals, tangents, *, twin, **params):
+  """The kernel's values, its twin's derivatives: the rule `calls` gives each call as a
+  custom_jvp, here for the bare primitive, which is what JAX differentiates where it
+  differentiates a jaxpr already traced (a loop body under lax.map or lax.scan, a
+  checkpointed function): a Hessian-vector product through the analytic backward there."""
+  out = _kernel_p.bind(*primals, twin=twin, **params)
+  floating = [i for i, p in enumerate(primals) if jnp.issubdtype(p.dtype, jnp.inexact)]
+
+  def on_floating(*values):
+    operands = list(primals)
+    for i, value in zip(floating, values):
+      operands[i] = value
+    return twin(*operands)
+
+  _, tangents_out = jax.jvp(on_floating, [primals[i] for i in floating],
+                            [ad.instantiate_zeros(tangents[i]) for i in floating])
+  return out, list(tangents_out)
+
+
+ad.primitive_jvps[_kernel_p] = _jvp
 
 
 # Instances above this many values of x, when they cannot be folded into one call, run as one

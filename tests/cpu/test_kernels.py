@@ -438,6 +438,34 @@ def test_second_order_derivatives_go_through_the_twins():
   np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loop", ["map", "scan", "remat"])
+def test_second_order_derivatives_inside_loops_and_remat(loop):
+  # Inside lax.map / lax.scan / checkpoint JAX differentiates the loop body's jaxpr, where
+  # the kernel calls are bare `jaxbn.kernel` primitives (their custom_jvp wrappers already
+  # traced away): the primitive needs its own JVP rule for a Hessian-vector product there.
+  shape, axis = CASES["nchw"]
+  x, dy = _data(shape, jnp.float64, offset=1.0)
+  xs = jnp.stack([x, 2 * x + 1])
+  scale, bias = jnp.linspace(0.5, 2, 6), jnp.linspace(-1, 1, 6)
+  v = jax.device_put(np.random.default_rng(5).standard_normal(xs.shape))
+
+  def grad_of_grad(use_cpu_kernel):
+    def one(x):
+      y, _ = jaxbn.batch_norm(x, scale, bias, axis=axis, use_cpu_kernel=use_cpu_kernel)
+      return jnp.sum(jnp.sin(y) * dy)
+    def loss(xs):
+      if loop == "map":
+        return jnp.sum(jax.lax.map(one, xs))
+      if loop == "scan":
+        return jax.lax.scan(lambda c, x: (c + one(x), None), 0.0, xs)[0]
+      return jnp.sum(jax.vmap(jax.checkpoint(one))(xs[:1])) + jax.checkpoint(one)(xs[1])
+    return jax.grad(lambda xs: jnp.vdot(jax.grad(loss)(xs), v))(xs)
+
+  got, want = jax.jit(lambda xs: (grad_of_grad(True), grad_of_grad(False)))(xs)
+  np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
 def test_vmap_runs_each_instance_on_its_own():
   x, _ = _data((3, 20, 5), jnp.float32, offset=1.0)
   per, loop = jax.jit(lambda x: (  # one compilation for both
