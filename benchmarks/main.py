@@ -1,5 +1,6 @@
-"""The benchmark: the BN layer alone (`benchmarks.ops`) and whole training steps
-(`benchmarks.steps`), each implementation in its own process.
+"""The benchmark: the BN layer alone (`benchmarks.ops`), its Hessian-vector product
+(`benchmarks.hvp`) and whole training steps (`benchmarks.steps`), each implementation in its
+own process.
 
     python -m benchmarks.main --config=configs/benchmark.py --workdir=runs/benchmark
 
@@ -21,7 +22,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from benchmarks import ops, plots, steps
+from benchmarks import hvp, ops, plots, steps
 from experiments.core import allocator, workdir as workdir_lib
 from experiments.core import config as config_lib
 
@@ -41,15 +42,17 @@ def run(config, workdir: pathlib.Path) -> str:
     return _measure(config, workdir)
 
 
-SECTIONS = ("ops", "steps")
+SECTIONS = ("ops", "hvp", "steps")
 
 
 def _validate(config) -> None:
-  """Refuses, before any work, a section or net the benchmark does not know, or a net
-  without its batch size or steps per call."""
+  """Refuses, before any work, a section or net the benchmark does not know, a net without
+  its batch size or steps per call, or a dtype or shape the HVP section cannot run."""
   unknown = [s for s in config.sections if s not in SECTIONS]
   if unknown:
     raise config_lib.ConfigError(f"config.sections: unknown {unknown}; choose from {SECTIONS}")
+  if "hvp" in config.sections:
+    hvp.validate(config)
   if "steps" not in config.sections:
     return
   for net in config.nets:
@@ -89,6 +92,12 @@ def _measure(config, workdir: pathlib.Path) -> str:
                             workdir / "op_benchmark.png")
   # What is measured so far is written after each section: a run cut short keeps it.
   workdir_lib.atomic_write(workdir / "benchmark.json", json.dumps(results, indent=2))
+  if "hvp" in config.sections:
+    results["hvp"] = hvp.time_hvp([tuple(s) for s in config.hvp_shapes],
+                                  tuple(config.hvp_dtypes), config.repeats,
+                                  settle_s=config.op_settle_s, sample_s=config.op_sample_s)
+    parts.append(hvp.markdown(results["hvp"], meta))
+    workdir_lib.atomic_write(workdir / "benchmark.json", json.dumps(results, indent=2))
   if "steps" in config.sections:
     results["steps"] = steps.throughput(config)
     results["step_targets"] = steps.targets(results["steps"])

@@ -1,4 +1,5 @@
-"""The benchmark (benchmarks/main.py): the BN layer alone at five shapes and two dtypes; whole
+"""The benchmark (benchmarks/main.py): the BN layer alone at five shapes and two dtypes, and
+its Hessian-vector product at the same shapes; whole
 training steps (time, BN's share, compiled memory) of the paper MLP and CNN, a ResNet stage
 and a wide MLP, in float32 and bfloat16."""
 
@@ -9,7 +10,7 @@ from configs import default
 
 def get_config():
   config = ml_collections.ConfigDict()
-  config.sections = ("ops", "steps")
+  config.sections = ("ops", "hvp", "steps")
   config.op_shapes = ((256, 1024), (4096, 1024), (128, 32, 32, 64), (64, 56, 56, 128),
                       (32, 112, 112, 64))
   # Features on axis 1 (PyTorch's layout), against PyTorch's kernel on contiguous NCHW.
@@ -17,6 +18,9 @@ def get_config():
   # A quarter of the examples masked out (padding): jaxbn's and Flax's mask argument.
   config.op_masked_shapes = ((64, 56, 56, 128),)
   config.op_dtypes = ("float32", "bfloat16")
+  # One Hessian-vector product (benchmarks/hvp.py) beside forward + backward, features last.
+  config.hvp_shapes = config.op_shapes
+  config.hvp_dtypes = ("float32", "bfloat16")
   config.residual_shape = (64, 56, 56, 128)
   config.nets = ("mlp", "cnn", "resnet_stage", "wide_mlp")  # benchmarks/nets.py
   config.step_dtypes = ("float32", "bfloat16")

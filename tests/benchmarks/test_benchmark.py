@@ -1,10 +1,11 @@
-"""The benchmark in miniature: every implementation, section and column of the op benchmark
-and the training steps, each net's step (the CNN's in PyTorch too), the config checks and the
+"""The benchmark in miniature: every implementation, section and column of the op benchmark,
+the Hessian-vector products and the training steps, each net's step (the CNN's in PyTorch too), the config checks and the
 rules for its workdir."""
 
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -16,13 +17,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("standard_promotion")]
 
 def test_benchmark_runs_tiny_and_reports_every_column(tmp_path):
   from configs import benchmark as benchmark_config
-  from benchmarks import main as benchmark, ops as bench_ops, steps
+  from benchmarks import hvp as bench_hvp, main as benchmark, ops as bench_ops, steps
 
   config = benchmark_config.get_config()
   config.op_shapes = ((8, 4), (2, 3, 3, 4))
   config.op_channels_first_shapes = ((2, 4, 3, 3),)
   config.op_masked_shapes = ((4, 3, 3, 4),)
   config.residual_shape = (4, 2, 2, 3)
+  config.hvp_shapes = ((8, 4),)
   config.model.hidden = (8, 8)
   config.model.cnn_features = (4,)
   # The MLP only: each runner process compiling the CNN's step as well was a third of this
@@ -47,6 +49,11 @@ def test_benchmark_runs_tiny_and_reports_every_column(tmp_path):
     masked = {r["implementation"] for r in results["ops"]
               if r["dtype"] == dtype and r["shape"] == "4x3x3x4 masked"}
     assert masked == set(bench_ops.MASKABLE)
+  for dtype in config.hvp_dtypes:
+    found = {r["implementation"]: r for r in results["hvp"] if (r["shape"], r["dtype"]) ==
+             ("8x4", dtype)}
+    assert set(found) == set(bench_hvp.IMPLEMENTATIONS)
+    assert all(r[f"{kind}_ms"] > 0 for r in found.values() for kind in bench_hvp.KINDS)
   for dtype in config.step_dtypes:
     found = {r["implementation"] for r in results["steps"]
              if (r["net"], r["dtype"]) == ("mlp", dtype)}
@@ -56,7 +63,7 @@ def test_benchmark_runs_tiny_and_reports_every_column(tmp_path):
       (dtype, target) for dtype in config.step_dtypes for target, _, _ in steps.STEP_TARGETS}
   analytic = next(r for r in results["residuals"] if r["implementation"] == "jaxbn analytic")
   assert analytic["activation_sized"] == 1
-  for column in ("GB/s", "% of floor", "examples/s", "vs flax.linen", "vs jaxbn pure",
+  for column in ("GB/s", "% of floor", "HVP vs flax.linen", "examples/s", "vs flax.linen", "vs jaxbn pure",
                  "BN share", "temp MB", "bytes saved for the backward", "| met |"):
     assert column in text
   assert (tmp_path / "op_benchmark.png").exists()
@@ -96,12 +103,41 @@ def test_a_bad_benchmark_config_is_refused_before_any_work(tmp_path):
 
   for key, value, named in (("sections", ("ops", "memory"), "memory"),
                             ("nets", ("mlp", "resnet50"), "resnet50"),
-                            ("step_dtypes", ("float16",), "float16")):
+                            ("step_dtypes", ("float16",), "float16"),
+                            ("hvp_dtypes", ("float16",), "float16"),
+                            ("hvp_shapes", ((8,),), "hvp_shapes")):
     config = benchmark_config.get_config()
     config[key] = value
     with pytest.raises(config_lib.ConfigError, match=named):
       benchmark.run(config, tmp_path / key)
     assert not (tmp_path / key).exists()
+
+
+def test_the_hvp_rows_time_products_that_match_a_float64_reference():
+  """Each implementation's timed products, both methods, against forward-over-reverse of eqs.
+  (1)-(4) in float64; forward mode on jaxbn's analytic layer itself is refused."""
+  from benchmarks import hvp as bench_hvp, ops as bench_ops
+
+  def batch_norm(x, scale, bias, axis):
+    mu = jnp.mean(x, (0, 1, 2))  # (1)
+    var = jnp.mean(jnp.square(x - mu), (0, 1, 2)) + 1e-5  # (2)
+    return scale * (x - mu) / jnp.sqrt(var) + bias  # (3)-(4)
+
+  shape = (5, 3, 2, 4)
+  x, scale, bias, c, vx, vs = bench_hvp.inputs(shape, "float32")
+  wide = [np.asarray(a, np.float64) for a in (x, scale, bias, c, vx, vs)]
+  gradient = jax.grad(lambda x, s: bench_hvp.loss(batch_norm, x, s, wide[2], wide[3]), (0, 1))
+  _, expected = jax.jvp(gradient, tuple(wide[:2]), tuple(wide[4:]))
+  for name in bench_hvp.IMPLEMENTATIONS:
+    for method in bench_hvp.METHODS:
+      product = bench_hvp.hvp_step(bench_ops.FORWARDS[name], method)(x, scale, bias, c, vx, vs)
+      for ours, want in zip(product, expected):
+        assert ours.dtype == np.float32
+        np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4 * np.max(np.abs(want)))
+  assert bench_hvp.disagreement(shape, "float32") < 1e-5
+  analytic = bench_ops.FORWARDS["jaxbn analytic"]
+  with pytest.raises(TypeError, match="custom_vjp"):
+    jax.jvp(lambda x: analytic(x, scale, bias, -1), (x,), (vx,))
 
 
 def test_the_benchmark_writes_only_where_the_workdir_rules_allow(tmp_path):
