@@ -16,12 +16,13 @@ from experiments.core import train
 from experiments.core.config import ConfigError
 from experiments.core import study as study_lib
 from experiments.core.study import Study
-from experiments.studies import ics, paper, renorm
+from experiments.studies import hessian, ics, paper, renorm
 
 STUDIES: dict[str, Study] = {study.name: study for study in (
     *paper.STUDIES,  # compare, lr_sweep, gradient_agreement
     *ics.STUDIES,  # noisy_bn, ics, landscape
     *renorm.STUDIES,  # renorm_groups, renorm_noniid
+    *hessian.STUDIES,  # hessian_spectrum, hessian_population, hessian_agreement
 )}
 
 

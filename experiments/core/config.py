@@ -37,6 +37,14 @@ class ConfigError(ValueError):
   """A config that cannot run; the message names the key."""
 
 
+def check_seeds(key: str, seeds) -> None:
+  """Refuses `seeds` (a study's several seeds, at config `key`) unless distinct ints in
+  [0, MAX_SEED]."""
+  if not seeds or len(set(seeds)) != len(seeds) or not all(
+      isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in seeds):
+    raise ConfigError(f"config.{key} must be distinct ints in [0, {MAX_SEED}], got {seeds!r}.")
+
+
 def _get(config, dotted: str) -> Any:
   value = config
   for part in dotted.split("."):

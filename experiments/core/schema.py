@@ -2,7 +2,7 @@
 default. `config.validate` checks a config against it; `configs/default.py` is this default.
 
 The default itself is the BN paper's net on MNIST-1D, with and without BN. Sections that only
-one family of studies reads (`sweep`, `probes`, `renorm`) are checked by that family's own
+one family of studies reads (`sweep`, `probes`, `renorm`, `hessian`) are checked by that family's own
 `validate`; every other key by the core's.
 """
 
@@ -79,6 +79,22 @@ def default_config() -> ml_collections.ConfigDict:
   config.renorm.warmup_steps = 0  # relax the clipping from rmax = 1, dmax = 0 over these
   config.renorm.classes_per_batch = 0  # > 0: non-i.i.d. training batches of this many classes
   config.renorm.recompute_batches = 100  # training batches the recomputed statistics average
+
+  # Ghorbani et al.'s Hessian studies only (hessian_spectrum | hessian_population |
+  # hessian_agreement, studies/hessian/): one run per variant and seed.
+  config.hessian = ml_collections.ConfigDict()
+  config.hessian.seeds = (0, 1, 2)
+  config.hessian.probe_steps = (100, 500, 1000)  # multiples of eval_every
+  config.hessian.batches = 16  # the Hessian's sample: batches x batch_size training examples
+  config.hessian.lanczos_order = 60  # Lanczos steps per run (HVPs)
+  config.hessian.density_runs = 2  # SLQ's random starts; the first also gives the top-k
+  config.hessian.top_k = 20  # eigenpairs kept; the last stands for the bulk's edge
+  config.hessian.concentration_k = 10  # the gradient's share in the top-k eigenspace
+  config.hessian.outlier_factor = 2.0  # outlier: an eigenvalue above this x the top_k-th
+  config.hessian.trace_samples = 8  # Hutchinson's Rademacher vectors
+  config.hessian.population_every = 50  # hessian_population: steps between refreshes
+  config.hessian.population_batches = 20  # training batches the population statistics pool
+  config.hessian.hvp_vectors = 3  # hessian_agreement: random vectors per evaluation
 
   config.lock()
   return config

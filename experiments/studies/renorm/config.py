@@ -11,11 +11,7 @@ def validate(config) -> None:
   """Refuses, naming the key, what the renorm studies cannot run (before anything is
   written)."""
   r = config.renorm
-  if not r.seeds or len(set(r.seeds)) != len(r.seeds) or not all(
-      isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= config_lib.MAX_SEED
-      for s in r.seeds):
-    raise config_lib.ConfigError(f"config.renorm.seeds must be distinct ints in [0, "
-                                 f"{config_lib.MAX_SEED}], got {r.seeds!r}.")
+  config_lib.check_seeds("renorm.seeds", r.seeds)
   if not r.norms or not set(r.norms) <= set(NORMS) or len(set(r.norms)) != len(r.norms):
     raise config_lib.ConfigError(f"config.renorm.norms must be a non-empty subset of {NORMS} "
                                  f"without repeats, got {r.norms!r}.")
