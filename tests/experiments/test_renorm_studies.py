@@ -12,7 +12,7 @@ import pytest
 import experiment_configs
 
 from experiments import registry
-from experiments.studies.renorm import batches, plots as renorm_plots
+from experiments.studies.renorm import batches, plots as renorm_plots, recompute_variance
 from experiments.core import progress
 from experiments.core import config as config_lib
 
@@ -136,7 +136,7 @@ def test_bad_renorm_configs_are_refused(name, overrides, message):
 @pytest.mark.parametrize("name, groups, norms", [
     ("renorm_groups", (2, 12), ("bn", "renorm", "plain")),
     ("renorm_noniid", (12,), ("bn", "renorm"))])
-def test_tiny_study_writes_its_summary_and_plots(name, groups, norms, tmp_path):
+def test_tiny_study_writes_its_summary_and_plots(name, groups, norms, tmp_path, capsys):
   config = _load(name, **{"renorm.group_sizes": groups, "renorm.norms": norms})
   reporter = progress.LogReporter(stream=io.StringIO())
   outcome = registry.train_and_evaluate(config, tmp_path, reporter=reporter)
@@ -167,3 +167,10 @@ def test_tiny_study_writes_its_summary_and_plots(name, groups, norms, tmp_path):
   for plot in (f"{name}.png", "curves.png"):
     assert (tmp_path / "plots" / plot).stat().st_size > 1000
   assert "## Bars" in (tmp_path / "summary.md").read_text()
+  # Each normalized run's checkpoints, evaluated with both recomputed variances.
+  capsys.readouterr()
+  recompute_variance.main(tmp_path)
+  printed = capsys.readouterr().out
+  for run_name in expected - {"plain"}:
+    for label in ("running (EMA)", "pooled", "average"):
+      assert f"{run_name}: {label}: test accuracy" in printed

@@ -1,8 +1,9 @@
 """jaxbn.recompute_batch_stats: population statistics with the final weights, vs float64.
 
 A small linen and nnx model (Dense → BatchNorm → relu → Dense → BatchNorm), and a block under
-each Flax transform; the reference is the float64 mean and biased variance of each
-BatchNorm's input over all batches concatenated (per scan step or ensemble member), computed
+each Flax transform; the reference for variance="pooled" is the float64 mean and biased
+variance of each BatchNorm's input over all batches concatenated (per scan step or ensemble
+member), for variance="average" the mean of the per-batch variances, computed
 with the same weights by hand.
 """
 
@@ -89,7 +90,8 @@ def _linen_reference(variables, batches):
 def test_linen_recomputes_population_statistics(batches, unbiased):
   net = LinenNet(unbiased=unbiased)
   variables = _init(net, batches[0])
-  new = jaxbn.recompute_batch_stats(net, batches, variables=variables, train=True)
+  new = jaxbn.recompute_batch_stats(net, batches, variables=variables, variance="pooled",
+                                    train=True)
   assert new["params"] is variables["params"]
   for name, (mean, var) in zip(("bn1", "bn2"), _linen_reference(variables, batches),
                                strict=True):
@@ -125,6 +127,24 @@ def test_linen_average_of_per_batch_variances(batches, unbiased):
   assert np.all(expected * 1.5 < first[1])
 
 
+def test_default_is_the_pooled_variance(batches):
+  """The default is variance="pooled", the population statistics; on batches with differing
+  means the average of the per-batch variances is visibly below it."""
+  net = LinenNet()
+  variables = _init(net, batches[0])
+  recompute = functools.partial(jaxbn.recompute_batch_stats, net, batches,
+                                variables=variables, train=True)
+  default = recompute()["batch_stats"]
+  pooled = recompute(variance="pooled")["batch_stats"]
+  average = recompute(variance="average")["batch_stats"]
+  jax.tree.map(np.testing.assert_array_equal, default, pooled)
+  assert np.all(average["bn1"]["var"] * 1.5 < default["bn1"]["var"])
+  models = [NnxNet(nnx.Rngs(0)) for _ in range(2)]
+  jaxbn.recompute_batch_stats(models[0], batches)
+  jaxbn.recompute_batch_stats(models[1], batches, variance="pooled")
+  jax.tree.map(np.testing.assert_array_equal, *(nnx.state(m, nnx.BatchStat) for m in models))
+
+
 class NnxNet(nnx.Module):
   def __init__(self, rngs, virtual_batch_size=None):
     self.dense1 = nnx.Linear(IN, HIDDEN, rngs=rngs)
@@ -140,7 +160,7 @@ def test_nnx_recomputes_in_place_and_leaves_the_rest(batches):
   model = NnxNet(nnx.Rngs(0))
   model.eval()
   params_before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
-  assert jaxbn.recompute_batch_stats(model, batches) is model
+  assert jaxbn.recompute_batch_stats(model, batches, variance="pooled") is model
   assert model.bn1.use_running_average  # still in eval mode
   jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param), params_before)
   p = {k: np.asarray(v, np.float64) for k, v in (
@@ -159,18 +179,22 @@ def test_ghost_batches_contribute_their_virtual_batches_average(batches):
   """With ghost batches each batch adds its virtual batches' average (what the running
   averages get), pooled across batches: the spread of the virtual batch means is not in."""
   model = NnxNet(nnx.Rngs(1), virtual_batch_size=PER_BATCH)  # one virtual batch = plain
-  jaxbn.recompute_batch_stats(model, batches)
+  jaxbn.recompute_batch_stats(model, batches, variance="pooled")
   plain = NnxNet(nnx.Rngs(1))
-  jaxbn.recompute_batch_stats(plain, batches)
+  jaxbn.recompute_batch_stats(plain, batches, variance="pooled")
   np.testing.assert_allclose(model.bn1.var[...], plain.bn1.var[...], rtol=1e-6)
   ghost = NnxNet(nnx.Rngs(1), virtual_batch_size=1)  # one example each: variance 0
   firsts = [np.asarray(b, np.float64)[:4] for b in batches]
-  jaxbn.recompute_batch_stats(ghost, [jax.device_put(np.asarray(b)[:4]) for b in batches])
+  firsts_on_device = [jax.device_put(np.asarray(b)[:4]) for b in batches]
+  jaxbn.recompute_batch_stats(ghost, firsts_on_device, variance="pooled")
   # bn1's input in float64, as in the tests above.
   kernel, bias = (np.asarray(v[...], np.float64) for v in (ghost.dense1.kernel, ghost.dense1.bias))
   h = [x @ kernel + bias for x in firsts]
   means = np.array([x.mean(0) for x in h])
   np.testing.assert_allclose(ghost.bn1.var[...], means.var(0), rtol=1e-5)
+  # "average": what each group of one example was normalized with, a variance of 0.
+  jaxbn.recompute_batch_stats(ghost, firsts_on_device, variance="average")
+  np.testing.assert_array_equal(ghost.bn1.var[...], 0.0)
 
 
 def test_errors(batches):
@@ -248,7 +272,7 @@ def _block_reference(transform, proj, dense, bn, batches):
 def test_linen_under_transforms_matches_the_untransformed_layers(batches, transform):
   net = LinenTransformed(transform)
   variables = _init_plain(net, batches[0])
-  new = jaxbn.recompute_batch_stats(net, batches, variables=variables)
+  new = jaxbn.recompute_batch_stats(net, batches, variables=variables, variance="pooled")
   p = variables["params"]
   mean, var = _block_reference(transform, p["proj"], p["block"]["dense"], p["block"]["bn"],
                                batches)
@@ -299,7 +323,7 @@ def test_nnx_under_transforms_matches_the_untransformed_layers(batches, transfor
   mean, var = _block_reference(transform, linear(model.proj), linear(model.block.dense), bn,
                                batches)
   shape = model.block.bn.mean[...].shape
-  jaxbn.recompute_batch_stats(model, batches)
+  jaxbn.recompute_batch_stats(model, batches, variance="pooled")
   assert model.block.bn.mean[...].shape == shape
   np.testing.assert_allclose(model.block.bn.mean[...], mean, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(model.block.bn.var[...], var, rtol=1e-5)
@@ -320,7 +344,8 @@ def test_linen_flax_batch_norm_is_left_as_it_is_with_a_warning(batches):
   net = LinenWithFlaxBN()
   variables = _init(net, batches[0])
   with pytest.warns(UserWarning, match="flax.linen.BatchNorm at 'theirs'.*left as they are"):
-    new = jaxbn.recompute_batch_stats(net, batches, variables=variables, train=True)
+    new = jaxbn.recompute_batch_stats(net, batches, variables=variables, variance="pooled",
+                                      train=True)
   mean, var = _population_in(batches)
   np.testing.assert_allclose(new["batch_stats"]["ours"]["mean"], mean, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(new["batch_stats"]["ours"]["var"], var, rtol=1e-5)
@@ -341,7 +366,7 @@ def test_nnx_flax_batch_norm_is_left_as_it_is_with_a_warning(batches):
   model = NnxWithFlaxBN(nnx.Rngs(0))
   before = jax.tree.map(np.asarray, nnx.state(model.theirs, nnx.BatchStat))
   with pytest.warns(UserWarning, match="flax.nnx.BatchNorm at 'theirs'.*left as they are"):
-    jaxbn.recompute_batch_stats(model, batches)
+    jaxbn.recompute_batch_stats(model, batches, variance="pooled")
   mean, var = _population_in(batches)
   np.testing.assert_allclose(model.ours.mean[...], mean, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(model.ours.var[...], var, rtol=1e-5)
@@ -379,7 +404,7 @@ def test_features_without_enough_values_keep_their_statistics(batches):
   net = LinenMasked()
   variables = _init_plain(net, batches[0], masks[0])
   stale = {"mean": jnp.full((IN,), 3.0, jnp.float32), "var": jnp.full((IN,), 7.0, jnp.float32)}
-  new = jaxbn.recompute_batch_stats(net, list(zip(batches, masks)),
+  new = jaxbn.recompute_batch_stats(net, list(zip(batches, masks)), variance="pooled",
                                     variables={**variables, "batch_stats": {"bn": stale}})
   got = new["batch_stats"]["bn"]
   x = np.asarray(batches, np.float64).reshape(-1, IN)

@@ -6,7 +6,7 @@ Two studies, the renorm paper's two claims (Ioffe 2017) and PreciseBN's
 - `renorm_groups`: BN statistics over groups of `config.renorm.group_sizes` examples (ghost
   batches, `virtual_batch_size`, inside each batch of `config.batch_size`): BN vs renorm vs no
   BN. After training, the running (EMA) statistics are replaced by ones recomputed with the
-  final weights (`jaxbn.recompute_batch_stats`) and evaluated again.
+  final weights (`jaxbn.recompute_batch_stats`, the pooled variance) and evaluated again.
 - `renorm_noniid`: every training batch holds `config.renorm.classes_per_batch` classes
   (`batches.sample_noniid`): BN vs renorm (vs no BN).
 
@@ -221,10 +221,10 @@ def _evaluation_record(measured: dict, prefix: str = "") -> dict:
 
 
 def recompute_statistics(model, ctx: train.Context, sampler: Sampler, states: train.TrainState,
-                         num_batches: int) -> dict:
+                         num_batches: int, *, variance: str) -> dict:
   """Each seed's batch statistics recomputed with its final weights as the true average over
-  `num_batches` training batches drawn as in training (`jaxbn.recompute_batch_stats`);
-  returns the stacked batch_stats."""
+  `num_batches` training batches drawn as in training (`jaxbn.recompute_batch_stats` with
+  `variance`); returns the stacked batch_stats."""
   keys = jax.random.split(jax.random.key(EVAL_SEED + 1), num_batches)
   idx = np.asarray(jax.vmap(sampler.train_indices)(keys))
   x = np.asarray(ctx.x_train)[idx]
@@ -232,7 +232,8 @@ def recompute_statistics(model, ctx: train.Context, sampler: Sampler, states: tr
   for s in range(states.step.shape[0]):
     variables = {"params": jax.tree.map(lambda a, s=s: a[s], states.params),
                  "batch_stats": jax.tree.map(lambda a, s=s: a[s], states.batch_stats)}
-    new = jaxbn.recompute_batch_stats(model, list(x), variables=variables, train=True)
+    new = jaxbn.recompute_batch_stats(model, list(x), variables=variables, variance=variance,
+                                      train=True)
     recomputed.append(new["batch_stats"])
   return jax.tree.map(lambda *a: jnp.stack(a), *recomputed)
 
@@ -264,7 +265,9 @@ def train_seeds(ctx: train.Context, name: str, norm: str, group_size: int,
     states = seeds_state.states
     record = _evaluation_record(accuracy(states.params, states.batch_stats))
     if norm != "plain" and int(seeds_state.step) == config.num_steps:
-      stats = recompute_statistics(model, ctx, sampler, states, config.renorm.recompute_batches)
+      # Pooled: the population statistics that the studies' recorded results hold.
+      stats = recompute_statistics(model, ctx, sampler, states, config.renorm.recompute_batches,
+                                   variance="pooled")
       record.update(_evaluation_record(accuracy(states.params, stats), prefix="recomputed_"))
     return record
 
