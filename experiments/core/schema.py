@@ -90,7 +90,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.hessian.density_runs = 2  # SLQ's random starts; the first also gives the top-k
   config.hessian.top_k = 20  # eigenpairs kept; the last stands for the bulk's edge
   config.hessian.concentration_k = 10  # the gradient's share in the top-k eigenspace
-  config.hessian.outlier_factor = 2.0  # outlier: an eigenvalue above this x the top_k-th
+  # Outliers: the eigenvalues above factor x the top_k-th (the bulk's edge), per factor.
+  config.hessian.outlier_factors = (2.0, 5.0, 10.0)
   config.hessian.trace_samples = 8  # Hutchinson's Rademacher vectors
   config.hessian.population_every = 50  # hessian_population: steps between refreshes
   config.hessian.population_batches = 20  # training batches the population statistics pool

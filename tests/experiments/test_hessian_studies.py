@@ -60,6 +60,9 @@ def test_every_hessian_config_runs_tiny(name, tmp_path):
     for row in steps.values():
       assert row["lambda_max"]["seeds"] == len(seeds)
       assert row["lambda_max"]["mean"] >= row["edge"]["mean"]
+      # Counted per factor from the top eigenvalues: a stricter factor never counts more.
+      counts = [row[f"outliers_{f:g}x"]["mean"] for f in config.hessian.outlier_factors]
+      assert counts == sorted(counts, reverse=True) and counts[0] <= config.hessian.top_k
       assert 0 <= row["gradient_concentration"]["min"] <= row["gradient_concentration"]["max"] <= 1
   record = json.loads((tmp_path / "runs" / f"{variants[0]}_seed0" / "metrics.jsonl")
                       .read_text().splitlines()[-1])
@@ -101,7 +104,8 @@ def _dataset(config):
     ("hessian.lanczos_order", 0, "config.hessian.lanczos_order must be an int >= 1"),
     ("hessian.top_k", 40, "concentration_k <= top_k <= lanczos_order"),
     ("hessian.trace_samples", 1, "config.hessian.trace_samples must be >= 2"),
-    ("hessian.outlier_factor", 1.0, "config.hessian.outlier_factor must be > 1"),
+    ("hessian.outlier_factors", (2.0, 1.0), "config.hessian.outlier_factors must be a "
+                                            "non-empty tuple of factors > 1"),
     ("hessian.population_every", 3, "config.hessian.population_every \\(3\\) must divide"),
     ("data_parallel", True, "config.data_parallel must be False"),
     ("model.bn_impl", "equinox", "not for study"),

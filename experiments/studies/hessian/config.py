@@ -29,8 +29,10 @@ def validate(config) -> None:
   if not h.trace_samples >= 2:
     raise ConfigError(f"config.hessian.trace_samples must be >= 2 (for a standard error), "
                       f"got {h.trace_samples!r}.")
-  if not h.outlier_factor > 1:
-    raise ConfigError(f"config.hessian.outlier_factor must be > 1, got {h.outlier_factor!r}.")
+  factors = tuple(h.outlier_factors)
+  if not factors or not all(f > 1 for f in factors):
+    raise ConfigError(f"config.hessian.outlier_factors must be a non-empty tuple of factors "
+                      f"> 1, got {factors!r}.")
   if config.data_parallel:
     raise ConfigError(f"config.data_parallel must be False for study {config.study} (the "
                       "Hessian-vector products run on one device).")

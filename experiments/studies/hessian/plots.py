@@ -18,18 +18,21 @@ from experiments.studies.hessian import runs, spectrum
 
 COLOURS = {**figures.COLOURS, runs.POPULATION: "tab:green"}
 LABELS = {**figures.LABELS, runs.POPULATION: "BN, population statistics"}
-_KEYS = ("lambda_max", "edge", "ratio", "outliers", "gradient_concentration", "trace")
 
 
 def _probes(history: list) -> list[dict]:
   return [r for r in history if "hessian_top_eigenvalues" in r]
 
 
-def _numbers(record: dict) -> dict:
-  top = record["hessian_top_eigenvalues"]
+def _outlier_key(factor: float) -> str:
+  return f"outliers_{factor:g}x"
+
+
+def _numbers(record: dict, factors) -> dict:
+  top = np.asarray(record["hessian_top_eigenvalues"])
   return {"lambda_max": top[0], "edge": top[-1],
           "ratio": top[0] / abs(top[-1]) if top[-1] else float("inf"),
-          "outliers": record["hessian_outliers"],
+          **{_outlier_key(f): spectrum.outliers(top, factor=f) for f in factors},
           "gradient_concentration": record["hessian_gradient_concentration"],
           "trace": record["hessian_trace"]}
 
@@ -41,13 +44,14 @@ def _variant_of(name: str) -> str:
 def spectrum_summary(config, outcome: dict) -> dict:
   """Per variant and probe step: each number's mean, min and max over the seeds; per variant
   the final test accuracy's; and per step and number whether the variants' ranges are apart."""
+  factors = tuple(config.hessian.outlier_factors)
   table: dict = {}
   accuracy: dict = {}
   for name, history in outcome["histories"].items():
     variant = _variant_of(name)
     for record in _probes(history):
       row = table.setdefault(variant, {}).setdefault(str(record["step"]), {})
-      for key, value in _numbers(record).items():
+      for key, value in _numbers(record, factors).items():
         row.setdefault(key, []).append(value)
     final = outcome["results"][name]["final_test_accuracy"]
     accuracy.setdefault(variant, []).append(final)
@@ -63,13 +67,14 @@ def spectrum_summary(config, outcome: dict) -> dict:
       if step in stats[b]:
         apart[step] = {key: bool(stats[a][step][key]["max"] < stats[b][step][key]["min"] or
                                  stats[b][step][key]["max"] < stats[a][step][key]["min"])
-                       for key in _KEYS}
+                       for key in stats[a][step]}
   test = {variant: {"mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))}
           for variant, v in accuracy.items() if None not in v}
   return {"study": config.study, "seeds": list(config.hessian.seeds), "spectrum": stats,
           "ranges_apart": apart, "final_test_accuracy": test,
-          "outlier_rule": f"eigenvalues above {config.hessian.outlier_factor} x the "
-                          f"{config.hessian.top_k}th largest"}
+          "outlier_factors": list(factors),
+          "outlier_rule": f"eigenvalues above factor x the {config.hessian.top_k}th largest "
+                          f"(the bulk's edge), factors {list(factors)}"}
 
 
 def plot_density(outcome: dict, path: pathlib.Path, seed: int) -> None:
@@ -106,8 +111,10 @@ def plot_density(outcome: dict, path: pathlib.Path, seed: int) -> None:
 def plot_over_training(summary: dict, path: pathlib.Path) -> None:
   """λ_max, the outlier count and the gradient's share in the top eigenspace against the
   step: each variant's mean over the seeds, the band its range."""
+  factor = max(summary["outlier_factors"])
   panels = (("lambda_max", "largest eigenvalue"), ("ratio", "λ_max / λ_k (bulk edge)"),
-            ("outliers", "outliers"), ("gradient_concentration", "‖P_k g‖² / ‖g‖²"))
+            (_outlier_key(factor), f"outliers (> {factor:g} λ_k)"),
+            ("gradient_concentration", "‖P_k g‖² / ‖g‖²"))
   fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
   for variant, steps in summary["spectrum"].items():
     order = sorted(steps, key=int)
@@ -135,8 +142,10 @@ def _spectrum_markdown(config, summary: dict, title: str) -> str:
            f"Lanczos {h.lanczos_order} steps x {h.density_runs} starts; outliers: "
            f"{summary['outlier_rule']}; concentration: the gradient's share in the top "
            f"{h.concentration_k} eigenvectors. Mean over the seeds [min, max].", "",
-           "| variant | step | λ_max | λ_k | λ_max/λ_k | outliers | ‖P_k g‖²/‖g‖² | trace |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| variant | step | λ_max | λ_k | λ_max/λ_k | "
+           + " | ".join(f"outliers > {f:g} λ_k" for f in summary["outlier_factors"])
+           + " | ‖P_k g‖²/‖g‖² | trace |",
+           "|---|---|---|---|---|" + "---|" * len(summary["outlier_factors"]) + "---|---|"]
   for variant, steps in summary["spectrum"].items():
     for step in sorted(steps, key=int):
       row = steps[step]
@@ -144,7 +153,9 @@ def _spectrum_markdown(config, summary: dict, title: str) -> str:
                            f"{row[k]['max']:{f}}]")
       lines.append(f"| {LABELS[variant]} | {step} | {cell('lambda_max', '.3g')} | "
                    f"{cell('edge', '.3g')} | {cell('ratio', '.3g')} | "
-                   f"{cell('outliers', '.1f')} | {cell('gradient_concentration', '.3f')} | "
+                   + "".join(f"{cell(_outlier_key(f), '.1f')} | "
+                             for f in summary["outlier_factors"])
+                   + f"{cell('gradient_concentration', '.3f')} | "
                    f"{cell('trace', '.3g')} |")
   lines += ["", "Final test accuracy: " + ", ".join(
       f"{LABELS[v]} {a['mean']:.4f} [{a['min']:.4f}, {a['max']:.4f}]"

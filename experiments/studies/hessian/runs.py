@@ -91,7 +91,6 @@ def measure_spectrum(loss_fn, params, args, settings, seed: int) -> dict:
                                                  vectors)
   k = min(settings.concentration_k, concentration.size)
   return {"top_eigenvalues": top.tolist(),
-          "outliers": spectrum.outliers(top, factor=settings.outlier_factor),
           "gradient_concentration": float(concentration[k - 1]),
           "concentration_curve": concentration.tolist(),
           "trace": trace, "trace_stderr": trace_error, "parameters": n,
