@@ -123,9 +123,11 @@ def _seeded(ctx: train.Context, seed: int) -> train.Context:
 
 def refresh_population(model, ctx: train.Context, state, batches: int):
   """state with its BN statistics replaced by the population's: pooled over `batches`
-  training batches drawn afresh (a pure function of the step)."""
+  training batches drawn afresh."""
   config = ctx.config
-  key = jax.random.fold_in(jax.random.key(config.seed + 4), state.step)
+  # A stream of its own beside the training batches' (fold_in(data_key, step)), a pure
+  # function of the run's seed and the step: a resumed run refreshes with the same batches.
+  key = jax.random.fold_in(jax.random.split(ctx.data_key)[1], state.step)
   index = jax.random.randint(key, (batches, config.batch_size), 0, ctx.x_train.shape[0])
   variables = jaxbn.recompute_batch_stats(
       model, list(ctx.x_train[index]), variables={"params": state.params,
