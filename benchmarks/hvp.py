@@ -6,8 +6,9 @@ own second derivative. The product with v = (v_x, v_γ) is taken in (x, γ) two 
 reverse-over-reverse, ∇⟨∇L, v⟩, and forward-over-reverse, the jvp of ∇L along v. JAX refuses
 forward mode on jaxbn's analytic `batch_norm` itself (a custom_vjp), but not over its
 gradient: reverse mode applies the custom rule first, and the outer jvp then runs through the
-backward's ordinary operations. Before any timing, the parent process checks that every
-product agrees with Flax's reverse-over-reverse one at every shape and dtype. Each
+backward's ordinary operations. Before any timing, the parent process compares every product
+with Flax's reverse-over-reverse one at every shape and dtype, and stops where they differ in
+float32. Each
 implementation then runs in its own process (`python -m benchmarks.hvp --worker NAME`), timed
 as the op benchmark times its rows (`benchmarks.ops.alternate`). benchmarks/main.py runs it as
 the "hvp" section.
