@@ -48,14 +48,17 @@ def supports(*dtypes) -> bool:
 
 def _with_twin_derivatives(kernel, twin, num_static: int = 2):
   """kernel's values, twin's derivatives: jvp (and so vjp) rules for a kernel call. The first
-  `num_static` arguments (the view, `force`, ...) are static for both."""
+  `num_static` arguments (the view, `force`, ...) are static for both.
+
+  Where it is differentiated (second order through the analytic backward) the call is its
+  twin, values included: XLA fuses the twin's values with its tangents, where a kernel call
+  beside them would be work done twice."""
   fn = jax.custom_jvp(kernel, nondiff_argnums=tuple(range(num_static)))
 
   @fn.defjvp
   def _jvp(*args):
     *static, primals, tangents = args
-    _, tangent_out = jax.jvp(functools.partial(twin, *static), primals, tangents)
-    return kernel(*static, *primals), tangent_out
+    return jax.jvp(functools.partial(twin, *static), primals, tangents)
 
   return fn
 

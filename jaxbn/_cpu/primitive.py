@@ -93,11 +93,11 @@ _kernel_p.def_impl(_impl)
 
 
 def _jvp(primals, tangents, *, twin, **params):
-  """The kernel's values, its twin's derivatives: the rule `calls` gives each call as a
-  custom_jvp, here for the bare primitive, which is what JAX differentiates where it
-  differentiates a jaxpr already traced (a loop body under lax.map or lax.scan, a
-  checkpointed function): a Hessian-vector product through the analytic backward there."""
-  out = _kernel_p.bind(*primals, twin=twin, **params)
+  """The twin's values and derivatives: the rule `calls` gives each call as a custom_jvp,
+  here for the bare primitive, which is what JAX differentiates where it differentiates a
+  jaxpr already traced (a loop body under lax.map or lax.scan, a checkpointed function): a
+  Hessian-vector product through the analytic backward there."""
+  del params
   floating = [i for i, p in enumerate(primals) if jnp.issubdtype(p.dtype, jnp.inexact)]
 
   def on_floating(*values):
@@ -106,9 +106,9 @@ def _jvp(primals, tangents, *, twin, **params):
       operands[i] = value
     return twin(*operands)
 
-  _, tangents_out = jax.jvp(on_floating, [primals[i] for i in floating],
-                            [ad.instantiate_zeros(tangents[i]) for i in floating])
-  return out, list(tangents_out)
+  out, tangents_out = jax.jvp(on_floating, [primals[i] for i in floating],
+                              [ad.instantiate_zeros(tangents[i]) for i in floating])
+  return list(out), list(tangents_out)
 
 
 ad.primitive_jvps[_kernel_p] = _jvp
