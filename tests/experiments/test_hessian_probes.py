@@ -38,11 +38,14 @@ def _with_outliers(n=60, seed=0):
   return np.concatenate([[40.0, 25.0, 10.0], bulk])
 
 
-def test_hvp_is_the_matrix_product():
+@pytest.mark.parametrize("mode", ["forward-over-reverse", "reverse-over-reverse"])
+def test_hvp_is_the_matrix_product(mode):
   a, _, loss, params = _quadratic(_with_outliers())
-  matvec, n = spectrum.hvp(lambda p: loss(p), params)
+  matvec, n = spectrum.hvp(loss, params, mode=mode)
   v = np.random.default_rng(2).standard_normal(n)
   np.testing.assert_allclose(matvec(v), a @ v, rtol=1e-12, atol=1e-12)
+  with pytest.raises(ValueError, match="mode must be one of"):
+    spectrum.hvp(loss, params, mode="forward")
 
 
 def test_lanczos_top_eigenpairs_and_gradient_concentration_on_a_quadratic():
@@ -133,11 +136,12 @@ def test_probes_match_the_exact_hessian_of_a_small_bn_net(activation):
   exact = np.asarray(jax.hessian(lambda f: autodiff(unravel(f), stats, xs, ys))(flat))
   np.testing.assert_allclose(exact, exact.T, atol=1e-12)
   eigenvalues = np.linalg.eigvalsh(exact)[::-1]
-  matvec, n = spectrum.hvp(analytic, params, stats, xs, ys)
-  assert n == flat.size
-  # Column by column the analytic HVPs are the exact Hessian, to float64 rounding.
-  columns = np.stack([matvec(e) for e in np.eye(n)], axis=1)
-  np.testing.assert_allclose(columns, exact, rtol=0, atol=1e-11 * np.abs(exact).max())
+  # Column by column the analytic HVPs (both ways) are the exact Hessian, to float64 rounding.
+  for mode in spectrum.MODES:
+    matvec, n = spectrum.hvp(analytic, params, stats, xs, ys, mode=mode)
+    assert n == flat.size
+    columns = np.stack([matvec(e) for e in np.eye(n)], axis=1)
+    np.testing.assert_allclose(columns, exact, rtol=0, atol=1e-11 * np.abs(exact).max())
   tri = spectrum.lanczos(matvec, spectrum.random_unit_vector(n, 0), n)
   top, _ = spectrum.eigenpairs(tri, 5)
   np.testing.assert_allclose(top, eigenvalues[:5], rtol=1e-8, atol=1e-10)
@@ -153,14 +157,15 @@ def test_probes_match_the_exact_hessian_of_a_small_bn_net(activation):
 
 
 @pytest.mark.parametrize("use_kernels", [True, False])
-def test_analytic_and_autodiff_hvps_agree_to_float64_rounding(use_kernels):
+@pytest.mark.parametrize("mode", ["forward-over-reverse", "reverse-over-reverse"])
+def test_analytic_and_autodiff_hvps_agree_to_float64_rounding(use_kernels, mode):
   params, stats, xs, ys = _tiny_problem("sigmoid")
   impl = "jaxbn" if use_kernels else "jaxbn-xla"
   make = lambda gradient: models.PaperMLP(hidden=(4, 3), num_classes=3, activation="sigmoid",
                                           gradient=gradient, bn_impl=impl)
   worst = runs.hvp_agreement(runs.sample_loss(make("analytic"), train_mode=True),
                              runs.sample_loss(make("autodiff"), train_mode=True),
-                             params, (stats, xs, ys), vectors=4, seed=0)
+                             params, (stats, xs, ys), vectors=4, seed=0, mode=mode)
   assert worst < 1e-12
 
 

@@ -8,6 +8,7 @@ seeds with its range; a difference counts when the variants' ranges do not overl
 
 from __future__ import annotations
 
+import itertools
 import pathlib
 
 import matplotlib.pyplot as plt
@@ -18,6 +19,7 @@ from experiments.studies.hessian import runs, spectrum
 
 COLOURS = {**figures.COLOURS, runs.POPULATION: "tab:green"}
 LABELS = {**figures.LABELS, runs.POPULATION: "BN, population statistics"}
+_DTYPES = ("float32", "float64")
 
 
 def _probes(history: list) -> list[dict]:
@@ -187,24 +189,25 @@ def write_population(config, workdir: pathlib.Path, outcome: dict) -> dict:
 
 
 def agreement_summary(outcome: dict) -> dict:
-  """Per dtype, the largest relative HVP difference over every evaluation and seed."""
+  """Per dtype and HVP mode, the largest relative difference over every evaluation and seed."""
   worst: dict = {}
   for history in outcome["histories"].values():
     for record in history:
-      for key, value in record.items():
-        if key.startswith("hvp_difference_"):
-          dtype = key.removeprefix("hvp_difference_")
-          worst[dtype] = max(worst.get(dtype, 0.0), value)
+      for dtype, mode in itertools.product(_DTYPES, spectrum.MODES):
+        value = record.get(f"hvp_difference_{dtype}_{mode}")
+        if value is not None:
+          worst.setdefault(dtype, {})[mode] = max(worst.get(dtype, {}).get(mode, 0.0), value)
   return {"study": "hessian_agreement", "max_relative_difference": worst}
 
 
 def write_agreement(config, workdir: pathlib.Path, outcome: dict) -> dict:
   summary = agreement_summary(outcome)
-  fig, ax = plt.subplots(figsize=(5, 3.2))
+  fig, ax = plt.subplots(figsize=(5.5, 3.4))
   for name, history in outcome["histories"].items():
-    for dtype, style in (("float32", "o-"), ("float64", "s--")):
-      steps, values = figures.series(history, f"hvp_difference_{dtype}")
-      ax.semilogy(steps, values, style, label=f"{name}, {dtype}")
+    for (dtype, mode), style in zip(itertools.product(_DTYPES, spectrum.MODES),
+                                    ("o-", "^-", "s--", "v--")):
+      steps, values = figures.series(history, f"hvp_difference_{dtype}_{mode}")
+      ax.semilogy(steps, values, style, label=f"{name}, {dtype}, {mode}")
   ax.set(xlabel="step", ylabel="max |Hv − H′v| / max |H′v|",
          title="analytic vs autodiff HVPs")
   ax.legend(fontsize=7)
@@ -213,7 +216,9 @@ def write_agreement(config, workdir: pathlib.Path, outcome: dict) -> dict:
            f"{config.num_steps} steps, seeds {list(config.hessian.seeds)}, "
            f"{config.hessian.hvp_vectors} random unit vectors per evaluation, the Hessian on "
            f"{config.hessian.batches * config.batch_size} fixed training examples.", "",
-           "| dtype | largest relative difference |", "|---|---|"]
-  lines += [f"| {d} | {v:.2e} |" for d, v in summary["max_relative_difference"].items()]
+           "| dtype | HVP | largest relative difference |", "|---|---|---|"]
+  lines += [f"| {dtype} | {mode} | {value:.2e} |"
+            for dtype, modes in summary["max_relative_difference"].items()
+            for mode, value in modes.items()]
   lines += ["", "![agreement](plots/hvp_agreement.png)"]
   return figures.write_summary(workdir, summary, "\n".join(lines) + "\n")

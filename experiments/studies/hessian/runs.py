@@ -9,8 +9,9 @@ the spectrum of the Hessian of its training loss (`spectrum.py`).
   constant in between — the net normalizes in inference mode, so no gradient flows through
   the statistics, as with the fixed statistics the paper trains with.
 - `hessian_agreement`: the BN net; at every evaluation, Hessian-vector products through the
-  analytic backward against autodiff's, on random vectors, in float32 (the training dtype)
-  and in float64: the largest relative difference.
+  analytic backward against autodiff's, on random vectors, both ways (forward- and
+  reverse-over-reverse), in float32 (the training dtype) and in float64: the largest
+  relative difference.
 
 Which Hessian: that of the loss the optimizer descends, on a fixed sample of
 `hessian.batches` × `batch_size` training examples (the paper takes the whole training set):
@@ -97,12 +98,13 @@ def measure_spectrum(loss_fn, params, args, settings, seed: int) -> dict:
           "slq_nodes": measure.nodes.tolist(), "slq_weights": measure.weights.tolist()}
 
 
-def hvp_agreement(analytic_loss, autodiff_loss, params, args, vectors: int,
-                  seed: int) -> float:
+def hvp_agreement(analytic_loss, autodiff_loss, params, args, vectors: int, seed: int,
+                  mode: str = "forward-over-reverse") -> float:
   """The largest relative difference ‖Hv − H′v‖∞ / ‖H′v‖∞ over `vectors` random unit v,
-  H through the analytic backward and H′ through autodiff, in the parameters' dtype."""
-  analytic, n = spectrum.hvp(analytic_loss, params, *args)
-  autodiff, _ = spectrum.hvp(autodiff_loss, params, *args)
+  H through the analytic backward and H′ through autodiff (both by `mode`), in the
+  parameters' dtype."""
+  analytic, n = spectrum.hvp(analytic_loss, params, *args, mode=mode)
+  autodiff, _ = spectrum.hvp(autodiff_loss, params, *args, mode=mode)
   worst = 0.0
   for i in range(vectors):
     v = spectrum.random_unit_vector(n, seed * 1000 + i)
@@ -258,9 +260,10 @@ def study_agreement(ctx: train.Context) -> dict:
       with jax.enable_x64(dtype == "float64"):
         cast = functools.partial(jax.tree.map, lambda a: jnp.asarray(a, dtype))
         params, stats, x = cast(state.params), cast(state.batch_stats), cast(xs)
-        found[f"hvp_difference_{dtype}"] = hvp_agreement(
-            sample_loss(model, train_mode=True), sample_loss(autodiff, train_mode=True),
-            params, (stats, x, ys), settings.hvp_vectors, seed)
+        for mode in spectrum.MODES:
+          found[f"hvp_difference_{dtype}_{mode}"] = hvp_agreement(
+              sample_loss(model, train_mode=True), sample_loss(autodiff, train_mode=True),
+              params, (stats, x, ys), settings.hvp_vectors, seed, mode)
     return found
 
   return _train_variants(ctx, ("bn",), probe)
