@@ -165,7 +165,8 @@ def batch_norm(
   gradients, since σ ≥ √ε.
 
   `gradient="analytic"` differentiates with the hand-derived backward (a `jax.custom_vjp`:
-  reverse mode, reverse-over-reverse included, saving only x and per-feature vectors);
+  reverse mode, saving only x and per-feature vectors; Hessian-vector products too,
+  reverse- or forward-over-reverse, which differentiate the backward itself);
   `gradient="autodiff"` lets JAX differentiate the same forward, which also allows forward
   mode (`jax.jvp`, `jax.jacfwd`), which JAX refuses for a custom_vjp.
 
