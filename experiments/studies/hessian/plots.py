@@ -36,7 +36,7 @@ def _numbers(record: dict, factors) -> dict:
           "ratio": top[0] / abs(top[-1]) if top[-1] else float("inf"),
           **{_outlier_key(f): spectrum.outliers(top, factor=f) for f in factors},
           "gradient_concentration": record["hessian_gradient_concentration"],
-          "trace": record["hessian_trace"]}
+          "trace": record["hessian_trace"], "test_accuracy": record["test_accuracy"]}
 
 
 def _variant_of(name: str) -> str:
@@ -110,14 +110,15 @@ def plot_density(outcome: dict, path: pathlib.Path, seed: int) -> None:
   figures.save(fig, path)
 
 
-def plot_over_training(summary: dict, path: pathlib.Path) -> None:
-  """λ_max, the outlier count and the gradient's share in the top eigenspace against the
-  step: each variant's mean over the seeds, the band its range."""
+def plot_over_training(summary: dict, outcome: dict, path: pathlib.Path) -> None:
+  """λ_max, its ratio to the bulk's edge, the outlier count and the gradient's share in the
+  top eigenspace at the probe steps, and the test accuracy at every evaluation: each
+  variant's mean over the seeds, the band its range."""
   factor = max(summary["outlier_factors"])
   panels = (("lambda_max", "largest eigenvalue"), ("ratio", "λ_max / λ_k (bulk edge)"),
             (_outlier_key(factor), f"outliers (> {factor:g} λ_k)"),
             ("gradient_concentration", "‖P_k g‖² / ‖g‖²"))
-  fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+  fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 3.2))
   for variant, steps in summary["spectrum"].items():
     order = sorted(steps, key=int)
     x = [int(s) for s in order]
@@ -127,6 +128,17 @@ def plot_over_training(summary: dict, path: pathlib.Path) -> None:
       ax.fill_between(x, [steps[s][key]["min"] for s in order],
                       [steps[s][key]["max"] for s in order], color=COLOURS[variant], alpha=0.2)
       ax.set(xlabel="step", title=label)
+  accuracy: dict = {}
+  for name, history in outcome["histories"].items():
+    accuracy.setdefault(_variant_of(name), []).append(figures.series(history, "test_accuracy"))
+  for variant, runs_ in accuracy.items():
+    steps = runs_[0][0]
+    if not all(np.array_equal(s, steps) for s, _ in runs_):
+      continue  # a diverged seed: no common steps to average over
+    values = np.stack([v for _, v in runs_])
+    axes[-1].plot(steps, values.mean(0), color=COLOURS[variant], label=LABELS[variant])
+    axes[-1].fill_between(steps, values.min(0), values.max(0), color=COLOURS[variant], alpha=0.2)
+  axes[-1].set(xlabel="step", title="test accuracy")
   axes[1].set_yscale("log")
   axes[0].set_yscale("log")
   axes[0].legend(fontsize=8)
@@ -146,8 +158,8 @@ def _spectrum_markdown(config, summary: dict, title: str) -> str:
            f"{h.concentration_k} eigenvectors. Mean over the seeds [min, max].", "",
            "| variant | step | λ_max | λ_k | λ_max/λ_k | "
            + " | ".join(f"outliers > {f:g} λ_k" for f in summary["outlier_factors"])
-           + " | ‖P_k g‖²/‖g‖² | trace |",
-           "|---|---|---|---|---|" + "---|" * len(summary["outlier_factors"]) + "---|---|"]
+           + " | ‖P_k g‖²/‖g‖² | trace | test accuracy |",
+           "|---|---|---|---|---|" + "---|" * len(summary["outlier_factors"]) + "---|---|---|"]
   for variant, steps in summary["spectrum"].items():
     for step in sorted(steps, key=int):
       row = steps[step]
@@ -158,7 +170,7 @@ def _spectrum_markdown(config, summary: dict, title: str) -> str:
                    + "".join(f"{cell(_outlier_key(f), '.1f')} | "
                              for f in summary["outlier_factors"])
                    + f"{cell('gradient_concentration', '.3f')} | "
-                   f"{cell('trace', '.3g')} |")
+                   f"{cell('trace', '.3g')} | {cell('test_accuracy', '.3f')} |")
   lines += ["", "Final test accuracy: " + ", ".join(
       f"{LABELS[v]} {a['mean']:.4f} [{a['min']:.4f}, {a['max']:.4f}]"
       for v, a in summary["final_test_accuracy"].items()), ""]
@@ -173,7 +185,7 @@ def _spectrum_markdown(config, summary: dict, title: str) -> str:
 
 def _write(config, workdir: pathlib.Path, outcome: dict, title: str) -> dict:
   summary = spectrum_summary(config, outcome)
-  plot_over_training(summary, workdir / "plots" / "over_training.png")
+  plot_over_training(summary, outcome, workdir / "plots" / "over_training.png")
   plot_density(outcome, workdir / "plots" / "density.png", config.hessian.seeds[0])
   return figures.write_summary(workdir, summary, _spectrum_markdown(config, summary, title))
 
