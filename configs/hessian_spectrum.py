@@ -1,17 +1,15 @@
 """Ghorbani et al.'s spectrum study on the paper_fig1 net: the Hessian of the training loss at
 steps 100, 500, 1000 and 2000 of SGD, BN vs no BN, three seeds.
 
-A constant rate of 1.0, as ics_definition: at paper_fig1's 0.2 the plain net would still sit
-on its plateau at chance over these steps (docs/experiments.md)."""
+ics_definition's training (a constant rate of 1.0: at paper_fig1's 0.2 the plain net would
+still sit on its plateau at chance over these steps), shortened to 2,000 steps."""
 
-from configs import paper_fig1
+from configs import ics_definition
 
 
 def get_config():
-  config = paper_fig1.get_config()
+  config = ics_definition.get_config()
   config.study = "hessian_spectrum"
-  config.optimizer.learning_rate = 1.0
-  config.optimizer.schedule = "constant"
   config.num_steps = 2000
   config.eval_every = 100
   config.checkpoint_every = 1000
