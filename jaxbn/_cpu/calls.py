@@ -47,12 +47,13 @@ def supports(*dtypes) -> bool:
 
 
 def _with_twin_derivatives(kernel, twin, num_static: int = 2):
-  """kernel's values, twin's derivatives: jvp (and so vjp) rules for a kernel call. The first
-  `num_static` arguments (the view, `force`, ...) are static for both.
+  """The kernel where the call is not differentiated, its twin where it is: jvp (and so vjp)
+  rules for a kernel call. The first `num_static` arguments (the view, `force`, ...) are
+  static for both.
 
-  Where it is differentiated (second order through the analytic backward) the call is its
-  twin, values included: XLA fuses the twin's values with its tangents, where a kernel call
-  beside them would be work done twice."""
+  A differentiated call (second order through the analytic backward) takes its values from
+  the twin too: XLA fuses them with the twin's tangents, where a kernel call beside them
+  would be work done twice."""
   fn = jax.custom_jvp(kernel, nondiff_argnums=tuple(range(num_static)))
 
   @fn.defjvp
