@@ -87,7 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.hessian.probe_steps = (100, 500, 1000)  # multiples of eval_every
   config.hessian.batches = 16  # the Hessian's sample: batches x batch_size training examples
   config.hessian.lanczos_order = 60  # Lanczos steps per run (HVPs)
-  config.hessian.density_runs = 2  # SLQ's random starts; the first also gives the top-k
+  config.hessian.density_runs = 3  # SLQ's random starts; the first also gives the top-k
   config.hessian.top_k = 20  # eigenpairs kept; the last stands for the bulk's edge
   config.hessian.concentration_k = 10  # the gradient's share in the top-k eigenspace
   # Outliers: the eigenvalues above factor x the top_k-th (the bulk's edge), per factor.
